@@ -1,0 +1,47 @@
+# One-command set-up: `make run` (the main job) and `make test` (the test suite) create the
+# virtual environment from uv.lock first when needed. No network beyond the package index.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.installed
+ENV ?= base
+
+# Real datasets: ../shared/datasets on the project machines (read-only); override with
+# `make run ATOP_DATA_ROOT=/path` or leave unset to use data/01_raw.
+ATOP_DATA_ROOT ?= $(if $(wildcard ../shared/datasets/cifar-10-batches-py),$(abspath ../shared/datasets),)
+export ATOP_DATA_ROOT
+# No usage telemetry from Kedro, DVC or Great Expectations.
+export KEDRO_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export GX_ANALYTICS_ENABLED := false
+
+KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
+
+.PHONY: install run run-all test lint viz clean-data
+
+$(STAMP): pyproject.toml uv.lock
+	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
+	$(PYTHON) -m uv sync --frozen --extra dev --python $(PYTHON)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+## The main job: the AToP pipeline on the chosen profile (default: base, 2-core CPU).
+run: $(STAMP)
+	$(VENV)/bin/kedro run --pipelines atop $(KEDRO_ENV)
+
+## Everything: AToP and the baselines (the default pipeline).
+run-all: $(STAMP)
+	$(VENV)/bin/kedro run $(KEDRO_ENV)
+
+## The test suite (real data from ../shared/datasets).
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+viz: $(STAMP)
+	$(VENV)/bin/kedro viz build

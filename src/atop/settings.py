@@ -1,0 +1,14 @@
+"""Kedro project settings."""
+
+from atop.hooks import TelemetryOffHooks
+
+HOOKS = (TelemetryOffHooks(),)
+
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    # `conf/local` overlays `conf/base` by default; `--env smoke|paper` picks a profile.
+    "default_run_env": "local",
+    # A profile (conf/smoke, conf/paper) only lists the keys it changes: deep-merge them
+    # over conf/base instead of replacing whole top-level entries.
+    "merge_strategy": {"parameters": "soft", "globals": "soft"},
+}

@@ -1,0 +1,117 @@
+"""Shared test fixtures: real data from ../shared/datasets, telemetry off, few threads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+for _key, _value in {
+    "KEDRO_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+    "DVC_NO_ANALYTICS": "1",
+    "GX_ANALYTICS_ENABLED": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _find_data_root() -> Path:
+    env = os.environ.get("ATOP_DATA_ROOT")
+    candidates = [Path(env)] if env else []
+    candidates.append(PROJECT_ROOT.parent / "shared" / "datasets")
+    for candidate in candidates:
+        if (candidate / "cifar-10-batches-py").is_dir():
+            return candidate.resolve()
+    raise RuntimeError(
+        "Real datasets not found: set ATOP_DATA_ROOT or put the shared datasets at "
+        f"{PROJECT_ROOT.parent / 'shared' / 'datasets'}"
+    )
+
+
+@pytest.fixture(scope="session")
+def project_root() -> Path:
+    """The repository root."""
+    return PROJECT_ROOT
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    """Folder holding the real datasets (read-only): cifar-10-batches-py, imagenette2-224, ..."""
+    return _find_data_root()
+
+
+@pytest.fixture(scope="session")
+def cifar10_test_batch(data_root) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 256 real CIFAR-10 test images: float32 [256, 3, 32, 32] in [0, 1], int64 labels."""
+    from torchvision.datasets import CIFAR10
+
+    ds = CIFAR10(root=str(data_root), train=False, download=False)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data[:256])).permute(0, 3, 1, 2)
+    labels = torch.tensor(ds.targets[:256], dtype=torch.int64)
+    return images.float().div(255.0), labels
+
+
+def make_project_copy(tmp_path: Path) -> Path:
+    """A throw-away copy of the Kedro project (conf, pyproject, empty data folders).
+
+    The package itself is the installed (editable) ``atop``; only configuration and data
+    live in the copy, so runs never write into the repository's ``data/``.
+    """
+    import shutil
+
+    target = tmp_path / "project"
+    target.mkdir()
+    shutil.copytree(PROJECT_ROOT / "conf", target / "conf", ignore=shutil.ignore_patterns("local"))
+    (target / "conf" / "local").mkdir()
+    shutil.copy(PROJECT_ROOT / "pyproject.toml", target / "pyproject.toml")
+    (target / "src").mkdir()  # the package is the installed one; Kedro wants the folder
+    for layer in (
+        "01_raw",
+        "02_intermediate",
+        "03_primary",
+        "04_feature",
+        "05_model_input",
+        "06_models",
+        "07_model_output",
+        "08_reporting",
+    ):
+        (target / "data" / layer).mkdir(parents=True)
+    return target
+
+
+def run_kedro(project: Path, pipeline: str, env: str | None = "smoke", params: dict | None = None):
+    """Run a registered pipeline of the project copy with a real KedroSession (real catalog)."""
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    bootstrap_project(project)
+    with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
+        return session.run(pipeline_names=[pipeline])
+
+
+@pytest.fixture(scope="session")
+def ingested_project(tmp_path_factory, data_root) -> Path:
+    """A project copy where ``data_ingestion`` already ran on the real CIFAR-10 (smoke env)."""
+    os.environ["ATOP_DATA_ROOT"] = str(data_root)
+    project = make_project_copy(tmp_path_factory.mktemp("ingested"))
+    run_kedro(project, "data_ingestion")
+    return project
+
+
+class KeptMemoryDataset:
+    """Factory for a MemoryDataset that the runner does not release after its last use,
+    so a test can read every intermediate output after ``SequentialRunner().run``."""
+
+    def __new__(cls, data=None):
+        from kedro.io import MemoryDataset
+
+        class _Kept(MemoryDataset):
+            def _release(self) -> None:  # keep the data for the test's assertions
+                pass
+
+        return _Kept(data) if data is not None else _Kept()
