@@ -51,7 +51,7 @@ def cifar10_test_batch(data_root) -> tuple[torch.Tensor, torch.Tensor]:
     from torchvision.datasets import CIFAR10
 
     ds = CIFAR10(root=str(data_root), train=False, download=False)
-    images = torch.from_numpy(np.ascontiguousarray(ds.data[:256])).permute(0, 3, 1, 2)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data[:256])).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor(ds.targets[:256], dtype=torch.int64)
     return images.float().div(255.0), labels
 

@@ -1,0 +1,571 @@
+"""Attacks on a whole defended model, and honest robust accuracy for stochastic defenses.
+
+A thin layer over torchattacks (method.md §4, "Evaluating stochastic defenses honestly"):
+
+* :func:`build_attack` turns one parameter entry (a dict from ``parameters_evaluation.yml``)
+  into a torchattacks ``Attack``: FGSM, PGD ℓ∞ / ℓ2 with exact gradients and EOT, BPDA+EOT,
+  C&W ℓ2 and AutoAttack ``standard`` / ``rand`` with the number of steps set explicitly.
+* :func:`run_attack` runs an attack batch by batch with a progress bar.
+* :func:`robust_correct` judges a (possibly stochastic) model with fresh draws of its
+  randomness and a majority vote; :func:`worst_case_correct` is the per-sample worst case
+  over attacks, the headline number.
+
+Every model here maps float32 images in ``[0, 1]``, NCHW, to logits ``[N, n_classes]``; any
+``nn.Module`` does (e.g. :class:`atop.defense.PurifiedClassifier`, ``f(g(t(x)))``).
+
+Facts about torchattacks 3.5.1 this module relies on (checked in its source):
+
+* ``Attack.__call__`` switches the model to ``eval()`` for the attack and back to ``train()``
+  afterwards if it was training (``set_model_training_mode`` changes this; we keep the
+  default). A stochastic defense must therefore stay random in eval mode.
+* The attack's device is the device of the model's first parameter; inputs are moved there
+  and the adversarial images come back on it. Random starts and buffers use the default
+  dtype, so inputs must be float32. FAB calls ``.view()`` on input gradients and fails on
+  channels-last (non-contiguous) images: :func:`run_attack` makes every batch contiguous.
+* ``EOTPGD`` (ℓ∞) sums the loss gradients of ``eot_iter`` forward/backward passes per step
+  (the sign step makes sum and mean equal). ``PGDL2`` has no EOT: :class:`EOTPGDL2` adds it.
+* ``AutoAttack`` takes no ``steps`` argument: its sub-attacks default to 10 iterations, not
+  the reference 100, so :func:`build_attack` sets them. Its ``rand`` version is APGD-CE +
+  APGD-DLR with ``eot_iter=20``, one restart each (as the reference AutoAttack); ``standard``
+  is APGD-CE, APGD-T (``n_classes - 1`` targets), FAB-T and Square (5000 queries), one
+  restart each.
+* ``MultiAttack`` (inside AutoAttack) decides "attack succeeded" from ONE forward pass and
+  then stops attacking that image; for a random defense a lucky draw flatters it. We replace
+  it by :class:`RejudgedMultiAttack`, which judges with several fresh draws.
+* ``APGD.perturb`` calls ``torch.random.manual_seed(seed)`` (global RNG) at every call, and
+  APGD still picks its returned example from single-draw predictions; the final verdict is
+  always :func:`robust_correct` with fresh draws.
+
+Core module: imports only torch, torchattacks, tqdm and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import Tensor, nn
+from torchattacks.attack import Attack
+from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
+
+NORMS = ("Linf", "L2")
+AUTOATTACK_VERSIONS = ("standard", "rand")
+
+#: Parameter keys of each attack name: (required keys, optional keys with their defaults).
+ATTACK_KEYS: dict[str, tuple[frozenset[str], dict[str, Any]]] = {
+    "fgsm": (frozenset({"eps"}), {"norm": "Linf"}),
+    "pgd": (frozenset({"norm", "eps", "alpha", "steps", "eot_iter"}), {"random_start": True}),
+    "bpda": (frozenset({"norm", "eps", "alpha", "steps", "eot_iter"}), {"random_start": True}),
+    "cw": (frozenset({"c", "kappa", "steps", "lr"}), {}),
+    "autoattack": (
+        frozenset({"version", "norm", "eps", "steps", "seed"}),
+        {"eot_iter": 20, "n_queries": 5000, "draws": 10},
+    ),
+}
+
+
+class EOTPGDL2(torchattacks.PGDL2):
+    """PGD ℓ2 with Expectation over Transformation: the step follows the mean loss gradient.
+
+    At every step the cross-entropy loss is back-propagated through ``eot_iter`` independent
+    forward passes of the (random) model and the input gradients are averaged,
+    ``g = mean_k ∇x CE(model_k(x), y)`` (Athalye et al. 2018, EOT). The gradients of the
+    loss are averaged, not the logits. The step is ``alpha · g / ‖g‖₂`` per image, then the
+    perturbation is projected onto the ℓ2 ball of radius ``eps`` and the image clipped to
+    ``[0, 1]``. With ``eot_iter=1`` it is torchattacks' ``PGDL2``.
+
+    Args:
+        model: maps float32 ``[N, C, H, W]`` images in ``[0, 1]`` to logits ``[N, K]``.
+        eps: ℓ2 radius over (C, H, W) on the ``[0, 1]`` scale (paper: 0.5).
+        alpha: ℓ2 length of each step.
+        steps: number of steps.
+        eot_iter: forward/backward passes averaged per step (method.md §4: 20).
+        random_start: start from a random point of the ℓ2 ball, as ``PGDL2``.
+
+    Raises:
+        ValueError: ``eot_iter`` is not a positive integer.
+    """
+
+    def __init__(self, model, eps=0.5, alpha=0.1, steps=10, eot_iter=20, random_start=True):
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
+        self.attack = "EOTPGDL2"
+        if not isinstance(eot_iter, int) or eot_iter < 1:
+            raise ValueError(f"eot_iter must be a positive integer, got {eot_iter!r}")
+        self.eot_iter = eot_iter
+        self.supported_mode = ["default"]
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Return adversarial images, float32 ``[N, C, H, W]`` in ``[0, 1]``."""
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        adv_images = images.clone()
+        if self.random_start:
+            direction = torch.randn_like(images)
+            radius = torch.rand(len(images), 1, 1, 1, device=images.device) * self.eps
+            adv_images = images + direction / _l2(direction) * radius
+            adv_images = adv_images.clamp(0, 1)
+        for _ in range(self.steps):
+            grad = self.eot_gradient(adv_images, labels)
+            adv_images = adv_images + self.alpha * grad / (_l2(grad) + self.eps_for_division)
+            delta = adv_images - images
+            delta = delta * torch.clamp(self.eps / (_l2(delta) + 1e-12), max=1.0)
+            adv_images = torch.clamp(images + delta, 0, 1).detach()
+        return adv_images
+
+    def eot_gradient(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Mean over ``eot_iter`` draws of ∇x CE(model(x), y) (summed over the batch).
+
+        Returns:
+            float32 tensor shaped like ``images``.
+        """
+        images = images.clone().detach().requires_grad_(True)
+        grad = torch.zeros_like(images)
+        for _ in range(self.eot_iter):
+            loss = F.cross_entropy(self.get_logits(images), labels, reduction="sum")
+            grad += torch.autograd.grad(loss, images)[0]
+        return grad / self.eot_iter
+
+
+def _l2(x: Tensor) -> Tensor:
+    """Per-image ℓ2 norm of ``[N, ...]``, shaped ``[N, 1, 1, 1]``."""
+    return x.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+
+
+def _require_bpda(model: nn.Module) -> None:
+    if not hasattr(model, "bpda"):
+        raise ValueError(
+            f"{type(model).__name__} has no `bpda` option, so BPDA cannot be applied: attack a "
+            "model that has one (e.g. atop.defense.PurifiedClassifier) or use the 'pgd' attack."
+        )
+
+
+@contextlib.contextmanager
+def bpda_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Switch the model's ``bpda`` option on inside the block and restore it afterwards.
+
+    With ``bpda = True`` a defense such as :class:`atop.defense.PurifiedClassifier`
+    replaces the purifier's backward pass by the identity (BPDA, Athalye et al. 2018); the
+    forward pass is unchanged. method.md §4: BPDA is an extra attack, never a replacement
+    for exact gradients.
+
+    Raises:
+        ValueError: the model has no ``bpda`` attribute.
+    """
+    _require_bpda(model)
+    previous = model.bpda
+    model.bpda = True
+    try:
+        yield model
+    finally:
+        model.bpda = previous
+
+
+class BPDA(Attack):
+    """Run ``attack`` with the model's ``bpda`` switch on (see :func:`bpda_mode`).
+
+    Args:
+        attack: a torchattacks attack on a model with a ``bpda`` attribute (e.g. EOT-PGD,
+            giving BPDA+EOT).
+
+    Raises:
+        ValueError: the attacked model has no ``bpda`` attribute.
+    """
+
+    def __init__(self, attack: Attack):
+        super().__init__("BPDA", attack.model)
+        _require_bpda(attack.model)
+        self.inner = attack
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Return the inner attack's adversarial images, computed with BPDA gradients."""
+        with bpda_mode(self.model):
+            return self.inner(images, labels)
+
+
+class RejudgedMultiAttack(torchattacks.MultiAttack):
+    """torchattacks' ``MultiAttack``, with success judged by :func:`robust_correct`.
+
+    The attacks run in turn on the images not yet broken. An image counts as broken when the
+    majority vote of ``draws`` fresh forward passes is wrong (not one pass, which a lucky
+    draw of a random defense passes or fails by chance). For every image the returned
+    example is the one, over the attacks run on it, with the fewest correct votes (the clean
+    image when no attack lowered them), so nothing an attack found is thrown away.
+
+    Args:
+        attacks: two or more attacks on the same model.
+        draws: forward passes per judgement (1 reproduces a single-pass check).
+
+    Raises:
+        ValueError: fewer than two attacks, attacks on different models, or ``draws < 1``.
+    """
+
+    def __init__(self, attacks: list[Attack], draws: int):
+        super().__init__(attacks)
+        self.attack = "RejudgedMultiAttack"
+        _check_positive_int("draws", draws)
+        self.draws = draws
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Return float32 ``[N, C, H, W]`` adversarial images in ``[0, 1]``."""
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        final_images = images.clone()
+        best_votes = torch.full((len(images),), self.draws + 1, device=images.device)
+        remaining = torch.arange(len(images), device=images.device)
+        for attack in self.attacks:
+            adv_images = attack(images[remaining], labels[remaining])
+            votes = draw_votes(self.model, adv_images, self.draws, len(adv_images), False)
+            votes = votes.to(images.device)
+            true_votes = votes.gather(1, labels[remaining, None]).squeeze(1)
+            better = true_votes < best_votes[remaining]
+            final_images[remaining[better]] = adv_images[better]
+            best_votes[remaining[better]] = true_votes[better]
+            remaining = remaining[_majority_correct(votes, labels[remaining])]
+            if len(remaining) == 0:
+                break
+        return final_images
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_spec(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Validate an attack entry; return its lower-case name and the params with defaults."""
+    if not isinstance(spec, Mapping) or "name" not in spec:
+        raise ValueError(
+            f"An attack entry must be a mapping with a 'name' (one of {sorted(ATTACK_KEYS)}), "
+            f"got {spec!r}"
+        )
+    name = str(spec["name"]).lower()
+    if name not in ATTACK_KEYS:
+        raise ValueError(
+            f"Unknown attack name {spec['name']!r}; valid names: {sorted(ATTACK_KEYS)}"
+        )
+    required, optional = ATTACK_KEYS[name]
+    given = set(spec) - {"name"}
+    missing = required - given
+    unknown = given - required - set(optional)
+    if missing or unknown:
+        raise ValueError(
+            f"Attack {name!r}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}; "
+            f"required: {sorted(required)}, optional (default): {optional}"
+        )
+    params = {**optional, **{key: spec[key] for key in given}}
+    if "norm" in params and params["norm"] not in NORMS:
+        raise ValueError(f"Attack {name!r}: norm must be one of {NORMS}, got {params['norm']!r}")
+    for key in ("eps", "alpha", "c", "lr"):
+        if key in params:
+            _check_positive(f"{name}.{key}", params[key])
+    if "kappa" in params:
+        _check_positive(f"{name}.kappa", params["kappa"], allow_zero=True)
+    for key in ("steps", "eot_iter", "n_queries", "draws"):
+        if key in params:
+            _check_positive_int(f"{name}.{key}", params[key])
+    return name, params
+
+
+def build_attack(model: nn.Module, spec: Mapping[str, Any], n_classes: int) -> Attack:
+    """Build a torchattacks attack on the WHOLE ``model`` from one parameter entry.
+
+    Gradients are exact (autograd through every layer of the model, e.g. the transform and
+    the purifier of ``f(g(t(x)))``) except for ``bpda``. Entries (``name`` plus the keys
+    below; all ε on the ``[0, 1]`` pixel scale; method.md §4):
+
+    ==============  ===========================================  ==========================
+    name            required keys                                optional (default)
+    ==============  ===========================================  ==========================
+    ``fgsm``        eps                                          norm ("Linf" only)
+    ``pgd``         norm ("Linf"|"L2"), eps, alpha, steps,       random_start (True)
+                    eot_iter (EOT samples per step)
+    ``bpda``        as ``pgd``; run with the model's ``bpda``    random_start (True)
+                    switch on (BPDA+EOT)
+    ``cw``          c, kappa, steps, lr (C&W ℓ2, no ε bound)     --
+    ``autoattack``  version ("standard"|"rand"), norm, eps,      eot_iter (20, rand only),
+                    steps (reference 100), seed                  n_queries (5000, Square),
+                                                                 draws (10, success judge)
+    ==============  ===========================================  ==========================
+
+    ``pgd``/``bpda`` use torchattacks ``EOTPGD`` (ℓ∞) or :class:`EOTPGDL2` (ℓ2); EOT
+    averages loss gradients over ``eot_iter`` draws. ``autoattack`` uses torchattacks
+    ``AutoAttack`` with ``n_classes``, and sets ``steps`` on every APGD / APGD-T / FAB
+    sub-attack, ``eot_iter`` on the ``rand`` APGDs, ``n_queries`` on Square; its
+    ``MultiAttack`` is replaced by :class:`RejudgedMultiAttack` with ``draws`` fresh passes.
+
+    Args:
+        model: maps float32 ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, n_classes]``.
+        spec: the parameter entry, e.g. ``{"name": "pgd", "norm": "Linf", "eps": 8/255,
+            "alpha": 2/255, "steps": 20, "eot_iter": 20, "random_start": True}``.
+        n_classes: number of classes of the dataset (10 for CIFAR-10, 100 for CIFAR-100).
+
+    Returns:
+        An attack; call it (or :func:`run_attack`) with ``(images, labels)``.
+
+    Raises:
+        ValueError: unknown name (the message lists the valid ones), missing or unknown
+            keys, a bad value, or ``bpda`` on a model without a ``bpda`` option.
+    """
+    name, p = _check_spec(spec)
+    _check_positive_int("n_classes", n_classes)
+    if name == "fgsm":
+        if p["norm"] != "Linf":
+            raise ValueError("Attack 'fgsm' is an ℓ∞ attack: use norm 'Linf' (or 'pgd' for L2)")
+        return torchattacks.FGSM(model, eps=p["eps"])
+    if name in ("pgd", "bpda"):
+        if p["norm"] == "Linf":
+            attack = torchattacks.EOTPGD(
+                model, p["eps"], p["alpha"], p["steps"], p["eot_iter"], p["random_start"]
+            )
+        else:
+            attack = EOTPGDL2(
+                model, p["eps"], p["alpha"], p["steps"], p["eot_iter"], p["random_start"]
+            )
+        return BPDA(attack) if name == "bpda" else attack
+    if name == "cw":
+        return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
+    return _build_autoattack(model, p, n_classes)
+
+
+def _build_autoattack(model: nn.Module, p: dict[str, Any], n_classes: int) -> Attack:
+    if p["version"] not in AUTOATTACK_VERSIONS:
+        raise ValueError(
+            f"AutoAttack version must be one of {AUTOATTACK_VERSIONS}, got {p['version']!r}"
+        )
+    if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
+        raise ValueError(f"autoattack.seed must be an integer, got {p['seed']!r}")
+    attack = torchattacks.AutoAttack(
+        model,
+        norm=p["norm"],
+        eps=p["eps"],
+        version=p["version"],
+        n_classes=n_classes,
+        seed=p["seed"],
+    )
+    sub_attacks = attack._autoattack.attacks
+    for sub in sub_attacks:
+        if isinstance(sub, torchattacks.Square):
+            sub.n_queries = p["n_queries"]
+        else:  # APGD, APGDT, FAB
+            sub.steps = p["steps"]
+        if p["version"] == "rand":
+            sub.eot_iter = p["eot_iter"]
+    attack._autoattack = RejudgedMultiAttack(sub_attacks, draws=p["draws"])
+    return attack
+
+
+def _check_batch(images: Tensor, labels: Tensor | None, batch_size: int) -> None:
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(
+            f"images must be a 4-D tensor [N, C, H, W], got {getattr(images, 'shape', images)!r}"
+        )
+    if images.dtype != torch.float32:
+        raise ValueError(
+            f"images must be float32 in [0, 1], got {images.dtype}; convert uint8 images "
+            "with images.float() / 255"
+        )
+    if images.numel() and (images.min() < 0 or images.max() > 1):
+        raise ValueError(
+            f"images must lie in [0, 1], got [{images.min().item()}, {images.max().item()}]; "
+            "models normalize inside"
+        )
+    if labels is not None and (labels.dtype != torch.int64 or labels.shape != images.shape[:1]):
+        raise ValueError(
+            f"labels must be int64 of shape [{len(images)}], got {labels.dtype} {tuple(labels.shape)}"
+        )
+    _check_positive_int("batch_size", batch_size)
+
+
+def run_attack(
+    attack: Attack,
+    images: Tensor,
+    labels: Tensor,
+    batch_size: int,
+    progress: bool = True,
+) -> Tensor:
+    """Run ``attack`` batch by batch (with a tqdm progress bar).
+
+    Args:
+        attack: from :func:`build_attack` (or any torchattacks attack).
+        images: float32 ``[N, C, H, W]`` in ``[0, 1]`` (any device; batches go to the
+            attack's device).
+        labels: int64 ``[N]`` true classes.
+        batch_size: images per attack call.
+        progress: show the progress bar.
+
+    Returns:
+        Adversarial images, float32 ``[N, C, H, W]`` in ``[0, 1]``, on ``images.device``,
+        detached.
+
+    Raises:
+        ValueError: images not float32 4-D in ``[0, 1]``, labels not int64 ``[N]``, or a
+            non-positive batch size.
+    """
+    _check_batch(images, labels, batch_size)
+    device = attack.device if attack.device is not None else images.device
+    log.info("Running %r on %d images (batch %d) on %s", attack, len(images), batch_size, device)
+    outputs = []
+    for start in tqdm(
+        range(0, len(images), batch_size),
+        desc=f"{attack.attack} attack",
+        unit="batch",
+        disable=not progress,
+        leave=False,
+    ):
+        # contiguous: torchattacks' FAB calls .view() on input gradients, which fails for
+        # channels-last images (e.g. from a permuted uint8 array)
+        x = images[start : start + batch_size].to(device).contiguous()
+        y = labels[start : start + batch_size].to(device)
+        outputs.append(attack(x, y).detach().to(images.device))
+    if not outputs:
+        return images.clone()
+    return torch.cat(outputs)
+
+
+def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else fallback
+
+
+@torch.no_grad()
+def draw_votes(
+    model: nn.Module,
+    images: Tensor,
+    draws: int,
+    batch_size: int,
+    progress: bool = True,
+) -> Tensor:
+    """Count the model's predicted classes over ``draws`` independent forward passes.
+
+    Each pass is a fresh draw of the model's randomness (nothing is reseeded); the model is
+    in eval mode during the passes and its mode is restored afterwards.
+
+    Args:
+        model: maps float32 ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, K]``.
+        images: float32 ``[N, C, H, W]`` in ``[0, 1]``.
+        draws: forward passes per image.
+        batch_size: images per forward pass.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        int64 ``[N, K]`` on the CPU: ``votes[i, k]`` = number of passes predicting class k
+        for image i; each row sums to ``draws``.
+
+    Raises:
+        ValueError: bad images, ``draws``/``batch_size`` not positive integers, or the model
+            does not return ``[batch, K]`` logits.
+    """
+    _check_batch(images, None, batch_size)
+    _check_positive_int("draws", draws)
+    device = _model_device(model, images.device)
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        for start in tqdm(
+            range(0, len(images), batch_size),
+            desc=f"judging ({draws} draws)",
+            unit="batch",
+            disable=not progress,
+            leave=False,
+        ):
+            x = images[start : start + batch_size].to(device)
+            counts = None
+            for _ in range(draws):
+                logits = model(x)
+                if logits.dim() != 2 or len(logits) != len(x):
+                    raise ValueError(
+                        f"the model must return logits [batch, n_classes], got {tuple(logits.shape)}"
+                    )
+                one_hot = F.one_hot(logits.argmax(dim=1), logits.shape[1])
+                counts = one_hot if counts is None else counts + one_hot
+            rows.append(counts.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
+
+
+def _majority_correct(votes: Tensor, labels: Tensor) -> Tensor:
+    """True where the true class has strictly more votes than every other class."""
+    true_votes = votes.gather(1, labels[:, None].to(votes.device))
+    others = votes.scatter(1, labels[:, None].to(votes.device), -1)
+    return (true_votes.squeeze(1) > others.max(dim=1).values).to(labels.device)
+
+
+def robust_correct(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    draws: int,
+    batch_size: int,
+    progress: bool = True,
+) -> Tensor:
+    """Per-image correctness of a (stochastic) model, judged with fresh draws (method.md §4).
+
+    Rule (strict majority vote): the model is run ``draws`` times with fresh randomness; an
+    image counts as correct iff its true class gets strictly more votes than every other
+    class (a tie with another class counts as WRONG). This is the prediction of the
+    deployed voting classifier, never the single pass an attack happened to use. With a
+    deterministic model (or ``draws=1``) it is plain ``argmax == label``. Clean accuracy uses
+    the same function on clean images, so clean and robust accuracy are comparable.
+
+    Args:
+        model: maps float32 ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, K]``.
+        images: float32 ``[N, C, H, W]`` in ``[0, 1]`` (clean or adversarial).
+        labels: int64 ``[N]`` true classes.
+        draws: forward passes per image (e.g. 10).
+        batch_size: images per forward pass.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        bool ``[N]`` on the CPU; ``.float().mean()`` is the accuracy.
+
+    Raises:
+        ValueError: bad images/labels, or ``draws``/``batch_size`` not positive integers.
+    """
+    _check_batch(images, labels, batch_size)
+    votes = draw_votes(model, images, draws, batch_size, progress)
+    return _majority_correct(votes, labels.cpu())
+
+
+def worst_case_correct(per_attack: Mapping[str, Tensor]) -> Tensor:
+    """Per-sample worst case over attacks: robust only if correct under EVERY attack.
+
+    Put the clean result in the mapping too (e.g. ``{"clean": ..., "pgd": ...}``) to count
+    clean mistakes as non-robust. method.md §4: this is the headline robust accuracy.
+
+    Args:
+        per_attack: attack name -> bool ``[N]`` from :func:`robust_correct`, same images
+            in the same order for every attack.
+
+    Returns:
+        bool ``[N]``, the logical AND over attacks.
+
+    Raises:
+        ValueError: empty mapping, or tensors that are not bool ``[N]`` of one length.
+    """
+    if not per_attack:
+        raise ValueError("worst_case_correct needs at least one attack's results")
+    shapes = {name: (tuple(t.shape), t.dtype) for name, t in per_attack.items()}
+    first = next(iter(per_attack.values()))
+    if any(
+        t.dtype != torch.bool or t.dim() != 1 or t.shape != first.shape for t in per_attack.values()
+    ):
+        raise ValueError(
+            f"every attack's result must be a bool tensor [N] over the same images, got {shapes}"
+        )
+    return torch.stack([t.cpu() for t in per_attack.values()]).all(dim=0)

@@ -1,0 +1,595 @@
+"""The one training loop shared by every trainer of the project.
+
+Classifier pretraining, purifier pretraining (paper Eq. 8), AToP fine-tuning (paper Eq. 9,
+Algorithm 1), PGD adversarial training and RvS all train through :func:`fit`. The loop owns
+what every trainer needs and nothing model-specific:
+
+* device selection (:func:`resolve_device`), seeding (:func:`seed_everything`) and bf16
+  autocast on CUDA (:func:`autocast`);
+* in-memory batches of uint8 images converted per batch to float32 in ``[0, 1]`` with the
+  standard CIFAR augmentation (:class:`Batches`);
+* tqdm progress bars, ``logging`` of every epoch, per-epoch history rows;
+* a guard against non-finite losses (:class:`NonFiniteLossError`);
+* an atomic per-epoch resume checkpoint (weights, optimizers, schedulers, history and every
+  random-number-generator state), so an interrupted run continues where it stopped and ends
+  with the same weights as an uninterrupted one.
+
+The model-specific work is the ``train_step(x, y)`` callable: it computes the loss, calls
+``zero_grad``/``backward``/``step`` itself and returns its scalar terms.
+
+Core module: imports only torch, numpy, tqdm and the standard library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from atop.checkpoint import load_safe, save_atomic
+
+log = logging.getLogger(__name__)
+
+#: Padding (pixels) of the random-crop augmentation, as in the standard CIFAR recipe.
+CROP_PADDING = 4
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """Turn a device name from the parameters into a :class:`torch.device`.
+
+    Args:
+        name: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or
+            ``"cuda:<index>"`` (any name :class:`torch.device` accepts).
+
+    Returns:
+        The device.
+
+    Raises:
+        ValueError: the name is not a device name.
+        RuntimeError: CUDA is requested but not available (or the index does not exist).
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"Unknown device '{name}': use 'auto', 'cpu', 'cuda' or 'cuda:<index>'."
+        ) from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"Device '{name}' requested but CUDA is not available on this machine: "
+                "set the parameter `device: auto` (or `cpu`)."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"Device '{name}' requested but only {torch.cuda.device_count()} CUDA "
+                "device(s) exist."
+            )
+    return device
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python's ``random``, NumPy and torch (CPU and every CUDA device).
+
+    Args:
+        seed: any non-negative int.
+
+    Returns:
+        A fresh CPU :class:`torch.Generator` seeded with ``seed``, for the data order and
+        augmentation of :class:`Batches` (kept apart from the global RNG that dropout and
+        random transforms draw from).
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    return torch.Generator().manual_seed(seed)
+
+
+def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision for a forward pass: bf16 autocast on CUDA, a no-op elsewhere.
+
+    bf16 keeps float32's exponent range, so no gradient scaler is needed.
+
+    Args:
+        device: where the model runs.
+        enabled: ``False`` turns autocast off (full float32) on every device.
+
+    Returns:
+        A context manager.
+    """
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class NonFiniteLossError(RuntimeError):
+    """A ``train_step`` returned a NaN or infinite term.
+
+    The message names the term, the epoch and the batch. Training stops before the epoch is
+    checkpointed, so the resume file of the last good epoch (if any) stays on disk.
+    """
+
+
+class Batches:
+    """Mini-batches over an in-memory uint8 image tensor, without DataLoader workers.
+
+    Images stay stored as uint8 (CIFAR-10 train: 150 MB) on ``device`` and are converted
+    per batch. Iterating yields ``(x, y)``: ``x`` float32 ``[B, 3, H, W]`` in ``[0, 1]`` on
+    ``device`` (channels-last memory format if asked), ``y`` int64 ``[B]``.
+
+    The augmentation (``augment=True``) is the standard CIFAR one: a random crop of the
+    image padded by 4 pixels with reflection, then a horizontal flip with probability 1/2,
+    drawn independently per image from ``generator``. It is done by index arithmetic on the
+    uint8 tensor (one gather, no padded copy).
+
+    Args:
+        images_uint8: uint8 ``[N, 3, H, W]``, values 0..255.
+        labels: int64 ``[N]``.
+        batch_size: images per batch (> 0).
+        shuffle: a fresh random order every epoch (drawn from ``generator``).
+        generator: CPU generator for the order and the augmentation; ``None`` uses torch's
+            global RNG. :func:`fit` checkpoints its state for resuming.
+        augment: random crop (pad 4, reflect) + horizontal flip.
+        device: where the images are stored and the batches are produced.
+        drop_last: drop the last incomplete batch.
+        channels_last: yield ``x`` in ``torch.channels_last`` memory format (faster convs
+            on CUDA).
+
+    Raises:
+        TypeError: images are not uint8 or labels are not int64.
+        ValueError: wrong shapes, mismatched lengths, non-positive batch size, or images
+            smaller than the crop padding.
+    """
+
+    def __init__(
+        self,
+        images_uint8: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        shuffle: bool,
+        generator: torch.Generator | None = None,
+        augment: bool = False,
+        device: torch.device | str = "cpu",
+        drop_last: bool = False,
+        channels_last: bool = False,
+    ) -> None:
+        if images_uint8.dtype != torch.uint8:
+            raise TypeError(
+                f"Batches expects uint8 images (0..255), got {images_uint8.dtype}: store "
+                "splits as uint8 (see docs/architecture.md) or convert with "
+                "`(x * 255).round().to(torch.uint8)`."
+            )
+        if images_uint8.ndim != 4 or images_uint8.shape[1] != 3:
+            raise ValueError(f"images must be [N, 3, H, W], got {tuple(images_uint8.shape)}.")
+        if labels.dtype != torch.int64 or labels.ndim != 1:
+            raise TypeError(f"labels must be int64 [N], got {labels.dtype} {tuple(labels.shape)}.")
+        if len(labels) != len(images_uint8):
+            raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels.")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        if augment and min(images_uint8.shape[2:]) <= CROP_PADDING:
+            raise ValueError(
+                f"Images {tuple(images_uint8.shape[2:])} are too small for a random crop "
+                f"with padding {CROP_PADDING}."
+            )
+        self.device = torch.device(device)
+        self.images = images_uint8.to(self.device)
+        self.labels = labels.to(self.device)
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.generator = generator
+        self.augment = augment
+        self.drop_last = drop_last
+        self.channels_last = channels_last
+
+    def __len__(self) -> int:
+        """Number of batches per epoch."""
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for b in range(len(self)):
+            index = order[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self._augmented(index) if self.augment else self.images[index.to(self.device)]
+            x = x.float().div_(255.0)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, self.labels[index.to(self.device)]
+
+    def _augmented(self, index: Tensor) -> Tensor:
+        """Random crop (pad 4, reflect) + flip of ``images[index]`` as one uint8 gather."""
+        size = len(index)
+        height, width = self.images.shape[2:]
+        shift = torch.randint(0, 2 * CROP_PADDING + 1, (size, 2), generator=self.generator)
+        flip = torch.randint(0, 2, (size, 1), generator=self.generator).bool()
+        rows = _reflect(shift[:, :1] - CROP_PADDING + torch.arange(height), height)
+        cols = _reflect(shift[:, 1:] - CROP_PADDING + torch.arange(width), width)
+        cols = torch.where(flip, cols.flip(1), cols)
+        dev = self.device
+        return self.images[
+            index.to(dev)[:, None, None, None],
+            torch.arange(3, device=dev)[None, :, None, None],
+            rows.to(dev)[:, None, :, None],
+            cols.to(dev)[:, None, None, :],
+        ]
+
+
+def _reflect(coords: Tensor, size: int) -> Tensor:
+    """Map coordinates in ``[-pad, size - 1 + pad]`` into ``[0, size)`` by reflection
+    (edge pixel not repeated, as ``torch.nn.functional.pad(mode="reflect")``)."""
+    coords = coords.abs()
+    return torch.where(coords > size - 1, 2 * (size - 1) - coords, coords)
+
+
+@dataclass
+class LoopConfig:
+    """Settings of :func:`fit` that are not the model's.
+
+    Attributes:
+        epochs: number of passes over ``batches`` (>= 1).
+        desc: progress-bar and log label.
+        resume_path: per-epoch resume checkpoint file; ``None`` disables resuming.
+        max_batches_per_epoch: cap on batches per epoch (smoke runs); ``None`` = all.
+        fingerprint: JSON-able description of the run (hyper-parameters, data size). A
+            resume file whose fingerprint differs is ignored (logged) and training starts
+            over. ``epochs``, ``max_batches_per_epoch`` and the number of batches are
+            always part of the comparison.
+        sync_every: the loss terms are copied to the host (a device sync on CUDA) and checked
+            for NaN/inf every ``sync_every`` batches and at the end of each epoch; 1 on CPU
+            costs nothing.
+        progress: show tqdm progress bars.
+    """
+
+    epochs: int
+    desc: str = "train"
+    resume_path: str | None = None
+    max_batches_per_epoch: int | None = None
+    fingerprint: dict | None = None
+    sync_every: int = 1
+    progress: bool = True
+
+    def steps_per_epoch(self, batches: Batches) -> int:
+        """Optimizer steps per epoch: ``len(batches)`` capped by ``max_batches_per_epoch``.
+
+        Use ``epochs * steps_per_epoch(batches)`` as the total steps of a per-batch
+        learning-rate schedule.
+        """
+        n = len(batches)
+        return n if self.max_batches_per_epoch is None else min(n, self.max_batches_per_epoch)
+
+
+def fit(
+    *,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    train_step: Callable[[Tensor, Tensor], dict[str, float | Tensor]],
+    batches: Batches,
+    config: LoopConfig,
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler] | None = None,
+    evaluate: Callable[[int], dict[str, float]] | None = None,
+) -> list[dict[str, float]]:
+    """Train for ``config.epochs`` epochs, with progress, history, NaN guard and resume.
+
+    Each epoch: every module is put in ``train()`` mode; for each batch ``(x, y)`` of
+    ``batches`` (float32 ``[B, 3, H, W]`` in ``[0, 1]``, int64 ``[B]``) ``train_step(x, y)``
+    is called (it does ``zero_grad``/``backward``/``step`` itself) and then every scheduler
+    is stepped **once per batch** (build schedulers for
+    ``config.epochs * config.steps_per_epoch(batches)`` steps). After the epoch
+    ``evaluate(epoch)`` (epoch counted from 1) adds columns to the history row; it chooses
+    its own modes and ``no_grad`` (attacks need gradients). Then the resume file is written
+    atomically. On success the resume file is deleted: the stage's output goes through the
+    catalog.
+
+    Args:
+        modules: every module whose state must be checkpointed (trainable or not).
+        optimizers: every optimizer (the first one's learning rate is logged as ``lr``).
+        train_step: ``(x, y) -> {"loss": ..., other scalar terms}`` (floats or 0-dim tensors).
+        batches: the training batches, re-iterated each epoch.
+        config: epochs, resume file, caps, progress.
+        schedulers: learning-rate schedulers, stepped after every batch.
+        evaluate: ``epoch -> {column: float}`` called after each epoch.
+
+    Returns:
+        One row per epoch (resumed epochs included): ``epoch``, the mean over the epoch's
+        batches of every ``train_step`` term, ``lr`` (first optimizer's first group, as used
+        by the epoch's last step), ``seconds`` (wall-clock of the training part of the
+        epoch, evaluation excluded) and the ``evaluate`` columns.
+
+    Raises:
+        NonFiniteLossError: a term is NaN or infinite (the last good resume file stays).
+        atop.checkpoint.CheckpointError: the resume file exists but is corrupted.
+        ValueError: ``epochs < 1``, no optimizer, or ``train_step`` returned no ``loss``.
+    """
+    if config.epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {config.epochs}.")
+    if not optimizers:
+        raise ValueError("fit needs at least one optimizer (its lr goes into the history).")
+    schedulers = schedulers or {}
+    steps = config.steps_per_epoch(batches)
+    fingerprint = _json_normal(
+        {
+            "user": config.fingerprint,
+            "epochs": config.epochs,
+            "max_batches_per_epoch": config.max_batches_per_epoch,
+            "batches_per_epoch": len(batches),
+        }
+    )
+    first_optimizer = next(iter(optimizers.values()))
+
+    history: list[dict[str, float]] = []
+    start = 1
+    if config.resume_path is not None:
+        state = _load_resume(config.resume_path, fingerprint)
+        if state is not None:
+            _restore(state, modules, optimizers, schedulers, batches)
+            history = [dict(row) for row in state["history"]]
+            start = int(state["epoch"]) + 1
+            log.info("%s: resuming from %s at epoch %d", config.desc, config.resume_path, start)
+
+    epoch_bar = tqdm(
+        range(start, config.epochs + 1),
+        desc=config.desc,
+        unit="epoch",
+        initial=start - 1,
+        total=config.epochs,
+        disable=not config.progress,
+    )
+    for epoch in epoch_bar:
+        for module in modules.values():
+            module.train()
+        began = time.perf_counter()
+        terms, lr = _train_epoch(
+            train_step, batches, steps, schedulers, first_optimizer, epoch, config
+        )
+        row: dict[str, float] = {"epoch": epoch, **terms, "lr": lr}
+        row["seconds"] = time.perf_counter() - began
+        if evaluate is not None:
+            row.update({key: float(value) for key, value in evaluate(epoch).items()})
+        history.append(row)
+        epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"})
+        log.info(
+            "%s epoch %d/%d: %s",
+            config.desc,
+            epoch,
+            config.epochs,
+            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
+        )
+        if config.resume_path is not None:
+            save_atomic(
+                _snapshot(epoch, modules, optimizers, schedulers, batches, history, fingerprint),
+                config.resume_path,
+            )
+    epoch_bar.close()
+    if config.resume_path is not None:
+        Path(config.resume_path).unlink(missing_ok=True)
+    return history
+
+
+def _train_epoch(
+    train_step: Callable[[Tensor, Tensor], dict[str, float | Tensor]],
+    batches: Batches,
+    steps: int,
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
+    first_optimizer: torch.optim.Optimizer,
+    epoch: int,
+    config: LoopConfig,
+) -> tuple[dict[str, float], float]:
+    """One pass over ``batches``; returns the mean of each term and the last step's lr."""
+    sums: dict[str, float] = {}
+    pending: list[tuple[int, dict[str, float | Tensor]]] = []
+    done = 0
+    lr = float(first_optimizer.param_groups[0]["lr"])
+
+    def flush() -> None:
+        for batch_index, out in pending:
+            values = _to_floats(out)
+            for name, value in values.items():
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(
+                        f"{config.desc}: term '{name}' is {value} at epoch {epoch}, batch "
+                        f"{batch_index + 1}. Training stopped; the resume checkpoint of the "
+                        f"last good epoch ({config.resume_path}) is kept. Lower the learning "
+                        "rate or check the inputs, then rerun to resume."
+                    )
+                sums[name] = sums.get(name, 0.0) + value
+        if pending:
+            bar.set_postfix(loss=f"{sums['loss'] / (pending[-1][0] + 1):.4f}", refresh=False)
+        pending.clear()
+
+    bar = tqdm(
+        itertools.islice(batches, steps),
+        total=steps,
+        desc=f"{config.desc} {epoch}/{config.epochs}",
+        unit="batch",
+        leave=False,
+        disable=not config.progress,
+    )
+    for x, y in bar:
+        lr = float(first_optimizer.param_groups[0]["lr"])
+        out = train_step(x, y)
+        if "loss" not in out:
+            raise ValueError(
+                f"train_step must return a dict with a 'loss' term, got keys {sorted(out)}."
+            )
+        pending.append((done, {k: v.detach() if torch.is_tensor(v) else v for k, v in out.items()}))
+        for scheduler in schedulers.values():
+            scheduler.step()
+        done += 1
+        if len(pending) >= config.sync_every:
+            flush()
+    flush()
+    bar.close()
+    return {name: total / max(done, 1) for name, total in sums.items()}, lr
+
+
+def _to_floats(out: dict[str, float | Tensor]) -> dict[str, float]:
+    """Scalar terms to Python floats with a single host transfer for the tensors."""
+    tensors = {k: v for k, v in out.items() if torch.is_tensor(v)}
+    values = {k: float(v) for k, v in out.items() if not torch.is_tensor(v)}
+    if tensors:
+        host = torch.stack([v.float().reshape(()) for v in tensors.values()]).tolist()
+        values.update(zip(tensors, host, strict=True))
+    return {k: values[k] for k in out}
+
+
+def _json_normal(obj: Any) -> Any:
+    """A JSON round trip (tuples -> lists, keys -> str) so fingerprints compare by value."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _load_resume(path: str, fingerprint: Any) -> dict | None:
+    """The resume state at ``path`` if it exists and matches ``fingerprint``, else ``None``."""
+    if not Path(path).is_file():
+        return None
+    state = load_safe(path)
+    saved = _json_normal(state.get("fingerprint")) if isinstance(state, dict) else None
+    if saved != fingerprint:
+        log.warning(
+            "Resume file %s was written by a different configuration; ignoring it and "
+            "training from scratch (it is overwritten after the first epoch).",
+            path,
+        )
+        return None
+    return state
+
+
+def _snapshot(
+    epoch: int,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
+    batches: Batches,
+    history: list[dict[str, float]],
+    fingerprint: Any,
+) -> dict[str, Any]:
+    """Everything needed to continue after ``epoch``: tensors and primitives only."""
+    np_state = np.random.get_state()
+    rng: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "name": np_state[0],
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": _python_rng_to_primitive(random.getstate()),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "batches": batches.generator.get_state() if batches.generator is not None else None,
+    }
+    return {
+        "epoch": epoch,
+        "modules": {name: m.state_dict() for name, m in modules.items()},
+        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+        "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+        "history": history,
+        "rng": rng,
+        "fingerprint": fingerprint,
+    }
+
+
+def _restore(
+    state: dict[str, Any],
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, torch.optim.lr_scheduler.LRScheduler],
+    batches: Batches,
+) -> None:
+    """Load a :func:`_snapshot` back into the live objects and RNGs."""
+    for group, live in (
+        ("modules", modules),
+        ("optimizers", optimizers),
+        ("schedulers", schedulers),
+    ):
+        if set(state[group]) != set(live):
+            raise ValueError(
+                f"Resume file holds {group} {sorted(state[group])} but the run has "
+                f"{sorted(live)}: delete the resume file or fix the trainer."
+            )
+        for name, obj in live.items():
+            obj.load_state_dict(state[group][name])
+    rng = state["rng"]
+    torch.set_rng_state(rng["torch"])
+    np_rng = rng["numpy"]
+    np.random.set_state(
+        (
+            np_rng["name"],
+            np_rng["keys"].numpy().astype(np.uint32),
+            np_rng["pos"],
+            np_rng["has_gauss"],
+            np_rng["cached_gaussian"],
+        )
+    )
+    random.setstate(_python_rng_from_primitive(rng["python"]))
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    if batches.generator is not None and rng["batches"] is not None:
+        batches.generator.set_state(rng["batches"])
+
+
+def _python_rng_to_primitive(state: tuple) -> dict[str, Any]:
+    version, internal, gauss_next = state
+    return {"version": version, "internal": list(internal), "gauss_next": gauss_next}
+
+
+def _python_rng_from_primitive(state: dict[str, Any]) -> tuple:
+    return (state["version"], tuple(state["internal"]), state["gauss_next"])
+
+
+def accuracy(
+    model: nn.Module,
+    images_uint8: Tensor,
+    labels: Tensor,
+    batch_size: int = 512,
+    device: torch.device | str = "cpu",
+    amp: bool = True,
+    channels_last: bool = False,
+    progress: bool = False,
+) -> float:
+    """Top-1 accuracy of ``model`` on uint8 images, in eval mode without gradients.
+
+    Args:
+        model: maps float32 ``[B, 3, H, W]`` in [0, 1] to logits ``[B, C]``.
+        images_uint8: uint8 ``[N, 3, H, W]``.
+        labels: int64 ``[N]``.
+        batch_size: images per forward pass.
+        device: where to run (the model must already be there).
+        amp: bf16 autocast on CUDA (see :func:`autocast`).
+        channels_last: feed channels-last batches.
+        progress: show a tqdm bar.
+
+    Returns:
+        Fraction of correctly classified images, in [0, 1].
+
+    Raises:
+        TypeError / ValueError: as :class:`Batches` for malformed inputs.
+    """
+    device = torch.device(device)
+    batches = Batches(
+        images_uint8, labels, batch_size, shuffle=False, device=device, channels_last=channels_last
+    )
+    was_training = model.training
+    model.eval()
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad(), autocast(device, amp):
+        for x, y in tqdm(batches, desc="accuracy", leave=False, disable=not progress):
+            correct += (model(x).argmax(dim=1) == y).sum()
+    model.train(was_training)
+    return correct.item() / max(len(labels), 1)

@@ -1,0 +1,457 @@
+"""Tests of atop.attacks on real CIFAR-10: attack factory, EOT, BPDA, fresh-draw judging."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchattacks
+from torch import nn
+
+from atop.attacks import (
+    BPDA,
+    EOTPGDL2,
+    RejudgedMultiAttack,
+    bpda_mode,
+    build_attack,
+    draw_votes,
+    robust_correct,
+    run_attack,
+    worst_case_correct,
+)
+
+N_CLASSES = 10
+
+#: One small, fast entry per attack kind (the evaluation profiles use larger numbers).
+SMALL_SPECS = {
+    "fgsm": {"name": "fgsm", "eps": 8 / 255},
+    "pgd_linf_eot": {
+        "name": "pgd", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 3,
+        "eot_iter": 2, "random_start": True,
+    },
+    "pgd_l2_eot": {
+        "name": "pgd", "norm": "L2", "eps": 0.5, "alpha": 0.1, "steps": 3, "eot_iter": 2,
+        "random_start": True,
+    },
+    "bpda_eot": {
+        "name": "bpda", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 3,
+        "eot_iter": 2,
+    },
+    "cw": {"name": "cw", "c": 1.0, "kappa": 0.0, "steps": 5, "lr": 0.01},
+    "autoattack_standard": {
+        "name": "autoattack", "version": "standard", "norm": "Linf", "eps": 8 / 255,
+        "steps": 2, "seed": 0, "n_queries": 10, "draws": 3,
+    },
+    "autoattack_rand_l2": {
+        "name": "autoattack", "version": "rand", "norm": "L2", "eps": 0.5, "steps": 2,
+        "seed": 0, "eot_iter": 2, "draws": 3,
+    },
+}  # fmt: skip
+
+#: ε each attack must respect, in its norm (None: C&W ℓ2 is unbounded).
+SPEC_BOUNDS = {
+    key: (spec.get("norm", "L2" if spec["name"] == "cw" else "Linf"), spec.get("eps"))
+    for key, spec in SMALL_SPECS.items()
+}
+
+
+class SmallCNN(nn.Module):
+    """A tiny CIFAR classifier: float32 [N, 3, 32, 32] in [0, 1] -> logits [N, 10].
+
+    A 5x5 convolution with 32 channels, ReLU, 8x8 average pooling and a linear head.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 5, padding=2), nn.ReLU(), nn.AvgPool2d(8), nn.Flatten()
+        )
+        self.head = nn.Linear(32 * 4 * 4, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.features((x - 0.5) / 0.25))
+
+
+class NoisyMaskBlurDefense(nn.Module):
+    """A small stand-in for ``f(g(t(x)))``, random on every call (also in eval mode).
+
+    t: Gaussian noise (sigma) then a random block mask per image (missing_rate of the
+    mask_block x mask_block blocks zeroed); g: 3x3 mean blur, whose backward becomes the
+    identity when ``bpda`` is on; f: the classifier. Records the ``bpda`` value of each call.
+    """
+
+    def __init__(self, classifier, sigma=0.03, missing_rate=0.1, mask_block=4):
+        super().__init__()
+        self.classifier = classifier
+        self.sigma, self.missing_rate, self.mask_block = sigma, missing_rate, mask_block
+        self.bpda = False
+        self.bpda_seen: list[bool] = []
+
+    def forward(self, x):
+        self.bpda_seen.append(self.bpda)
+        n, _, h, w = x.shape
+        noisy = x + self.sigma * torch.randn_like(x)
+        blocks = (h // self.mask_block, w // self.mask_block)
+        keep = (torch.rand(n, 1, *blocks, device=x.device) >= self.missing_rate).to(x.dtype)
+        masked = noisy * F.interpolate(keep, scale_factor=self.mask_block, mode="nearest")
+        purified = F.avg_pool2d(masked, 3, stride=1, padding=1, count_include_pad=False)
+        if self.bpda:
+            purified = masked + (purified - masked).detach()
+        return self.classifier(purified.clamp(0, 1))
+
+
+class CallCounter(nn.Module):
+    """Counts forward calls of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+class AlternatingModel(nn.Module):
+    """Deterministic 'random' model: even calls give f's logits, odd calls predict class+1."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x):
+        logits = self.model(x)
+        self.calls += 1
+        return logits if self.calls % 2 == 1 else logits.roll(1, dims=1)
+
+
+@functools.lru_cache(maxsize=1)
+def trained_small_cnn(data_root: str) -> SmallCNN:
+    """SmallCNN fitted on 5000 real CIFAR-10 training images in a few CPU seconds.
+
+    The convolution keeps its (seeded) random initialization; the head is the closed-form
+    ridge regression of one-hot labels on the standardized conv features (random-features
+    training: no optimizer loop). Reaches ~45-50 % test accuracy.
+    """
+    from torchvision.datasets import CIFAR10
+
+    train = CIFAR10(root=data_root, train=True, download=False)
+    images = torch.from_numpy(np.ascontiguousarray(train.data[:5000])).permute(0, 3, 1, 2)
+    images = images.float().contiguous() / 255
+    targets = F.one_hot(torch.tensor(train.targets[:5000]), N_CLASSES).float()
+    torch.manual_seed(0)
+    model = SmallCNN()
+    with torch.no_grad():
+        features = model.features((images - 0.5) / 0.25)
+        mean, std = features.mean(0), features.std(0) + 1e-6
+        design = torch.cat([(features - mean) / std, torch.ones(len(features), 1)], dim=1)
+        ridge = len(features) / 10 * torch.eye(design.shape[1])
+        solution = torch.linalg.solve(design.T @ design + ridge, design.T @ targets)
+        weight = solution[:-1] / std[:, None]  # fold the standardization into the head
+        model.head.weight.copy_(weight.T)
+        model.head.bias.copy_(solution[-1] - mean @ weight)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(scope="module")
+def classifier(data_root):
+    return trained_small_cnn(str(data_root))
+
+
+@pytest.fixture()
+def defense(classifier):
+    return NoisyMaskBlurDefense(classifier).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(cifar10_test_batch):
+    images, labels = cifar10_test_batch
+    # contiguous: the fixture's images are channels-last strided (a permuted array), which
+    # torchattacks' PGDL2/FAB cannot .view(); run_attack makes its batches contiguous itself
+    return images[:8].contiguous(), labels[:8]
+
+
+def _norms(clean, adv):
+    delta = (adv - clean).flatten(1)
+    return delta.abs().amax(dim=1), delta.norm(p=2, dim=1)
+
+
+def test_classifier_learned_something(classifier, cifar10_test_batch):
+    images, labels = cifar10_test_batch
+    accuracy = robust_correct(classifier, images, labels, draws=1, batch_size=128).float().mean()
+    assert accuracy > 0.35  # chance is 0.1
+
+
+@pytest.mark.parametrize("key", sorted(SMALL_SPECS))
+def test_every_attack_runs_and_respects_eps(key, defense, batch):
+    images, labels = batch
+    torch.manual_seed(1)
+    attack = build_attack(defense, SMALL_SPECS[key], N_CLASSES)
+    adv = run_attack(attack, images, labels, batch_size=4, progress=False)
+    assert adv.shape == images.shape and adv.dtype == torch.float32
+    assert adv.min() >= 0 and adv.max() <= 1
+    linf, l2 = _norms(images, adv)
+    norm, eps = SPEC_BOUNDS[key]
+    if eps is not None:
+        assert (linf if norm == "Linf" else l2).max() <= eps + 1e-5
+    assert (linf > 0).any(), "the attack changed no image"
+
+
+def test_pgd_lowers_accuracy_of_undefended_classifier(classifier, cifar10_test_batch):
+    images, labels = cifar10_test_batch[0][:32], cifar10_test_batch[1][:32]
+    spec = {
+        "name": "pgd",
+        "norm": "Linf",
+        "eps": 8 / 255,
+        "alpha": 2 / 255,
+        "steps": 10,
+        "eot_iter": 1,
+    }
+    adv = run_attack(build_attack(classifier, spec, N_CLASSES), images, labels, 32, progress=False)
+    clean = robust_correct(classifier, images, labels, draws=1, batch_size=32).float().mean()
+    robust = robust_correct(classifier, adv, labels, draws=1, batch_size=32).float().mean()
+    assert clean > 0.3
+    assert robust < clean
+    assert robust <= 0.1  # ten PGD steps at 8/255 break nearly every image of a standard model
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_eot_pgd_calls_the_model_eot_iter_times_per_step(norm, defense, batch):
+    images, labels = batch
+    counter = CallCounter(defense)
+    eps, alpha = (8 / 255, 2 / 255) if norm == "Linf" else (0.5, 0.1)
+    spec = {"name": "pgd", "norm": norm, "eps": eps, "alpha": alpha, "steps": 3, "eot_iter": 4}
+    build_attack(counter, spec, N_CLASSES)(images, labels)
+    assert counter.calls == 3 * 4
+
+
+def test_eot_l2_averages_loss_gradients_not_logits(defense, batch):
+    """One EOT step equals the manual mean of 3 loss gradients under the same random draws."""
+    images, labels = batch[0][:4], batch[1][:4]
+    eps, alpha, eot_iter = 0.5, 0.3, 3
+    attack = EOTPGDL2(defense, eps=eps, alpha=alpha, steps=1, eot_iter=eot_iter, random_start=False)
+    torch.manual_seed(123)
+    adv = attack(images, labels)
+
+    def step(grad):
+        moved = images + alpha * grad / grad.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        delta = moved - images
+        factor = torch.clamp(eps / delta.flatten(1).norm(dim=1), max=1.0).view(-1, 1, 1, 1)
+        return (images + delta * factor).clamp(0, 1)
+
+    x = images.clone().requires_grad_(True)
+    torch.manual_seed(123)
+    grads = [
+        torch.autograd.grad(F.cross_entropy(defense(x), labels, reduction="sum"), x)[0]
+        for _ in range(eot_iter)
+    ]
+    assert torch.allclose(adv, step(torch.stack(grads).mean(0)), atol=1e-5)
+
+    torch.manual_seed(123)
+    mean_logits = torch.stack([defense(x) for _ in range(eot_iter)]).mean(0)
+    logit_grad = torch.autograd.grad(F.cross_entropy(mean_logits, labels, reduction="sum"), x)[0]
+    assert not torch.allclose(adv, step(logit_grad), atol=1e-5)
+
+
+def test_eot_l2_equals_torchattacks_pgdl2_on_a_deterministic_model(classifier, batch):
+    images, labels = batch
+    ours = EOTPGDL2(classifier, eps=0.5, alpha=0.1, steps=4, eot_iter=3, random_start=False)
+    reference = torchattacks.PGDL2(classifier, eps=0.5, alpha=0.1, steps=4, random_start=False)
+    assert torch.allclose(ours(images, labels), reference(images, labels), atol=1e-5)
+
+
+def test_bpda_mode_toggles_and_restores(defense, classifier):
+    assert defense.bpda is False
+    with bpda_mode(defense):
+        assert defense.bpda is True
+    assert defense.bpda is False
+    with pytest.raises(RuntimeError), bpda_mode(defense):
+        raise RuntimeError("boom")
+    assert defense.bpda is False
+    with pytest.raises(ValueError, match="no `bpda` option"), bpda_mode(classifier):
+        pass
+    with pytest.raises(ValueError, match="no `bpda` option"):
+        build_attack(classifier, SMALL_SPECS["bpda_eot"], N_CLASSES)
+
+
+def test_bpda_attack_runs_with_bpda_on_and_restores_it(defense, batch):
+    images, labels = batch
+    attack = build_attack(defense, SMALL_SPECS["bpda_eot"], N_CLASSES)
+    assert isinstance(attack, BPDA) and isinstance(attack.inner, torchattacks.EOTPGD)
+    attack(images, labels)
+    assert defense.bpda_seen == [True] * (3 * 2)
+    assert defense.bpda is False
+
+
+def test_bpda_gradient_differs_from_exact_gradient(defense, batch):
+    images, labels = batch
+    x = images.clone().requires_grad_(True)
+    torch.manual_seed(5)
+    exact = torch.autograd.grad(F.cross_entropy(defense(x), labels), x)[0]
+    torch.manual_seed(5)
+    with bpda_mode(defense):
+        identity = torch.autograd.grad(F.cross_entropy(defense(x), labels), x)[0]
+    assert not torch.allclose(exact, identity)
+
+
+def test_robust_correct_calls_the_model_draws_times(defense, batch):
+    images, labels = batch
+    counter = CallCounter(defense)
+    correct = robust_correct(counter, images, labels, draws=5, batch_size=4)
+    assert counter.calls == 5 * 2
+    assert correct.dtype == torch.bool and correct.shape == labels.shape
+    votes = draw_votes(defense, images, draws=5, batch_size=4)
+    assert votes.shape == (8, N_CLASSES) and (votes.sum(dim=1) == 5).all()
+
+
+def test_robust_correct_is_a_strict_majority_vote(classifier, cifar10_test_batch):
+    images, labels = cifar10_test_batch[0][:64], cifar10_test_batch[1][:64]
+    single = classifier(images).argmax(dim=1) == labels
+    assert torch.equal(robust_correct(classifier, images, labels, 3, 64), single)
+    # one fresh pass: the first (correct) call only
+    assert torch.equal(robust_correct(AlternatingModel(classifier), images, labels, 1, 64), single)
+    # 1 vote each for f's class and the next class: a tie counts as wrong
+    assert not robust_correct(AlternatingModel(classifier), images, labels, 2, 64).any()
+    # 2 votes against 1: the majority is f's prediction
+    assert torch.equal(robust_correct(AlternatingModel(classifier), images, labels, 3, 64), single)
+
+
+def test_robust_correct_restores_training_mode(defense, batch):
+    defense.train()
+    robust_correct(defense, *batch, draws=2, batch_size=8)
+    assert defense.training
+
+
+@pytest.mark.parametrize(
+    ("version", "n_classes", "subs"),
+    [("standard", 10, ["APGD", "APGDT", "FAB", "Square"]), ("rand", 100, ["APGD", "APGD"])],
+)
+def test_autoattack_sub_attacks_use_the_spec(version, n_classes, subs, defense):
+    spec = {
+        "name": "autoattack", "version": version, "norm": "Linf", "eps": 8 / 255,
+        "steps": 100, "seed": 3, "n_queries": 777, "eot_iter": 7, "draws": 4,
+    }  # fmt: skip
+    attack = build_attack(defense, spec, n_classes)
+    multi = attack._autoattack
+    assert isinstance(multi, RejudgedMultiAttack) and multi.draws == 4
+    assert [type(sub).__name__ for sub in multi.attacks] == subs
+    for sub in multi.attacks:
+        assert sub.eps == 8 / 255 and sub.norm == "Linf" and sub.seed == 3
+        if isinstance(sub, torchattacks.Square):
+            assert sub.n_queries == 777
+        else:
+            assert sub.steps == 100
+        if isinstance(sub, (torchattacks.APGDT, torchattacks.FAB)):
+            assert sub.n_target_classes == n_classes - 1
+        if version == "rand":
+            assert sub.eot_iter == 7
+    # the sub-attacks are registered, so mode switches reach them
+    assert set(attack._attacks.values()) >= {multi, *multi.attacks}
+
+
+def test_rejudged_multiattack_keeps_each_images_worst_example(classifier, batch):
+    images, labels = batch
+    weak = torchattacks.FGSM(classifier, eps=1 / 255)
+    strong = torchattacks.PGD(classifier, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)
+    adv = RejudgedMultiAttack([weak, strong], draws=3)(images, labels)
+    per_attack = {
+        "weak": robust_correct(classifier, weak(images, labels), labels, 1, 8),
+        "strong": robust_correct(classifier, strong(images, labels), labels, 1, 8),
+    }
+    assert torch.equal(
+        robust_correct(classifier, adv, labels, 1, 8), worst_case_correct(per_attack)
+    )
+
+
+def test_worst_case_correct():
+    a = torch.tensor([True, True, False, True])
+    b = torch.tensor([True, False, False, True])
+    c = torch.tensor([False, True, False, True])
+    assert worst_case_correct({"a": a, "b": b, "c": c}).tolist() == [False, False, False, True]
+    assert torch.equal(worst_case_correct({"a": a}), a)
+    with pytest.raises(ValueError, match="at least one"):
+        worst_case_correct({})
+    with pytest.raises(ValueError, match="same images"):
+        worst_case_correct({"a": a, "short": b[:3]})
+    with pytest.raises(ValueError, match="bool"):
+        worst_case_correct({"a": a, "int": b.long()})
+
+
+@pytest.mark.parametrize(
+    ("spec", "match"),
+    [
+        ({"name": "deepfool"}, r"valid names: \['autoattack', 'bpda', 'cw', 'fgsm', 'pgd'\]"),
+        ({"eps": 0.1}, "must be a mapping with a 'name'"),
+        ({"name": "pgd", "norm": "Linf", "eps": 0.03, "step": 10}, r"missing keys \['alpha'"),
+        ({"name": "fgsm", "eps": 0.03, "alpha": 0.01}, r"unknown keys \['alpha'\]"),
+        ({"name": "pgd", "norm": "L1", "eps": 1, "alpha": 1, "steps": 1, "eot_iter": 1}, "norm"),
+        ({"name": "pgd", "norm": "L2", "eps": -1, "alpha": 1, "steps": 1, "eot_iter": 1}, "eps"),
+        ({"name": "pgd", "norm": "L2", "eps": 1, "alpha": 1, "steps": 1.5, "eot_iter": 1}, "steps"),
+        ({"name": "fgsm", "eps": 0.5, "norm": "L2"}, "Linf"),
+        (
+            {
+                "name": "autoattack",
+                "version": "plus",
+                "norm": "Linf",
+                "eps": 0.03,
+                "steps": 1,
+                "seed": 0,
+            },
+            "version",
+        ),
+        (
+            {
+                "name": "autoattack",
+                "version": "rand",
+                "norm": "Linf",
+                "eps": 0.03,
+                "steps": 1,
+                "seed": None,
+            },
+            "seed",
+        ),
+    ],
+)
+def test_bad_specs_raise_clear_errors(spec, match, classifier):
+    with pytest.raises(ValueError, match=match):
+        build_attack(classifier, spec, N_CLASSES)
+
+
+def test_bad_inputs_raise_clear_errors(classifier, batch):
+    images, labels = batch
+    attack = build_attack(classifier, SMALL_SPECS["fgsm"], N_CLASSES)
+    with pytest.raises(ValueError, match="float32"):
+        run_attack(attack, (images * 255).to(torch.uint8), labels, 8)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        run_attack(attack, images * 2, labels, 8)
+    with pytest.raises(ValueError, match="labels must be int64"):
+        robust_correct(classifier, images, labels[:3], 2, 8)
+    with pytest.raises(ValueError, match="draws"):
+        robust_correct(classifier, images, labels, 0, 8)
+    with pytest.raises(ValueError, match="n_classes"):
+        build_attack(classifier, SMALL_SPECS["fgsm"], 0)
+
+
+def test_works_on_the_project_defense(classifier, batch):
+    """BPDA+EOT and fresh-draw judging on atop.defense.PurifiedClassifier (RT2 + purifier)."""
+    from atop.defense import PurifiedClassifier
+    from atop.models.purifier import build_purifier
+    from atop.transforms import RandomTransform
+
+    images, labels = batch[0][:2], batch[1][:2]
+    torch.manual_seed(0)
+    generator, _ = build_purifier({"cnum": 8})
+    defense = PurifiedClassifier(classifier, generator.eval(), RandomTransform("rt2")).eval()
+    spec = {**SMALL_SPECS["bpda_eot"], "steps": 1, "eot_iter": 2}
+    adv = run_attack(build_attack(defense, spec, N_CLASSES), images, labels, 2, progress=False)
+    assert defense.bpda is False
+    assert (adv - images).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+    counter = CallCounter(defense)
+    assert robust_correct(counter, adv, labels, draws=3, batch_size=2).shape == (2,)
+    assert counter.calls == 3

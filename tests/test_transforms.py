@@ -1,0 +1,187 @@
+"""Random transforms RT1 / RT2 / RT3 (paper Sec. 3) on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atop.transforms import (
+    RandomTransform,
+    TransformConfig,
+    add_gaussian_noise,
+    build_transform,
+    sample_block_masks,
+    sample_disjoint_block_masks,
+)
+
+
+def _seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _assert_block_structured(mask: torch.Tensor, block: int) -> None:
+    """Every block x block cell of the grid is entirely hole or entirely known."""
+    pooled_max = torch.nn.functional.max_pool2d(mask, block)
+    pooled_min = -torch.nn.functional.max_pool2d(-mask, block)
+    assert torch.equal(pooled_max, pooled_min)
+
+
+@pytest.mark.parametrize("missing_rate", [0.25, 0.125, 0.5])
+def test_masked_fraction_is_exact_per_image(missing_rate):
+    masks = sample_block_masks(256, (32, 32), missing_rate, generator=_seeded(0))
+    assert masks.shape == (256, 1, 32, 32) and masks.dtype == torch.float32
+    assert set(masks.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(masks.mean(dim=(1, 2, 3)), torch.full((256,), missing_rate))
+    _assert_block_structured(masks, 4)
+
+
+@pytest.mark.parametrize("kind", ["rt1", "rt2"])
+def test_transform_masks_every_image_of_real_batch(kind, cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    draw = RandomTransform(kind).eval()(images)
+    assert draw.masks.shape == (1, 256, 1, 32, 32)
+    assert torch.equal(draw.masks.mean(dim=(0, 2, 3, 4)), torch.full((256,), 0.25))
+    _assert_block_structured(draw.masks[0], 32 // 8)
+
+
+def test_masks_differ_between_images_and_calls():
+    first = sample_block_masks(256, (32, 32)).flatten(1)
+    second = sample_block_masks(256, (32, 32)).flatten(1)
+    assert torch.unique(first, dim=0).shape[0] == 256  # every image has its own mask
+    assert not torch.equal(first, second)  # fresh masks on every call
+    assert (first != second).any(dim=1).float().mean() > 0.99
+
+
+def test_every_block_is_masked_equally_often():
+    masks = sample_block_masks(2048, (32, 32), generator=_seeded(1))
+    frequency = torch.nn.functional.avg_pool2d(masks, 4).mean(dim=0).flatten()
+    assert frequency.shape == (64,)
+    assert (frequency - 0.25).abs().max() < 0.05  # binomial std 0.0096: > 5 sigma margin
+
+
+def test_noise_has_std_sigma_on_real_images(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    noise = add_gaussian_noise(images, 0.25, generator=_seeded(2), clamp=False) - images
+    assert abs(noise.std().item() - 0.25) < 0.002  # 786k samples: std error 2e-4
+    assert abs(noise.mean().item()) < 0.002
+    per_image = noise.flatten(1).std(dim=1)
+    assert (per_image - 0.25).abs().max() < 0.02  # every image gets the same noise level
+    clamped = add_gaussian_noise(images, 0.25)
+    assert clamped.min() >= 0.0 and clamped.max() <= 1.0
+    assert (clamped == 0.0).any() and (clamped == 1.0).any()
+
+
+def test_rt2_is_noise_clamped_then_masked(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    draw = RandomTransform("rt2", sigma=0.25)(images, generator=_seeded(3))
+    expected = add_gaussian_noise(images, 0.25, generator=_seeded(3))  # noise drawn first
+    assert torch.equal(draw.image, expected)
+    assert draw.image.min() >= 0.0 and draw.image.max() <= 1.0
+
+
+def test_rt1_adds_no_noise(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    draw = RandomTransform("rt1")(images)
+    assert torch.equal(draw.image, images)
+
+
+def test_rt3_masks_are_disjoint_and_partition_the_image(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    draw = RandomTransform("rt3", missing_rate=0.25, mask_number=4)(images)
+    assert draw.masks.shape == (4, 256, 1, 32, 32)
+    assert torch.equal(draw.masks.mean(dim=(2, 3, 4)), torch.full((4, 256), 0.25))
+    assert torch.equal(draw.masks.sum(dim=0), torch.ones(256, 1, 32, 32))  # each pixel once
+    for mask in draw.masks:
+        _assert_block_structured(mask, 4)
+
+
+def test_rt3_masks_disjoint_when_not_covering():
+    masks = sample_disjoint_block_masks(128, (32, 32), 2, 0.25, generator=_seeded(4))
+    coverage = masks.sum(dim=0)
+    assert coverage.max() == 1.0  # never overlap
+    assert torch.equal(coverage.mean(dim=(1, 2, 3)), torch.full((128,), 0.5))
+
+
+def test_custom_mask_block():
+    masks = sample_block_masks(16, (32, 32), 0.25, mask_block=8, generator=_seeded(5))
+    _assert_block_structured(masks, 8)
+    assert torch.equal(masks.mean(dim=(1, 2, 3)), torch.full((16,), 0.25))
+
+
+def test_generator_makes_draws_reproducible(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    transform = RandomTransform("rt3")
+    first = transform(images, generator=_seeded(6))
+    again = transform(images, generator=_seeded(6))
+    other = transform(images, generator=_seeded(7))
+    assert torch.equal(first.image, again.image) and torch.equal(first.masks, again.masks)
+    assert not torch.equal(first.masks, other.masks)
+    assert not torch.equal(first.image, other.image)
+
+
+def test_transform_is_stochastic_in_eval_mode(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    transform = RandomTransform("rt2").eval()
+    first, second = transform(images[:8]), transform(images[:8])
+    assert not torch.equal(first.image, second.image)
+    assert not torch.equal(first.masks, second.masks)
+
+
+def test_transform_is_differentiable(cifar10_test_batch):
+    images, _ = cifar10_test_batch
+    x = images[:4].clone().requires_grad_(True)
+    draw = RandomTransform("rt2")(x)
+    draw.image.sum().backward()
+    inside = (draw.image > 0) & (draw.image < 1)
+    assert torch.equal(x.grad, inside.float())  # identity except where clamped
+
+
+def test_build_transform_from_parameters():
+    transform = build_transform({"kind": "rt3", "sigma": 0.1, "mask_number": 2})
+    assert transform.config == TransformConfig("rt3", 0.1, 0.25, None, 2)
+    assert transform.config.n_masks == 2 and transform.config.uses_noise
+    assert RandomTransform("rt2").config.n_masks == 1
+    assert not RandomTransform("rt1").config.uses_noise
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"missing_rate": 0.0}, "missing_rate"),
+        ({"missing_rate": 1.0}, "missing_rate"),
+        ({"missing_rate": -0.1}, "missing_rate"),
+        ({"missing_rate": 1.5}, "missing_rate"),
+        ({"kind": "rt4"}, "kind"),
+        ({"sigma": -0.1}, "sigma"),
+        ({"mask_block": 0}, "mask_block"),
+        ({"mask_block": 2.5}, "mask_block"),
+        ({"mask_number": 0}, "mask_number"),
+        ({"kind": "rt3", "missing_rate": 0.3, "mask_number": 4}, "mask_number \\* missing_rate"),
+    ],
+)
+def test_bad_parameters_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        RandomTransform(**kwargs)
+
+
+def test_unknown_parameter_raises():
+    with pytest.raises(ValueError, match="Unknown transform parameter.*'sigmaa'"):
+        build_transform({"sigmaa": 0.25})
+
+
+def test_image_size_not_divisible_by_block_raises():
+    with pytest.raises(ValueError, match="not divisible by mask_block=5"):
+        RandomTransform("rt1", mask_block=5)(torch.rand(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="32x30 is not divisible by mask_block=3"):
+        sample_block_masks(2, (32, 30))
+
+
+def test_too_small_rate_and_bad_images_raise():
+    with pytest.raises(ValueError, match="masks 0 of the 4 blocks"):
+        sample_block_masks(2, (8, 8), 0.1, mask_block=4)
+    with pytest.raises(ValueError, match="do not fit"):
+        sample_disjoint_block_masks(2, (32, 32), 3, 0.4)
+    with pytest.raises(ValueError, match="float images"):
+        RandomTransform()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="float images"):
+        RandomTransform()(torch.rand(3, 32, 32))
