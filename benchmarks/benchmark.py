@@ -1,0 +1,187 @@
+"""Benchmarks of the project, one section per component.
+
+Usage::
+
+    .venv/bin/python benchmarks/benchmark.py <section> [options]
+    .venv/bin/python benchmarks/benchmark.py classifier --images 4096 --repeats 3
+
+Sections (one function each, registered in ``SECTIONS``):
+
+* ``classifier``: training throughput (images/s) of the shared loop
+  :func:`atop.training.fit` against a bare PyTorch loop, on the same model, batch size and
+  real CIFAR-10 images. Both loops run the same ``train_step``; the bare loop iterates over
+  a pre-converted float tensor with a random permutation and steps the scheduler, fit adds
+  uint8 -> float conversion per batch, progress bars, the loss sync and NaN check, the
+  history and an atomic resume checkpoint per epoch. ``fit + augment`` adds the random
+  crop + flip. Runs alternate (bare, fit, fit + augment, repeat) so CPU contention from
+  other processes hits all of them alike; the median is reported, as wall-clock images/s
+  and as images per CPU-second of the process (steadier on a shared CPU, exact with
+  ``--threads 1``).
+
+Real data: CIFAR-10 from ``$ATOP_DATA_ROOT`` or ``../shared/datasets`` (read-only).
+On a shared CPU set ``OMP_WAIT_POLICY=PASSIVE``: with the default (active) wait policy,
+oversubscribed OpenMP threads spin and timings collapse.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from atop.models import build_classifier
+from atop.training import Batches, LoopConfig, autocast, fit, resolve_device, seed_everything
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def data_root() -> Path:
+    """The shared real datasets folder."""
+    root = Path(os.environ.get("ATOP_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "datasets"))
+    if not (root / "cifar-10-batches-py").is_dir():
+        sys.exit(f"CIFAR-10 not found under {root}: set ATOP_DATA_ROOT.")
+    return root
+
+
+def cifar10_train(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` real CIFAR-10 training images (uint8 [n, 3, 32, 32]) and labels."""
+    from torchvision.datasets import CIFAR10
+
+    ds = CIFAR10(root=str(data_root()), train=True, download=False)
+    images = torch.from_numpy(np.ascontiguousarray(ds.data[:n])).permute(0, 3, 1, 2)
+    return images.contiguous(), torch.tensor(ds.targets[:n], dtype=torch.int64)
+
+
+def classifier(argv: list[str]) -> None:
+    """Section ``classifier``: throughput of ``fit`` vs a bare loop (images/s)."""
+    parser = argparse.ArgumentParser(prog="benchmark.py classifier")
+    parser.add_argument("--arch", default="resnet-fast")
+    parser.add_argument("--width", type=int, default=16, help="resnet-fast / preact width")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=2048, help="images per epoch")
+    parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    channels_last = True
+    images, labels = cifar10_train(args.images)
+    kwargs = {"width": args.width} if args.arch in {"resnet-fast", "preact-resnet18"} else {}
+
+    def make():
+        """A fresh seeded model, optimizer, scheduler and train_step (as the pipeline's)."""
+        generator = seed_everything(0)
+        model = build_classifier(args.arch, 10, **kwargs).to(device)
+        model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+        def train_step(x, y):
+            with autocast(device):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=0.1)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            return {"loss": loss.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
+
+        return generator, model, optimizer, scheduler, train_step
+
+    float_images = (images.float() / 255).to(device).contiguous(memory_format=torch.channels_last)
+    device_labels = labels.to(device)
+
+    def bare() -> None:
+        generator, model, _, scheduler, train_step = make()
+        model.train()
+        for _ in range(args.epochs):
+            order = torch.randperm(len(labels), generator=generator).to(device)
+            for start in range(0, len(labels) - args.batch_size + 1, args.batch_size):
+                index = order[start : start + args.batch_size]
+                train_step(float_images[index], device_labels[index])
+                scheduler.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def with_fit(augment: bool) -> Callable[[], None]:
+        def run() -> None:
+            generator, model, optimizer, scheduler, train_step = make()
+            batches = Batches(
+                images,
+                labels,
+                args.batch_size,
+                shuffle=True,
+                generator=generator,
+                augment=augment,
+                device=device,
+                drop_last=True,
+                channels_last=channels_last,
+            )
+            with tempfile.TemporaryDirectory() as tmp:
+                fit(
+                    modules={"classifier": model},
+                    optimizers={"sgd": optimizer},
+                    schedulers={"lr": scheduler},
+                    train_step=train_step,
+                    batches=batches,
+                    config=LoopConfig(
+                        epochs=args.epochs, resume_path=f"{tmp}/resume.pt", progress=False
+                    ),
+                )
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        return run
+
+    runs = {"bare loop": bare, "fit": with_fit(False), "fit + augment": with_fit(True)}
+    n_images = args.epochs * (len(labels) // args.batch_size) * args.batch_size
+    bare()  # warm-up (oneDNN / cuDNN kernel selection)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    cpu_seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.repeats):
+        for name, run in runs.items():
+            began, cpu_began = time.perf_counter(), time.process_time()
+            run()
+            seconds[name].append(time.perf_counter() - began)
+            cpu_seconds[name].append(time.process_time() - cpu_began)
+    print(
+        f"classifier training throughput: {args.arch} "
+        f"{kwargs or ''} batch {args.batch_size}, {n_images} images per run, device "
+        f"{device}, {torch.get_num_threads()} threads, median of {args.repeats}"
+    )
+    reference = n_images / statistics.median(seconds["bare loop"])
+    cpu_reference = n_images / statistics.median(cpu_seconds["bare loop"])
+    for name, times in seconds.items():
+        rate = n_images / statistics.median(times)
+        cpu_rate = n_images / statistics.median(cpu_seconds[name])
+        print(
+            f"  {name:14s} {rate:8.1f} images/s ({rate / reference:6.1%} of bare) | "
+            f"{cpu_rate:8.1f} images per CPU-second ({cpu_rate / cpu_reference:6.1%} of bare)"
+            f" | wall: {', '.join(f'{t:.1f}s' for t in times)}"
+        )
+
+
+SECTIONS: dict[str, Callable[[list[str]], None]] = {"classifier": classifier}
+
+
+def main() -> None:
+    if len(sys.argv) < 2 or sys.argv[1] not in SECTIONS:
+        sys.exit(f"usage: benchmark.py <section> [options]; sections: {', '.join(SECTIONS)}")
+    SECTIONS[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""Wiring of the PGD adversarial-training stage.
+
+``train_set``, ``test_set``, ``class_names``, ``eval_indices`` (from data_ingestion) ->
+``train_pgd_at`` -> ``pgd_at_classifier`` (checkpoint), ``adversarial_training_history`` ->
+``evaluate_pgd_at`` -> ``adversarial_training_metrics`` (clean and PGD-20 accuracy).
+"""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from atop.pipelines.adversarial_training.nodes import evaluate_robust_classifier, train_pgd_at
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """The adversarial_training pipeline (two nodes)."""
+    return Pipeline(
+        [
+            Node(
+                func=train_pgd_at,
+                inputs=[
+                    "train_set",
+                    "test_set",
+                    "class_names",
+                    "eval_indices",
+                    "params:adversarial_training",
+                ],
+                outputs=["pgd_at_classifier", "adversarial_training_history"],
+                name="train_pgd_at",
+            ),
+            Node(
+                func=evaluate_robust_classifier,
+                inputs=[
+                    "pgd_at_classifier",
+                    "test_set",
+                    "eval_indices",
+                    "params:adversarial_training",
+                ],
+                outputs="adversarial_training_metrics",
+                name="evaluate_pgd_at",
+            ),
+        ]
+    )

@@ -1,0 +1,33 @@
+"""Wiring of the RvS stage.
+
+``train_set``, ``test_set``, ``class_names``, ``eval_indices`` (from data_ingestion) ->
+``train_rvs`` -> ``rvs_classifier``, ``rvs_generator`` (checkpoints), ``rvs_history`` ->
+``evaluate_rvs`` -> ``rvs_metrics`` (clean and PGD-20 accuracy).
+"""
+
+from __future__ import annotations
+
+from kedro.pipeline import Node, Pipeline
+
+from atop.pipelines.adversarial_training.nodes import evaluate_robust_classifier
+from atop.pipelines.rvs.nodes import train_rvs
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """The rvs pipeline (two nodes)."""
+    return Pipeline(
+        [
+            Node(
+                func=train_rvs,
+                inputs=["train_set", "test_set", "class_names", "eval_indices", "params:rvs"],
+                outputs=["rvs_classifier", "rvs_generator", "rvs_history"],
+                name="train_rvs",
+            ),
+            Node(
+                func=evaluate_robust_classifier,
+                inputs=["rvs_classifier", "test_set", "eval_indices", "params:rvs"],
+                outputs="rvs_metrics",
+                name="evaluate_rvs",
+            ),
+        ]
+    )
