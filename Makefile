@@ -15,6 +15,8 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
+# Idle OpenMP threads sleep instead of spinning (large slow-downs on a shared 2-core CPU).
+export OMP_WAIT_POLICY ?= PASSIVE
 
 KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
 

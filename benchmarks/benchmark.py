@@ -174,7 +174,18 @@ def classifier(argv: list[str]) -> None:
         )
 
 
-SECTIONS: dict[str, Callable[[list[str]], None]] = {"classifier": classifier}
+def evaluation(argv: list[str]) -> None:
+    """Attack throughput of PGD-EOT on the defended model (see evaluation_bench.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from evaluation_bench import evaluation as run
+
+    run(argv)
+
+
+SECTIONS: dict[str, Callable[[list[str]], None]] = {
+    "classifier": classifier,
+    "evaluation": evaluation,
+}
 
 
 def main() -> None:
