@@ -1,0 +1,240 @@
+"""The purifier_pretraining pipeline end to end on real CIFAR-10 (smoke profile)."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from kedro.config import OmegaConfigLoader
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+from kedro_datasets.matplotlib import MatplotlibDataset
+from PIL import Image
+
+from atop.checkpoint import load_safe
+from atop.datasets import TorchDataset
+from atop.models import build_classifier, classifier_checkpoint
+from atop.models.purifier import build_purifier, load_purifier, purifier_checkpoint
+from atop.pipelines.purifier_pretraining import create_pipeline
+from atop.pipelines.purifier_pretraining import nodes as pp_nodes
+from atop.pipelines.purifier_pretraining.nodes import (
+    HISTORY_COLUMNS,
+    evaluate_purifier,
+    held_out_indices,
+    psnr,
+    train_purifier,
+)
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset
+
+OUTPUTS = ("purifier", "purifier_history", "purifier_metrics")
+TRANSFORM_KEYS = {"kind", "sigma", "missing_rate", "mask_block", "mask_number"}
+
+
+def config_loader(env: str = "smoke") -> OmegaConfigLoader:
+    return OmegaConfigLoader(
+        str(PROJECT_ROOT / "conf"),
+        base_env="base",
+        default_run_env=env,
+        merge_strategy={"parameters": "soft", "globals": "soft"},
+    )
+
+
+@pytest.fixture(scope="module")
+def splits(data_root, cifar10_test_batch) -> tuple[dict, dict]:
+    """256 real training images (data_batch_1) and the 256 real test images, as uint8."""
+    with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
+        batch = pickle.load(fh, encoding="latin1")  # the official CIFAR-10 python format
+    images = torch.from_numpy(np.asarray(batch["data"][:256], dtype=np.uint8))
+    train = {
+        "images": images.reshape(256, 3, 32, 32).contiguous(),
+        "labels": torch.tensor(batch["labels"][:256], dtype=torch.int64),
+    }
+    test_images, test_labels = cifar10_test_batch
+    test = {"images": (test_images * 255).round().to(torch.uint8), "labels": test_labels}
+    return train, test
+
+
+@pytest.fixture(scope="module")
+def classifier() -> dict:
+    """A small (randomly initialised) classifier checkpoint: the frozen f of the AP metric."""
+    torch.manual_seed(0)
+    config = {"num_classes": 10, "width": 8}
+    return classifier_checkpoint(build_classifier("resnet-fast", **config), "resnet-fast", config)
+
+
+#: The evaluation subset of these tests: every test image except 40 (so the 32 held-out
+#: images must come from those 40).
+EVAL_INDICES = [i for i in range(256) if i % 6 != 0 or i >= 240]
+OUTSIDE = sorted(set(range(256)) - set(EVAL_INDICES))
+
+
+@pytest.fixture
+def smoke_params(tmp_path) -> dict:
+    """The smoke profile's parameters (deep-merged over base), resume file in tmp_path."""
+    params = config_loader()["parameters"]["purifier_pretraining"]
+    assert params["resume_path"] == "data/06_models/cifar10/resume/purifier_pretraining.pt"
+    params["resume_path"] = str(tmp_path / "resume" / "purifier_pretraining.pt")
+    return params
+
+
+def run_pipeline(splits, classifier, params, tmp_path, eval_indices=EVAL_INDICES) -> dict:
+    """Run the pipeline on an in-memory catalog (checkpoint and figure on disk)."""
+    train, test = splits
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    catalog = DataCatalog()
+    catalog["train_set"] = MemoryDataset(train, copy_mode="assign")
+    catalog["test_set"] = MemoryDataset(test, copy_mode="assign")
+    catalog["eval_indices"] = MemoryDataset(eval_indices)
+    catalog["classifier"] = MemoryDataset(classifier, copy_mode="assign")
+    catalog["params:purifier_pretraining"] = MemoryDataset(params)
+    catalog["purifier"] = TorchDataset(str(tmp_path / "purifier.pt"))
+    catalog["purifier_history"] = KeptMemoryDataset()
+    catalog["purifier_metrics"] = KeptMemoryDataset()
+    catalog["purifier_samples"] = MatplotlibDataset(filepath=str(tmp_path / "samples.png"))
+    SequentialRunner().run(create_pipeline(), catalog)
+    return {name: catalog[name].load() for name in OUTPUTS}
+
+
+def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, tmp_path):
+    out = run_pipeline(splits, classifier, smoke_params, tmp_path)
+
+    ckpt = load_safe(tmp_path / "purifier.pt")  # torch.load(weights_only=True)
+    assert ckpt["arch"] == "deepfillv2" and ckpt["config"]["cnum"] == 8
+    assert ckpt["config"]["image_size"] == 32  # from the data
+    meta = ckpt["meta"]
+    assert meta["stage"] == "purifier_pretraining"
+    assert meta["transform"] == {
+        "kind": "rt2",
+        "sigma": 0.25,
+        "missing_rate": 0.25,
+        "mask_block": None,
+        "mask_number": 4,
+    }
+    assert set(meta["transform"]) == TRANSFORM_KEYS
+    assert (meta["epochs"], meta["n_train"], meta["n_val"]) == (1, 64, 32)
+    # held-out images: outside the evaluation subset, chosen with the fixed seed
+    assert set(meta["val_indices"]) <= set(OUTSIDE) and len(set(meta["val_indices"])) == 32
+    generator, discriminator = load_purifier(ckpt)
+    assert discriminator is not None
+    for name, module in (("generator", generator), ("discriminator", discriminator)):
+        saved = ckpt["state_dict"][name]
+        assert all(torch.equal(saved[k], v) for k, v in module.state_dict().items())
+
+    history = out["purifier_history"]
+    assert isinstance(history, pd.DataFrame) and list(history.columns) == HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1]
+    assert history.notna().all().all() and (history["l1"] > 0).all()
+    assert history["lr"].tolist() == [1e-4]
+    assert history["val_psnr"].iloc[0] == pytest.approx(meta["val_psnr"])
+
+    metrics = out["purifier_metrics"]
+    assert set(metrics) >= {
+        "psnr",
+        "psnr_transformed",
+        "ap_clean_acc",
+        "classifier_clean_acc",
+        "train_seconds",
+        "epochs",
+        "n_train",
+        "transform",
+        "purifier",
+    }
+    assert 0.0 <= metrics["ap_clean_acc"] <= 1.0 and 0.0 <= metrics["classifier_clean_acc"] <= 1.0
+    assert 5.0 < metrics["psnr"] < 60.0 and metrics["psnr"] == pytest.approx(meta["val_psnr"])
+    assert metrics["transform"] == meta["transform"] and metrics["purifier"] == ckpt["config"]
+    assert (metrics["n_val"], metrics["draws"], metrics["n_train"]) == (32, 2, 64)
+    assert metrics["train_seconds"] == pytest.approx(history["seconds"].sum())
+
+    with Image.open(tmp_path / "samples.png") as png:  # 3 rows x n_samples columns
+        assert png.format == "PNG" and png.width > png.height > 100
+    assert not (tmp_path / "resume" / "purifier_pretraining.pt").exists()
+
+
+def test_interrupted_pipeline_resumes_to_the_same_purifier(
+    splits, classifier, smoke_params, tmp_path, monkeypatch
+):
+    params = {**smoke_params, "epochs": 2}
+    reference = run_pipeline(
+        splits, classifier, {**params, "resume_path": None}, tmp_path / "reference"
+    )
+
+    class Crash(RuntimeError):
+        pass
+
+    real_psnr = pp_nodes.psnr
+    calls: list[int] = []
+
+    def crash_at_second_evaluation(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # end of epoch 2, before its resume checkpoint
+            raise Crash("simulated crash")
+        return real_psnr(*args, **kwargs)
+
+    monkeypatch.setattr(pp_nodes, "psnr", crash_at_second_evaluation)
+    with pytest.raises(Crash):
+        run_pipeline(splits, classifier, params, tmp_path)
+    resume_file = tmp_path / "resume" / "purifier_pretraining.pt"
+    assert load_safe(resume_file)["epoch"] == 1
+    monkeypatch.setattr(pp_nodes, "psnr", real_psnr)
+
+    resumed = run_pipeline(splits, classifier, params, tmp_path)
+    pd.testing.assert_frame_equal(
+        resumed["purifier_history"].drop(columns="seconds"),
+        reference["purifier_history"].drop(columns="seconds"),
+    )
+    for name in ("generator", "discriminator"):
+        a, b = (run["purifier"]["state_dict"][name] for run in (resumed, reference))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["purifier_metrics"]["psnr"] == reference["purifier_metrics"]["psnr"]
+    assert not resume_file.exists()
+
+
+def test_held_out_indices_exclude_the_evaluation_subset():
+    eval_indices = list(range(0, 1000, 2))
+    chosen = held_out_indices(1000, eval_indices, 100, seed=0)
+    assert chosen.dtype == torch.int64 and len(chosen) == len(set(chosen.tolist())) == 100
+    assert not set(chosen.tolist()) & set(eval_indices)
+    assert torch.equal(chosen, held_out_indices(1000, eval_indices, 100, seed=0))
+    assert not torch.equal(chosen, held_out_indices(1000, eval_indices, 100, seed=1))
+    assert held_out_indices(1000, eval_indices, 500, seed=0).tolist() == list(range(1, 1000, 2))
+    with pytest.raises(ValueError, match="outside the evaluation subset"):
+        held_out_indices(1000, eval_indices, 501, seed=0)
+
+
+def test_psnr_of_known_errors():
+    x = torch.full((2, 3, 4, 4), 0.5)
+    noisy = x.clone()
+    noisy[1] += 0.1  # MSE 0.01 -> 20 dB
+    assert psnr(noisy, x).tolist() == pytest.approx([100.0, 20.0])
+
+
+def test_dataset_purifier_mismatch_is_refused(splits, classifier, smoke_params):
+    train, test = splits
+    with pytest.raises(ValueError, match="image_size=64 but the dataset's images are 32x32"):
+        train_purifier(
+            train, test, EVAL_INDICES, {**smoke_params, "purifier": {"cnum": 8, "image_size": 64}}
+        )
+    generator, discriminator = build_purifier({"cnum": 8, "disc_cnum": 8, "image_size": 64})
+    meta = {"transform": {"kind": "rt2"}, "val_indices": OUTSIDE[:4]}
+    ckpt = purifier_checkpoint(generator, discriminator, meta=meta)
+    with pytest.raises(ValueError, match="trained on 64x64 images but test_set holds 32x32"):
+        evaluate_purifier(ckpt, classifier, test, EVAL_INDICES, smoke_params)
+    small, small_d = build_purifier({"cnum": 8, "disc_cnum": 8})
+    bad = purifier_checkpoint(small, small_d, meta={**meta, "val_indices": EVAL_INDICES[:4]})
+    with pytest.raises(ValueError, match="in the evaluation subset"):
+        evaluate_purifier(bad, classifier, test, EVAL_INDICES, smoke_params)
+
+
+def test_catalog_declares_the_outputs(tmp_path):
+    """The base catalog: checkpoint via the safe dataset, CSV, JSON and PNG in 08_reporting."""
+    catalog = DataCatalog.from_config(config_loader("base")["catalog"])
+    assert isinstance(catalog["purifier"], TorchDataset)
+    described = {name: str(catalog[name]) for name in (*OUTPUTS, "purifier_samples")}
+    assert "data/06_models/cifar10/purifier.pt" in described["purifier"]
+    assert "data/08_reporting/purifier_history.csv" in described["purifier_history"]
+    assert "data/08_reporting/purifier_metrics.json" in described["purifier_metrics"]
+    assert "data/08_reporting/purifier_samples.png" in described["purifier_samples"]
+    assert isinstance(catalog["purifier_samples"], MatplotlibDataset)

@@ -1,0 +1,137 @@
+"""PurifierStep: one D step then one g step of paper Eq. 8, on real CIFAR-10 images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atop.defense import purify_draw
+from atop.models.purifier import build_purifier
+from atop.purifier_training import PurifierStep
+from atop.transforms import RandomTransform
+
+SMALL = {"cnum": 8, "disc_cnum": 8}
+
+
+def make_step(seed: int = 0, kind: str = "rt2", lr: float = 1e-4, **weights) -> PurifierStep:
+    torch.manual_seed(seed)
+    generator, discriminator = build_purifier(SMALL)
+    adam = {"lr": lr, "betas": (0.5, 0.999)}
+    return PurifierStep(
+        generator,
+        discriminator,
+        RandomTransform(kind),
+        torch.optim.Adam(generator.parameters(), **adam),
+        torch.optim.Adam(discriminator.parameters(), **adam),
+        **weights,
+    )
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def changed(module: torch.nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    return {k for k, v in module.named_parameters() if not torch.equal(v, before[k])}
+
+
+@pytest.fixture(scope="module")
+def images(cifar10_test_batch) -> torch.Tensor:
+    """8 real CIFAR-10 test images, float32 [8, 3, 32, 32] in [0, 1]."""
+    return cifar10_test_batch[0][:8].clone()
+
+
+def test_discriminator_step_changes_only_d_then_g_step_only_g(images):
+    step = make_step()
+    g_before, d_before = snapshot(step.generator), snapshot(step.discriminator)
+    seen = {}
+    d_optimizer_step = step.opt_discriminator.step
+
+    def spy(*args, **kwargs):  # the D update, observed from inside the call
+        seen["g_grads"] = [p.grad for p in step.generator.parameters()]
+        result = d_optimizer_step(*args, **kwargs)
+        seen["g_changed"] = changed(step.generator, g_before)
+        seen["d_after"] = snapshot(step.discriminator)
+        return result
+
+    step.opt_discriminator.step = spy
+    out = step(images, images)
+
+    assert all(grad is None for grad in seen["g_grads"])  # fake images detached for D's loss
+    assert seen["g_changed"] == set()  # D's step leaves g alone
+    # ... and updates D: every weight (the last bias may get no gradient from the hinge
+    # loss while all logits lie in (-1, 1), where its real and fake terms cancel)
+    assert {k for k in d_before if "weight" in k} <= changed(step.discriminator, d_before)
+    # g's step then updates g and leaves D where its own step put it
+    assert changed(step.generator, g_before) == set(g_before)
+    assert changed(step.discriminator, seen["d_after"]) == set()
+    assert set(out) == {"loss", "l1", "gan_g", "d_loss"}
+    assert all(v.dim() == 0 and not v.requires_grad for v in out.values())
+
+
+def test_gan_term_alone_trains_the_generator(images):
+    """gan_weight=1, l1_weight=0: the adversarial term is not detached (authors' defect)."""
+    step = make_step(seed=1, l1_weight=0.0, gan_weight=1.0)
+    before = snapshot(step.generator)
+    out = step(images, images)
+    assert out["loss"] == pytest.approx(out["gan_g"].item())
+    grads = {k: p.grad for k, p in step.generator.named_parameters()}
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert changed(step.generator, before) == set(before)
+
+
+def test_l1_decreases_on_a_fixed_batch(images):
+    """The L1 term of Eq. 8 descends (GAN term off: at weight 1 it jolts the first steps)."""
+    step = make_step(seed=2, lr=1e-3, l1_weight=1.0, gan_weight=0.0)
+
+    def fixed_draw_l1() -> float:
+        step.generator.eval()
+        with torch.no_grad():
+            draw = step.transform(images, generator=torch.Generator().manual_seed(0))
+            result, _ = purify_draw(step.generator, draw, step.transform.config)
+            l1 = (result.coarse - images).abs().mean() + (result.refined - images).abs().mean()
+        step.generator.train()
+        return l1.item()
+
+    start = fixed_draw_l1()
+    for _ in range(20):
+        step(images, images)
+    assert fixed_draw_l1() < 0.8 * start
+
+
+def test_extra_loss_is_added_to_the_generator_loss(images):
+    """AToP's hook: with L_org switched off, only the extra term moves g."""
+    step = make_step(seed=3, l1_weight=0.0, gan_weight=0.0)
+    before = snapshot(step.generator)
+    received = {}
+
+    def extra(purified: torch.Tensor):
+        received["purified"] = purified
+        term = purified.mean()
+        return 2.0 * term, {"extra": term}
+
+    out = step(images, images, extra)
+    assert received["purified"].shape == images.shape and received["purified"].requires_grad
+    assert set(out) == {"loss", "l1", "gan_g", "d_loss", "extra"}
+    assert out["loss"].item() == pytest.approx(2.0 * out["extra"].item())
+    assert not out["extra"].requires_grad
+    assert changed(step.generator, before) == set(before)
+
+
+def test_rt3_step_purifies_every_copy(images):
+    """RT3: N masked copies per image; the extra term sees the N copies combined."""
+    step = make_step(seed=4, kind="rt3")
+    seen = []
+
+    def extra(purified: torch.Tensor):
+        seen.append(tuple(purified.shape))
+        return purified.sum() * 0.0, {}
+
+    out = step(images[:4], images[:4], extra)
+    assert seen == [(4, 3, 32, 32)]
+    assert all(torch.isfinite(value) for value in out.values())
+
+
+def test_shape_mismatch_is_refused(images):
+    with pytest.raises(ValueError, match="same shape"):
+        make_step()(images, images[:4])
