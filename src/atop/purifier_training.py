@@ -16,7 +16,8 @@ Core module: torch only.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +64,31 @@ class PurifierStep:
         self.gan_weight = float(gan_weight)
         self.device = torch.device(device)
         self.amp = amp
+
+    @classmethod
+    def with_adam(
+        cls,
+        generator: nn.Module,
+        discriminator: nn.Module,
+        transform: RandomTransform,
+        params: Mapping[str, Any],
+        device: torch.device | str = "cpu",
+    ) -> PurifierStep:
+        """The step with the paper's optimizers: Adam for ``g`` and ``D`` (paper: lr 1e-4,
+        betas (0.5, 0.999)), from a stage's parameters ``lr``, ``betas``, ``l1_weight``,
+        ``gan_weight`` and ``amp`` (purifier pretraining and AToP fine-tuning share them)."""
+        adam = {"lr": float(params["lr"]), "betas": tuple(float(b) for b in params["betas"])}
+        return cls(
+            generator,
+            discriminator,
+            transform,
+            torch.optim.Adam(generator.parameters(), **adam),
+            torch.optim.Adam(discriminator.parameters(), **adam),
+            l1_weight=float(params["l1_weight"]),
+            gan_weight=float(params["gan_weight"]),
+            device=device,
+            amp=bool(params["amp"]),
+        )
 
     def __call__(
         self,

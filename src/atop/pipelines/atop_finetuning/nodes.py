@@ -191,20 +191,8 @@ def finetune_purifier(
         device=device,
         drop_last=True,
     )
-    adam = {"lr": float(params["lr"]), "betas": tuple(params["betas"])}
-    opt_g = torch.optim.Adam(generator.parameters(), **adam)
-    opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
-    step = PurifierStep(
-        generator,
-        discriminator,
-        transform,
-        opt_g,
-        opt_d,
-        l1_weight=float(params["l1_weight"]),
-        gan_weight=float(params["gan_weight"]),
-        device=device,
-        amp=bool(params["amp"]),
-    )
+    step = PurifierStep.with_adam(generator, discriminator, transform, params, device)
+    opt_g, opt_d = step.opt_generator, step.opt_discriminator
     counter = EpochCounter().to(device)
     lambda_cls = float(params["lambda_cls"])
     cls_start = int(params.get("cls_start_epoch") or 1)

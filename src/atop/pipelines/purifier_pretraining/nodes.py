@@ -232,20 +232,8 @@ def train_purifier(
     generator, discriminator = build_purifier(purifier_config)
     generator.to(device)
     discriminator.to(device)
-    adam = {"lr": float(params["lr"]), "betas": tuple(float(b) for b in params["betas"])}
-    opt_g = torch.optim.Adam(generator.parameters(), **adam)
-    opt_d = torch.optim.Adam(discriminator.parameters(), **adam)
-    step = PurifierStep(
-        generator,
-        discriminator,
-        transform,
-        opt_g,
-        opt_d,
-        l1_weight=float(params["l1_weight"]),
-        gan_weight=float(params["gan_weight"]),
-        device=device,
-        amp=bool(params["amp"]),
-    )
+    step = PurifierStep.with_adam(generator, discriminator, transform, params, device)
+    opt_g, opt_d = step.opt_generator, step.opt_discriminator
 
     train = _training_subset(train_set, params.get("n_train"), seed)
     batches = Batches(
