@@ -187,9 +187,15 @@ def test_resolved_parameters_are_what_kedro_runs_with(tmp_path):
     params = resolve_parameters(ROOT, "smoke")
     with KedroSession.create(project_path=ROOT, env="smoke") as session:
         assert params == session.load_context().params
-    # smoke changes epochs / width; the learning rate comes from base; globals resolved.
-    assert params["purifier_pretraining"]["purifier"]["cnum"] == 8
-    assert params["purifier_pretraining"]["lr"] == 1.0e-4
+    # A key smoke sets wins; a key it leaves out comes from base; globals are resolved.
+    conf = ROOT / "conf"
+    base = yaml.safe_load((conf / "base/parameters_purifier_pretraining.yml").read_text())
+    smoke = yaml.safe_load((conf / "smoke/parameters_purifier_pretraining.yml").read_text())
+    base, smoke = base["purifier_pretraining"], smoke["purifier_pretraining"]
+    assert smoke["purifier"]["cnum"] != base["purifier"]["cnum"]
+    assert params["purifier_pretraining"]["purifier"]["cnum"] == smoke["purifier"]["cnum"]
+    assert params["purifier_pretraining"]["purifier"]["variant"] == base["purifier"]["variant"]
+    assert "lr" not in smoke and params["purifier_pretraining"]["lr"] == base["lr"]
     assert params["data_ingestion"]["dataset"] == _dataset()
 
     written = write_parameters(params, tmp_path / "params" / "smoke.yaml", "smoke")
