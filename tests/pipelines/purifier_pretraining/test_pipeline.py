@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 
 import numpy as np
@@ -27,7 +28,7 @@ from atop.pipelines.purifier_pretraining.nodes import (
     psnr,
     train_purifier,
 )
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro
 
 OUTPUTS = ("purifier", "purifier_history", "purifier_metrics")
 TRANSFORM_KEYS = {"kind", "sigma", "missing_rate", "mask_block", "mask_number"}
@@ -127,7 +128,7 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
     assert isinstance(history, pd.DataFrame) and list(history.columns) == HISTORY_COLUMNS
     assert history["epoch"].tolist() == [1]
     assert history.notna().all().all() and (history["l1"] > 0).all()
-    assert history["lr"].tolist() == [1e-4]
+    assert history["lr"].tolist() == [smoke_params["lr"]]
     assert history["val_psnr"].iloc[0] == pytest.approx(meta["val_psnr"])
 
     metrics = out["purifier_metrics"]
@@ -238,3 +239,23 @@ def test_catalog_declares_the_outputs(tmp_path):
     assert "data/08_reporting/purifier_metrics.json" in described["purifier_metrics"]
     assert "data/08_reporting/purifier_samples.png" in described["purifier_samples"]
     assert isinstance(catalog["purifier_samples"], MatplotlibDataset)
+
+
+def test_kedro_run_writes_the_catalog_outputs(ingested_project, monkeypatch):
+    """`kedro run --env smoke --pipelines purifier_pretraining` after the earlier stages."""
+    monkeypatch.chdir(ingested_project)  # the resume path is relative to the project
+    data = ingested_project / "data"
+    if not (data / "06_models/cifar10/classifier.pt").exists():
+        run_kedro(ingested_project, "classifier_pretraining")
+    run_kedro(ingested_project, "purifier_pretraining")
+    ckpt = load_safe(data / "06_models/cifar10/purifier.pt")
+    assert set(ckpt["meta"]["transform"]) == TRANSFORM_KEYS and ckpt["config"]["cnum"] == 8
+    eval_indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
+    assert not set(ckpt["meta"]["val_indices"]) & set(eval_indices)
+    history = pd.read_csv(data / "08_reporting/purifier_history.csv")
+    assert list(history.columns) == HISTORY_COLUMNS and len(history) == 1
+    metrics = json.loads((data / "08_reporting/purifier_metrics.json").read_text())
+    assert metrics["n_train"] == 64 and metrics["transform"] == ckpt["meta"]["transform"]
+    with Image.open(data / "08_reporting/purifier_samples.png") as png:
+        assert png.format == "PNG"
+    assert not (data / "06_models/cifar10/resume/purifier_pretraining.pt").exists()

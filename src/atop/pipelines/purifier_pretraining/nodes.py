@@ -5,7 +5,9 @@ loss + L1 on the coarse and refined outputs -- on clean training images seen thr
 random transform ``t`` (RT1 / RT2 / RT3). One update = one discriminator step then one
 generator step (:class:`atop.purifier_training.PurifierStep`, whose GAN term is not detached
 and so really trains ``g``), driven by the shared loop :func:`atop.training.fit` (progress
-bar, per-epoch history, resume file). Adam, lr 1e-4, betas (0.5, 0.999) (paper).
+bar, per-epoch history, resume file). Adam, betas (0.5, 0.999); the paper's lr 1e-4 and
+equal L1 / GAN weights are the paper profile's, the CPU base profile raises the lr and lowers
+the GAN weight (see conf/base/parameters_purifier_pretraining.yml).
 
 Held-out images: ``n_val`` **test** images drawn with a fixed seed from the test images that
 are NOT in the shared evaluation subset (``eval_indices``), so the attack evaluation of every
@@ -44,7 +46,7 @@ STAGE = "purifier_pretraining"
 HISTORY_COLUMNS = ["epoch", "loss", "l1", "gan_g", "d_loss", "val_psnr", "lr", "seconds"]
 #: Parameters that change neither the trained weights nor the history (left out of the
 #: resume fingerprint).
-_NOT_IN_FINGERPRINT = {"device", "resume_path", "progress", "draws", "eval_batch_size", "n_samples"}
+_NOT_IN_FINGERPRINT = {"device", "resume_path", "progress", "draws", "n_samples"}
 #: Grey level that shows the holes of t(x) in the samples figure.
 HOLE_GREY = 0.5
 
