@@ -20,7 +20,7 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
 
-.PHONY: install run run-all test lint viz clean-data
+.PHONY: install run run-all repro test lint viz clean-data
 
 $(STAMP): pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
@@ -36,6 +36,11 @@ run: $(STAMP)
 ## Everything: AToP and the baselines (the default pipeline).
 run-all: $(STAMP)
 	$(VENV)/bin/kedro run $(KEDRO_ENV)
+
+## DVC: rerun the stages whose code, parameters or inputs changed (every stage the first
+## time; profile: params/profile.yaml), with the venv's kedro/python on PATH for the stages.
+repro: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
 ## The test suite (real data from ../shared/datasets).
 test: $(STAMP)

@@ -107,6 +107,19 @@ def ingested_project(tmp_path_factory, data_root) -> Path:
     return project
 
 
+@pytest.fixture(scope="session")
+def atop_project(ingested_project) -> Path:
+    """The ingested project copy after a whole ``atop`` run (smoke env): classifier, purifier,
+    AToP purifier and the robustness report on the real CIFAR-10."""
+    previous = Path.cwd()
+    os.chdir(ingested_project)  # the stages' resume paths are relative to the project
+    try:
+        run_kedro(ingested_project, "atop")
+    finally:
+        os.chdir(previous)
+    return ingested_project
+
+
 class KeptMemoryDataset:
     """Factory for a MemoryDataset that the runner does not release after its last use,
     so a test can read every intermediate output after ``SequentialRunner().run``."""

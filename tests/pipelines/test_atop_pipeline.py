@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from atop.pipeline_registry import ATOP_STAGES, register_pipelines
-from tests.conftest import run_kedro
 
 
 def test_registry_has_every_stage_and_the_atop_dag():
@@ -23,9 +22,8 @@ def test_registry_has_every_stage_and_the_atop_dag():
 
 
 @pytest.mark.slow
-def test_atop_pipeline_end_to_end_smoke(ingested_project):
-    run_kedro(ingested_project, "atop")
-    data = ingested_project / "data"
+def test_atop_pipeline_end_to_end_smoke(atop_project):
+    data = atop_project / "data"
     for path in (
         "06_models/cifar10/classifier.pt",
         "06_models/cifar10/purifier.pt",
