@@ -9,7 +9,10 @@ Sections (one function each, registered in ``SECTIONS``):
 
 * ``classifier``: training throughput (images/s) of the shared loop
   :func:`atop.training.fit` against a bare PyTorch loop, on the same model, batch size and
-  real CIFAR-10 images. Both loops run the same ``train_step``; the bare loop iterates over
+  real CIFAR-10 images. Both loops start from the classifier_pretraining stage's setup
+  (:func:`atop.classifier_training.prepare_training`) and run its ``train_step``
+  (:func:`atop.pipelines.classifier_pretraining.nodes.classifier_train_step`, at a
+  constant learning rate); the bare loop iterates over
   a pre-converted float tensor with a random permutation and steps the scheduler, fit adds
   uint8 -> float conversion per batch, progress bars, the loss sync and NaN check, the
   history and an atomic resume checkpoint per epoch. ``fit + augment`` adds the random
@@ -36,12 +39,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from atop.classifier_training import prepare_training
 from atop.models import build_classifier
-from atop.training import Batches, LoopConfig, autocast, fit, resolve_device, seed_everything
+from atop.pipelines.classifier_pretraining.nodes import classifier_train_step
+from atop.training import fit, resolve_device, seed_everything
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: CIFAR-10's class names (torchvision's order).
+CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 
 def data_root() -> Path:
@@ -76,39 +82,45 @@ def classifier(argv: list[str]) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    channels_last = True
     images, labels = cifar10_train(args.images)
-    kwargs = {"width": args.width} if args.arch in {"resnet-fast", "preact-resnet18"} else {}
+    data = {"images": images, "labels": labels}
+    widths = {"width": args.width} if args.arch in {"resnet-fast", "preact-resnet18"} else {}
+    params = {  # the classifier_pretraining recipe, at a constant learning rate
+        "arch": args.arch,
+        "arch_kwargs": widths,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        "label_smoothing": 0.1,
+        "seed": 0,
+        "device": args.device,
+        "amp": True,
+        "channels_last": True,
+        "progress": False,
+    }
 
-    def make():
-        """A fresh seeded model, optimizer, scheduler and train_step (as the pipeline's)."""
-        generator = seed_everything(0)
-        model = build_classifier(args.arch, 10, **kwargs).to(device)
-        model = model.to(memory_format=torch.channels_last)
-        optimizer = torch.optim.SGD(
-            model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4
+    def make(augment: bool, resume_path: str | None = None):
+        """A fresh seeded setup (:func:`atop.classifier_training.prepare_training`, as the
+        classifier_pretraining stage), its scheduler and the stage's train_step."""
+        run_params = {**params, "augment": augment, "resume_path": resume_path}
+        # fit runs without evaluation here: the one monitor image is never scored
+        setup = prepare_training(
+            data, data, CLASS_NAMES, run_params, monitor_indices=[0], desc="bench", decay_all=True
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-        def train_step(x, y):
-            with autocast(device):
-                logits = model(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=0.1)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            return {"loss": loss.detach(), "train_acc": (logits.argmax(1) == y).float().mean()}
-
-        return generator, model, optimizer, scheduler, train_step
+        scheduler = torch.optim.lr_scheduler.LambdaLR(setup.optimizer, lambda step: 1.0)
+        train_step = classifier_train_step(
+            setup.classifier, setup.optimizer, device, params["amp"], params["label_smoothing"]
+        )
+        return setup, scheduler, train_step
 
     float_images = (images.float() / 255).to(device).contiguous(memory_format=torch.channels_last)
     device_labels = labels.to(device)
 
     def bare() -> None:
-        generator, model, _, scheduler, train_step = make()
-        model.train()
+        setup, scheduler, train_step = make(augment=False)
+        setup.classifier.train()
         for _ in range(args.epochs):
-            order = torch.randperm(len(labels), generator=generator).to(device)
+            order = torch.randperm(len(labels), generator=setup.batches.generator).to(device)
             for start in range(0, len(labels) - args.batch_size + 1, args.batch_size):
                 index = order[start : start + args.batch_size]
                 train_step(float_images[index], device_labels[index])
@@ -118,28 +130,15 @@ def classifier(argv: list[str]) -> None:
 
     def with_fit(augment: bool) -> Callable[[], None]:
         def run() -> None:
-            generator, model, optimizer, scheduler, train_step = make()
-            batches = Batches(
-                images,
-                labels,
-                args.batch_size,
-                shuffle=True,
-                generator=generator,
-                augment=augment,
-                device=device,
-                drop_last=True,
-                channels_last=channels_last,
-            )
             with tempfile.TemporaryDirectory() as tmp:
+                setup, scheduler, train_step = make(augment, f"{tmp}/resume.pt")
                 fit(
-                    modules={"classifier": model},
-                    optimizers={"sgd": optimizer},
+                    modules={"classifier": setup.classifier},
+                    optimizers={"sgd": setup.optimizer},
                     schedulers={"lr": scheduler},
                     train_step=train_step,
-                    batches=batches,
-                    config=LoopConfig(
-                        epochs=args.epochs, resume_path=f"{tmp}/resume.pt", progress=False
-                    ),
+                    batches=setup.batches,
+                    config=setup.loop,
                 )
             if device.type == "cuda":
                 torch.cuda.synchronize()
@@ -159,8 +158,8 @@ def classifier(argv: list[str]) -> None:
             cpu_seconds[name].append(time.process_time() - cpu_began)
     print(
         f"classifier training throughput: {args.arch} "
-        f"{kwargs or ''} batch {args.batch_size}, {n_images} images per run, device "
-        f"{device}, {torch.get_num_threads()} threads, median of {args.repeats}"
+        f"{widths or ''} batch {args.batch_size}, {n_images} images per run, "
+        f"device {device}, {torch.get_num_threads()} threads, median of {args.repeats}"
     )
     reference = n_images / statistics.median(seconds["bare loop"])
     cpu_reference = n_images / statistics.median(cpu_seconds["bare loop"])

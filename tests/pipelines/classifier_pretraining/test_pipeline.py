@@ -13,12 +13,13 @@ from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from atop import classifier_training
 from atop.checkpoint import CheckpointError, load_safe
+from atop.classifier_training import channel_stats
 from atop.datasets import TorchDataset
 from atop.models import load_classifier
 from atop.pipelines.classifier_pretraining import create_pipeline
-from atop.pipelines.classifier_pretraining import nodes as cp_nodes
-from atop.pipelines.classifier_pretraining.nodes import HISTORY_COLUMNS, channel_stats, lr_factor
+from atop.pipelines.classifier_pretraining.nodes import HISTORY_COLUMNS
 from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro
 
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
@@ -128,7 +129,7 @@ def test_interrupted_pipeline_resumes_to_the_same_classifier(
     class Crash(RuntimeError):
         pass
 
-    real_accuracy = cp_nodes.accuracy
+    real_accuracy = classifier_training.accuracy
     calls: list[int] = []
 
     def crash_at_second_evaluation(*args, **kwargs):
@@ -137,12 +138,12 @@ def test_interrupted_pipeline_resumes_to_the_same_classifier(
             raise Crash("simulated crash")
         return real_accuracy(*args, **kwargs)
 
-    monkeypatch.setattr(cp_nodes, "accuracy", crash_at_second_evaluation)
+    monkeypatch.setattr(classifier_training, "accuracy", crash_at_second_evaluation)
     with pytest.raises(Crash):
         run_pipeline(splits, smoke_params)
     resume_file = tmp_path / "resume" / "classifier_pretraining.pt"
     assert load_safe(resume_file)["epoch"] == 1
-    monkeypatch.setattr(cp_nodes, "accuracy", real_accuracy)
+    monkeypatch.setattr(classifier_training, "accuracy", real_accuracy)
 
     resumed = run_pipeline(splits, smoke_params)
     pd.testing.assert_frame_equal(
@@ -171,16 +172,3 @@ def test_corrupted_checkpoints_raise_checkpoint_error(splits, smoke_params, tmp_
         TorchDataset(str(classifier_file)).load()
     assert isinstance(info.value.__cause__, CheckpointError)
     assert "rerun the stage" in str(info.value)
-
-
-def test_lr_schedules():
-    total = 100
-    onecycle = lr_factor({"name": "onecycle", "warmup_fraction": 0.25}, total)
-    assert onecycle(0) == pytest.approx(1 / 25) and onecycle(24) == pytest.approx(1.0)
-    assert onecycle(62) == pytest.approx(0.5, abs=0.01) and onecycle(99) < 0.02
-    cosine = lr_factor({"name": "cosine"}, total)
-    assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(99) < 0.01
-    multistep = lr_factor({"name": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1}, total)
-    assert [multistep(s) for s in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
-    with pytest.raises(ValueError, match="Unknown schedule"):
-        lr_factor({"name": "step"}, total)

@@ -20,15 +20,10 @@ import pandas as pd
 import torch
 
 from atop.baselines import rvs_step
+from atop.classifier_training import prepare_training, training_loop, training_meta
 from atop.models import classifier_checkpoint
 from atop.models.rvs import RvSGenerator
 from atop.ot import entropic_ot
-from atop.pipelines.adversarial_training.nodes import (
-    classifier_sgd,
-    prepare_training,
-    training_loop,
-    training_meta,
-)
 
 #: ``arch`` of the generator checkpoint (``{"arch", "config", "state_dict", "meta"}``).
 GENERATOR_ARCH = "rvs-generator"
@@ -45,7 +40,7 @@ def train_rvs(
 
     Args:
         train_set, test_set, class_names, eval_indices: see
-            :func:`atop.pipelines.adversarial_training.nodes.prepare_training`.
+            :func:`atop.pipelines.adversarial_training.nodes.train_pgd_at`.
         params: ``params:rvs`` (conf/base/parameters_rvs.yml): the classifier, SGD and
             schedule as the classifier stage, plus ``generator`` (``eps``, ``z_dim``, ``lr``,
             ``momentum``), ``label_smoothing``, ``ot`` (``weight``, ``reg``, ``num_iter``).
@@ -63,8 +58,10 @@ def train_rvs(
             multiple of 4) or a bad setting.
         atop.training.NonFiniteLossError: a term diverged (lower ``optimizer.lr``).
     """
-    setup = prepare_training(train_set, test_set, class_names, eval_indices, params, "rvs")
-    model = setup.classifier
+    setup = prepare_training(
+        train_set, test_set, class_names, params, monitor_indices=eval_indices, desc="rvs"
+    )
+    model, opt_classifier = setup.classifier, setup.optimizer
     spec = params["generator"]
     generator = RvSGenerator(
         eps=spec["eps"],
@@ -72,7 +69,6 @@ def train_rvs(
         image_size=train_set["images"].shape[-1],
         channels=train_set["images"].shape[1],
     ).to(setup.device)
-    opt_classifier = classifier_sgd(model, params["optimizer"])
     opt_generator = torch.optim.SGD(
         generator.parameters(), lr=spec["lr"], momentum=spec["momentum"]
     )
@@ -98,7 +94,6 @@ def train_rvs(
         {"classifier": model, "generator": generator},
         {"classifier": opt_classifier, "generator": opt_generator},
         train_step,
-        params["schedule"],
         params,
     )
     meta = {
