@@ -78,7 +78,9 @@ def test_eval_subset_is_stable_and_seeded(ingested_project):
     params = {"eval_subset": {"size": 512, "seed": 0}}
     first = select_eval_subset(test, params)
     assert first == select_eval_subset(test, params)
-    stored = json.loads((ingested_project / "data/05_model_input/cifar10/eval_indices.json").read_text())
+    stored = json.loads(
+        (ingested_project / "data/05_model_input/cifar10/eval_indices.json").read_text()
+    )
     assert stored == first
     assert select_eval_subset(test, {"eval_subset": {"size": 512, "seed": 1}}) != first
     with pytest.raises(ValueError, match="eval_subset.size"):
@@ -263,9 +265,7 @@ def test_truncated_pickle_with_matching_checksum(data_root, tmp_path, monkeypatc
 
 
 def test_labels_out_of_range_stop_the_run(data_root, tmp_path, monkeypatch):
-    write_cifar100(
-        tmp_path / "root", data_root, monkeypatch, train_labels=lambda y: [150] + y[1:]
-    )
+    write_cifar100(tmp_path / "root", data_root, monkeypatch, train_labels=lambda y: [150] + y[1:])
     with pytest.raises(DataValidationError) as err:
         run_ingestion(cifar100_params(tmp_path / "root", tmp_path), out=tmp_path / "out")
     assert "expect_column_distinct_values_to_be_in_set" in str(err.value)
