@@ -1,34 +1,51 @@
-"""Benchmarks of the project, one section per component.
+"""Benchmarks of the project: one entry point, one section per component.
 
 Usage::
 
-    .venv/bin/python benchmarks/benchmark.py <section> [options]
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/benchmark.py <section> [options]
     .venv/bin/python benchmarks/benchmark.py classifier --images 4096 --repeats 3
+    .venv/bin/python benchmarks/benchmark.py <section> --help
 
-Sections (one function each, registered in ``SECTIONS``):
+Sections (one argparse function each, registered in ``SECTIONS``):
 
 * ``classifier``: training throughput (images/s) of the shared loop
   :func:`atop.training.fit` against a bare PyTorch loop, on the same model, batch size and
-  real CIFAR-10 images. Both loops start from the classifier_pretraining stage's setup
-  (:func:`atop.classifier_training.prepare_training`) and run its ``train_step``
-  (:func:`atop.pipelines.classifier_pretraining.nodes.classifier_train_step`, at a
-  constant learning rate); the bare loop iterates over
-  a pre-converted float tensor with a random permutation and steps the scheduler, fit adds
-  uint8 -> float conversion per batch, progress bars, the loss sync and NaN check, the
-  history and an atomic resume checkpoint per epoch. ``fit + augment`` adds the random
-  crop + flip. Runs alternate (bare, fit, fit + augment, repeat) so CPU contention from
-  other processes hits all of them alike; the median is reported, as wall-clock images/s
-  and as images per CPU-second of the process (steadier on a shared CPU, exact with
-  ``--threads 1``).
+  real CIFAR-10 training images. Both loops start from the classifier_pretraining stage's
+  setup (:func:`atop.trainers.common.prepare_training` with the stage's typed parameters,
+  ``classifier_pretraining`` of the base profile, overridden with the benchmark's settings
+  at a constant learning rate) and run its step
+  (:func:`atop.trainers.classifier.classifier_step`). The bare loop iterates over a
+  pre-converted float tensor with a random permutation and steps the scheduler; ``fit`` adds
+  the uint8 -> float conversion per batch, progress bars, the loss sync and NaN check, the
+  history and an atomic resume checkpoint per epoch; ``fit + augment`` adds the random crop +
+  flip. Runs alternate (bare, fit, fit + augment, repeat) so CPU contention from other
+  processes hits all of them alike; the median is reported, as wall-clock images/s and as
+  images per CPU-second of the process (steadier on a shared CPU, exact with ``--threads 1``).
+* ``atop``: AToP fine-tuning throughput (images/s) with FGSM and PGD-10 against
+  ``f(g(t(.)))`` (:func:`atop.trainers.atop.atop_train_step`): craft x', one D step, one g
+  step with L_org(x') + 0.1 * CE (paper Eq. 9), and the projected time per epoch.
+* ``purifier``: throughput (images/s) of one purifier pre-training step
+  (:class:`atop.trainers.purifier.PurifierStep`: RT2, one D step + one g step, Adam lr 1e-4,
+  betas (0.5, 0.999)) of the native-resolution purifier and of the authors' 256-px
+  "upsample" variant, at DeepFillv2's cnum 48 and at the project's default cnum.
+* ``evaluation``: throughput of PGD-EOT on the base defended model ``f(g(t(x)))`` and on the
+  bare classifier (image-steps/s, forward-backward passes/s, forward passes/s of the
+  fresh-draw judging), and the projected evaluation time of the base and paper protocols
+  (``evaluation`` of each profile's typed parameters) on this machine.
+* ``stages``: training throughput of each stage of the last pipeline run, from its own
+  records (``data/08_reporting/<stage>_metrics.json`` and ``params/<profile>.yaml``).
 
-Real data: CIFAR-10 from ``$ATOP_DATA_ROOT`` or ``../shared/datasets`` (read-only).
-On a shared CPU set ``OMP_WAIT_POLICY=PASSIVE``: with the default (active) wait policy,
-oversubscribed OpenMP threads spin and timings collapse.
+Real data: CIFAR-10 from ``$ATOP_DATA_ROOT`` or ``../shared/datasets`` (read-only, never
+downloaded), read by :func:`cifar10`, the one loader of every section. Random weights
+everywhere: throughput does not depend on them. On a shared CPU set
+``OMP_WAIT_POLICY=PASSIVE``: with the default (active) wait policy, oversubscribed OpenMP
+threads spin and timings collapse (measured: 4x slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -36,39 +53,92 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
 
-from atop.classifier_training import prepare_training
-from atop.models import build_classifier
-from atop.pipelines.classifier_pretraining.nodes import classifier_train_step
+from atop.data import to_unit
 from atop.training import fit, resolve_device, seed_everything
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: CIFAR-10's class names (torchvision's order).
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+N_CLASSES = len(CLASS_NAMES)
 
 
-def data_root() -> Path:
-    """The shared real datasets folder."""
-    root = Path(os.environ.get("ATOP_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "datasets"))
-    if not (root / "cifar-10-batches-py").is_dir():
-        sys.exit(f"CIFAR-10 not found under {root}: set ATOP_DATA_ROOT.")
-    return root
+# --------------------------------------------------------------------------- shared helpers
 
 
-def cifar10_train(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n`` real CIFAR-10 training images (uint8 [n, 3, 32, 32]) and labels."""
+def cifar10(n: int, train: bool, root: str | os.PathLike | None = None) -> tuple[Tensor, Tensor]:
+    """The first ``n`` real CIFAR-10 images of a split: uint8 ``[n, 3, 32, 32]``, int64 ``[n]``.
+
+    Args:
+        n: number of images (the first ones of the split).
+        train: the training split (else the test split).
+        root: folder holding ``cifar-10-batches-py``; default ``$ATOP_DATA_ROOT``, then
+            ``../shared/datasets`` beside the project. Never downloaded.
+
+    Exits with a message when CIFAR-10 is not there. Cast with :func:`atop.data.to_unit`.
+    """
     from torchvision.datasets import CIFAR10
 
-    ds = CIFAR10(root=str(data_root()), train=True, download=False)
-    images = torch.from_numpy(np.ascontiguousarray(ds.data[:n])).permute(0, 3, 1, 2)
-    return images.contiguous(), torch.tensor(ds.targets[:n], dtype=torch.int64)
+    root = Path(
+        root or os.environ.get("ATOP_DATA_ROOT", PROJECT_ROOT.parent / "shared" / "datasets")
+    )
+    if not (root / "cifar-10-batches-py").is_dir():
+        sys.exit(f"CIFAR-10 not found under {root}: set ATOP_DATA_ROOT (or --data-root).")
+    dataset = CIFAR10(root=str(root), train=train, download=False)
+    images = torch.from_numpy(np.ascontiguousarray(dataset.data[:n])).permute(0, 3, 1, 2)
+    return images.contiguous(), torch.tensor(dataset.targets[:n], dtype=torch.int64)
+
+
+def add_common(parser: argparse.ArgumentParser) -> None:
+    """``--device`` (auto = cuda when available) and ``--threads`` (torch CPU threads)."""
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def setup_device(args: argparse.Namespace) -> torch.device:
+    """Apply ``--threads`` and resolve ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def purifier_step(generator: nn.Module, discriminator: nn.Module, device: torch.device):
+    """The purifier's GAN update (:class:`atop.trainers.purifier.PurifierStep`) with RT2 and
+    the paper's Adam (lr 1e-4, betas (0.5, 0.999)), L1 and GAN weights 1."""
+    from atop.trainers.purifier import PurifierStep
+    from atop.transforms import RandomTransform
+
+    adam = {"lr": 1e-4, "betas": (0.5, 0.999)}
+    return PurifierStep(
+        generator,
+        discriminator,
+        RandomTransform("rt2"),
+        torch.optim.Adam(generator.parameters(), **adam),
+        torch.optim.Adam(discriminator.parameters(), **adam),
+        device=device,
+    )
+
+
+# --------------------------------------------------------------------------- classifier
 
 
 def classifier(argv: list[str]) -> None:
     """Section ``classifier``: throughput of ``fit`` vs a bare loop (images/s)."""
+    from atop.dvc_params import typed_parameters
+    from atop.trainers.classifier import classifier_step
+    from atop.trainers.common import prepare_training
+
     parser = argparse.ArgumentParser(prog="benchmark.py classifier")
     parser.add_argument("--arch", default="resnet-fast")
     parser.add_argument("--width", type=int, default=16, help="resnet-fast / preact width")
@@ -76,44 +146,45 @@ def classifier(argv: list[str]) -> None:
     parser.add_argument("--images", type=int, default=2048, help="images per epoch")
     parser.add_argument("--epochs", type=int, default=2, help="epochs per timed run")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    add_common(parser)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
-    images, labels = cifar10_train(args.images)
+    device = setup_device(args)
+    images, labels = cifar10(args.images, train=True)
     data = {"images": images, "labels": labels}
     widths = {"width": args.width} if args.arch in {"resnet-fast", "preact-resnet18"} else {}
-    params = {  # the classifier_pretraining recipe, at a constant learning rate
-        "arch": args.arch,
-        "arch_kwargs": widths,
-        "epochs": args.epochs,
-        "batch_size": args.batch_size,
-        "optimizer": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
-        "label_smoothing": 0.1,
-        "seed": 0,
-        "device": args.device,
-        "amp": True,
-        "channels_last": True,
-        "progress": False,
-    }
+    # the classifier_pretraining recipe (base profile), at a constant learning rate
+    params = typed_parameters(PROJECT_ROOT, "base")["classifier_pretraining"].replace(
+        arch=args.arch,
+        arch_kwargs=widths,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        train_images=None,
+        optimizer={"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
+        schedule={"name": "constant", "warmup_fraction": 0.0, "milestones": [], "gamma": 0.1},
+        label_smoothing=0.1,
+        seed=0,
+        device=args.device,
+        amp=True,
+        channels_last=True,
+        max_batches_per_epoch=None,
+        progress=False,
+    )
 
     def make(augment: bool, resume_path: str | None = None):
-        """A fresh seeded setup (:func:`atop.classifier_training.prepare_training`, as the
-        classifier_pretraining stage), its scheduler and the stage's train_step."""
-        run_params = {**params, "augment": augment, "resume_path": resume_path}
+        """A fresh seeded setup (as the classifier_pretraining stage), its scheduler and the
+        stage's train step."""
+        run_params = params.replace(augment=augment, resume_path=resume_path)
         # fit runs without evaluation here: the one monitor image is never scored
         setup = prepare_training(
             data, data, CLASS_NAMES, run_params, monitor_indices=[0], desc="bench", decay_all=True
         )
         scheduler = torch.optim.lr_scheduler.LambdaLR(setup.optimizer, lambda step: 1.0)
-        train_step = classifier_train_step(
-            setup.classifier, setup.optimizer, device, params["amp"], params["label_smoothing"]
+        train_step = classifier_step(
+            setup.classifier, setup.optimizer, device, params.amp, params.label_smoothing
         )
         return setup, scheduler, train_step
 
-    float_images = (images.float() / 255).to(device).contiguous(memory_format=torch.channels_last)
+    float_images = to_unit(images).to(device).contiguous(memory_format=torch.channels_last)
     device_labels = labels.to(device)
 
     def bare() -> None:
@@ -125,8 +196,7 @@ def classifier(argv: list[str]) -> None:
                 index = order[start : start + args.batch_size]
                 train_step(float_images[index], device_labels[index])
                 scheduler.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
 
     def with_fit(augment: bool) -> Callable[[], None]:
         def run() -> None:
@@ -140,8 +210,7 @@ def classifier(argv: list[str]) -> None:
                     batches=setup.batches,
                     config=setup.loop,
                 )
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
 
         return run
 
@@ -173,31 +242,33 @@ def classifier(argv: list[str]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- atop
+
+
 def atop(argv: list[str]) -> None:
-    """AToP fine-tuning throughput (images/s) with FGSM and PGD-10 against f(g(t(.))).
+    """Section ``atop``: AToP fine-tuning throughput (images/s), FGSM and PGD-10.
 
     The base profile's models (resnet-fast width 16, native purifier cnum 32, RT2) and one
-    full fine-tuning step per batch: craft x', one D step, one g step with
+    full fine-tuning step per batch: craft x' against f(g(t(.))), one D step, one g step with
     L_org(x') + 0.1 * CE (paper Eq. 9). Prints images/s and the projected time per epoch.
     """
     from atop.attacks import build_attack
     from atop.defense import PurifiedClassifier
+    from atop.models import build_classifier
     from atop.models.purifier import build_purifier
-    from atop.pipelines.atop_finetuning.nodes import atop_train_step
-    from atop.purifier_training import PurifierStep
-    from atop.transforms import RandomTransform
+    from atop.trainers.atop import atop_train_step
 
     parser = argparse.ArgumentParser(prog="benchmark.py atop")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=3)
-    parser.add_argument("--cnum", type=int, default=32)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per attack")
+    parser.add_argument("--cnum", type=int, default=32, help="purifier width")
+    add_common(parser)
     args = parser.parse_args(argv)
-    device = resolve_device(args.device)
+    device = setup_device(args)
     seed_everything(0)
-    images, labels = cifar10_train(args.batch_size)
-    x, y = images.float().div(255).to(device), labels.to(device)
-    f = build_classifier("resnet-fast", 10).to(device).eval().requires_grad_(False)
+    images, labels = cifar10(args.batch_size, train=True)
+    x, y = to_unit(images).to(device), labels.to(device)
+    f = build_classifier("resnet-fast", N_CLASSES).to(device).eval().requires_grad_(False)
     eps = 8 / 255
     attacks = {
         "fgsm": {"name": "fgsm", "eps": eps},
@@ -216,27 +287,15 @@ def atop(argv: list[str]) -> None:
     )
     for label, spec in attacks.items():
         g, d = build_purifier({"cnum": args.cnum})
-        g, d = g.to(device), d.to(device)
-        t = RandomTransform("rt2")
-        attack = build_attack(PurifiedClassifier(f, g, t), spec, 10)
-        adam = {"lr": 1e-4, "betas": (0.5, 0.999)}
-        step = PurifierStep(
-            g,
-            d,
-            t,
-            torch.optim.Adam(g.parameters(), **adam),
-            torch.optim.Adam(d.parameters(), **adam),
-            device=device,
-        )
-        train_step = atop_train_step(f, step, attack, lambda_cls=0.1)
+        step = purifier_step(g.to(device), d.to(device), device)
+        attack = build_attack(PurifiedClassifier(f, g, step.transform), spec, N_CLASSES)
+        train_step = atop_train_step(f, step, attack, lambda_cls=0.1, reconstruction_target="clean")
         train_step(x, y)  # warm-up
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         began = time.perf_counter()
         for _ in range(args.batches):
             train_step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync(device)
         rate = args.batches * args.batch_size / (time.perf_counter() - began)
         print(
             f"  {label:7s} against f(g(t(.))): {rate:7.1f} images/s | epoch of 6,400 images "
@@ -244,18 +303,277 @@ def atop(argv: list[str]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- purifier
+
+
+def purifier_throughput(
+    variant: str, cnum: int, images: Tensor, steps: int, device: torch.device
+) -> float:
+    """Images/s of one purifier pre-training step (D update + g update) on ``images`` (float
+    ``[B, 3, 32, 32]`` in [0, 1] on ``device``), ``steps`` timed steps after one warm-up."""
+    from atop.models.purifier import build_purifier
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}.")
+    torch.manual_seed(0)
+    generator, discriminator = build_purifier({"variant": variant, "cnum": cnum})
+    step = purifier_step(generator.to(device).train(), discriminator.to(device).train(), device)
+    step(images, images)  # warm-up (allocations, kernel selection)
+    sync(device)
+    began = time.perf_counter()
+    for _ in range(steps):
+        step(images, images)
+    sync(device)
+    return steps * len(images) / (time.perf_counter() - began)
+
+
+def purifier(argv: list[str]) -> None:
+    """Section ``purifier``: native 32 px vs the authors' 256-px upsampling (images/s)."""
+    from atop.models.purifier import DEFAULT_CONFIG
+
+    parser = argparse.ArgumentParser(prog="benchmark.py purifier")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps, native variant")
+    parser.add_argument("--upsample-steps", type=int, default=1, help="timed steps, 256 px")
+    parser.add_argument("--cnums", default=f"48,{DEFAULT_CONFIG['cnum']}")
+    parser.add_argument("--variants", default="native,upsample")
+    parser.add_argument("--data-root", default=None, help="default: $ATOP_DATA_ROOT")
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    images = to_unit(cifar10(args.batch_size, train=False, root=args.data_root)[0]).to(device)
+    print(
+        f"device={device} threads={torch.get_num_threads()} batch={args.batch_size} "
+        f"(real CIFAR-10 test images, RT2, D + G step)"
+    )
+    for cnum in (int(c) for c in args.cnums.split(",")):
+        for variant in args.variants.split(","):
+            steps = args.steps if variant == "native" else args.upsample_steps
+            rate = purifier_throughput(variant, cnum, images, steps, device)
+            print(f"variant={variant:9s} cnum={cnum:3d}: {rate:8.2f} img/s ({steps} timed steps)")
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def base_models(device: torch.device) -> dict[str, nn.Module]:
+    """The base profile's models, frozen, eval mode: ``defense`` and ``classifier``."""
+    from atop.defense import PurifiedClassifier
+    from atop.models import build_classifier
+    from atop.models.purifier import build_purifier
+    from atop.transforms import RandomTransform
+
+    torch.manual_seed(0)
+    f = build_classifier("resnet-fast", N_CLASSES, width=16)
+    g, _ = build_purifier({"cnum": 32})
+    defense = PurifiedClassifier(f, g, RandomTransform("rt2"))
+    return {
+        "defense": defense.to(device).eval().requires_grad_(False),
+        "classifier": f.to(device).eval().requires_grad_(False),
+    }
+
+
+def attack_throughput(
+    model: nn.Module, images: Tensor, labels: Tensor, steps: int, eot_iter: int, batch_size: int
+) -> dict[str, float]:
+    """Time one PGD-EOT attack and one judging round on ``model`` (after a warm-up).
+
+    Returns:
+        ``{"seconds", "image_steps_per_s", "passes_per_s", "forward_passes_per_s"}``.
+    """
+    from atop.attacks import build_attack, draw_votes, run_attack
+
+    device = images.device
+    spec = {"name": "pgd", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": steps}
+    warm_up = build_attack(model, {**spec, "steps": 1, "eot_iter": 1}, N_CLASSES)
+    run_attack(warm_up, images[:batch_size], labels[:batch_size], batch_size, progress=False)
+    attack = build_attack(model, {**spec, "eot_iter": eot_iter}, N_CLASSES)
+    sync(device)
+    began = time.perf_counter()
+    run_attack(attack, images, labels, batch_size, progress=False)
+    sync(device)
+    seconds = time.perf_counter() - began
+    draws = 4
+    began = time.perf_counter()
+    draw_votes(model, images, draws, batch_size, progress=False)
+    sync(device)
+    forward_seconds = time.perf_counter() - began
+    n = len(images)
+    return {
+        "seconds": seconds,
+        "image_steps_per_s": n * steps / seconds,
+        "passes_per_s": n * steps * eot_iter / seconds,
+        "forward_passes_per_s": n * draws / forward_seconds,
+    }
+
+
+def attack_passes(
+    spec: dict[str, Any], stochastic: bool, draws: int, n_classes: int
+) -> tuple[float, float]:
+    """(forward-backward, forward) passes per image of one attack entry, judging included.
+
+    AutoAttack counts are upper bounds: every sub-attack on every image (in a run, the later
+    sub-attacks only see the images still robust). Square counts as forward passes.
+    """
+    eot = spec.get("eot_iter", 1) if stochastic else 1
+    judge = draws if stochastic else 1
+    name = spec["name"]
+    if name == "fgsm":
+        return 1.0, judge
+    if name in ("pgd", "bpda"):
+        return float(spec["steps"] * eot), judge
+    if name == "cw":
+        return float(spec["steps"]), judge
+    steps = spec["steps"]
+    if spec["version"] == "rand":  # APGD-CE + APGD-DLR with EOT, each judged
+        aa_eot = spec.get("eot_iter", 20) if stochastic else 1
+        return 2.0 * steps * aa_eot, 3.0 * judge
+    targets = n_classes - 1  # APGD-CE, APGD-T and FAB-T per target, Square
+    backward = steps + targets * steps + 2 * targets * steps
+    return float(backward), 5.0 * judge + spec.get("n_queries", 5000)
+
+
+def protocol_passes(params: Any, n: int, stochastic: bool) -> dict[str, float]:
+    """Passes per defense for a whole ``evaluation`` block (:class:`atop.evaluation.suite.
+    EvalParams`) on ``n`` images (one defense)."""
+    draws = params.draws if stochastic else 1
+    sanity = params.sanity
+    n_sanity = min(sanity.images or n, n)
+    entries = params.entries
+    backward = forward = 0.0
+    runs = 0
+    for entry in entries:
+        if entry.name == "bpda" and not stochastic:
+            continue
+        b, f = attack_passes(entry.spec, stochastic, draws, N_CLASSES)
+        backward, forward, runs = backward + b * n, forward + f * n, runs + 1
+    forward += draws * n  # clean verdicts
+    reference = next(e for e in entries if e.label == sanity.reference)
+    ref_b, ref_f = attack_passes(reference.spec, stochastic, draws, N_CLASSES)
+    extra = sum(1 for e in sanity.eps_sweep if e != 0 and abs(e - reference.eps) > 1e-9)
+    backward += extra * ref_b * n_sanity
+    forward += extra * ref_f * n_sanity
+    runs += extra
+    if sanity.stronger:
+        strong = {**reference.spec, **sanity.stronger}
+        b, f = attack_passes(strong, stochastic, draws, N_CLASSES)
+        backward, forward, runs = backward + b * n_sanity, forward + f * n_sanity, runs + 1
+    return {"backward": backward, "forward": forward, "suites": runs}
+
+
 def evaluation(argv: list[str]) -> None:
-    """Attack throughput of PGD-EOT on the defended model (see evaluation_bench.py)."""
-    sys.path.insert(0, str(Path(__file__).parent))
-    from evaluation_bench import evaluation as run
+    """Section ``evaluation``: PGD-EOT throughput and projected protocol times."""
+    from atop.dvc_params import typed_parameters
 
-    run(argv)
+    parser = argparse.ArgumentParser(prog="benchmark.py evaluation")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--eot-iter", type=int, default=2)
+    parser.add_argument("--gx-seconds", type=float, default=1.0, help="per GX suite")
+    parser.add_argument("--profiles", default="base,paper", help="protocols to project")
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    images, labels = cifar10(args.images, train=False)
+    images, labels = to_unit(images).to(device), labels.to(device)
+    models = base_models(device)
+    print(
+        f"device={device} threads={torch.get_num_threads()} images={args.images} "
+        f"batch={args.batch_size} OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
+    )
+    rates = {}
+    for name, model in models.items():
+        eot = args.eot_iter if name == "defense" else 1
+        rate = attack_throughput(model, images, labels, args.steps, eot, args.batch_size)
+        rates[name] = rate
+        print(
+            f"  {name:10s} PGD-{args.steps} EOT-{eot}: {rate['image_steps_per_s']:8.2f} "
+            f"image-steps/s, {rate['passes_per_s']:8.2f} fwd-bwd passes/s, "
+            f"{rate['forward_passes_per_s']:8.2f} forward passes/s ({rate['seconds']:.1f} s)"
+        )
+    print(
+        "projected evaluation time on this machine (standard + ap + atop; AutoAttack as upper bound):"
+    )
+    for env in args.profiles.split(","):
+        typed = typed_parameters(PROJECT_ROOT, env)
+        params = typed["evaluation"]
+        n = params.images or typed["data_ingestion"].eval_subset.images  # null = all
+        total = 0.0
+        parts = []
+        for defense, stochastic, count in (("standard", False, 1), ("ap+atop", True, 2)):
+            passes = protocol_passes(params, n, stochastic)
+            rate = rates["defense" if stochastic else "classifier"]
+            seconds = (
+                passes["backward"] / rate["passes_per_s"]
+                + passes["forward"] / rate["forward_passes_per_s"]
+                + passes["suites"] * args.gx_seconds
+            ) * count
+            total += seconds
+            parts.append(
+                f"{defense} {seconds / 60:.1f} min ({passes['backward'] * count:,.0f} fwd-bwd + "
+                f"{passes['forward'] * count:,.0f} fwd passes)"
+            )
+        print(f"  {env:6s} {n} images: {total / 60:7.1f} min = " + "; ".join(parts))
 
+
+# --------------------------------------------------------------------------- stages
+
+#: stage -> (metrics file, what one training image costs); the parameter key is the stage name
+STAGES = {
+    "classifier_pretraining": ("classifier_metrics.json", "one SGD step (clean)"),
+    "purifier_pretraining": ("purifier_metrics.json", "one D step + one g step"),
+    "atop_finetuning": ("atop_metrics.json", "attack + one D step + one g step"),
+    "adversarial_training": ("adversarial_training_metrics.json", "PGD-10 + one SGD step"),
+    "rvs": ("rvs_metrics.json", "one generator step + one classifier step"),
+}
+
+
+def stages(argv: list[str]) -> None:
+    """Section ``stages``: training images/s of each stage of the last pipeline run.
+
+    Reads ``<reporting>/<stage>_metrics.json`` (``train_seconds``, ``epochs``, ``n_train``,
+    written by the stages) and the resolved parameters of the profile
+    (``params/<profile>.yaml``, for the batch sizes): images seen
+    (``epochs * floor(n_train / batch_size) * batch_size``, every loop drops the last partial
+    batch) over the training seconds (evaluation excluded). A stage run with
+    ``max_batches_per_epoch`` set is reported as such (its count would be wrong).
+    """
+    import yaml
+
+    parser = argparse.ArgumentParser(prog="benchmark.py stages")
+    parser.add_argument("--profile", default="base")
+    parser.add_argument("--reporting", type=Path, default=PROJECT_ROOT / "data/08_reporting")
+    args = parser.parse_args(argv)
+    params = yaml.safe_load((PROJECT_ROOT / "params" / f"{args.profile}.yaml").read_text())
+    print(f"profile {args.profile}: training throughput per stage (evaluation excluded)")
+    for stage, (metrics_file, cost) in STAGES.items():
+        path = args.reporting / metrics_file
+        if not path.is_file():
+            print(f"  {stage:24s} not run ({path} missing)")
+            continue
+        metrics = json.loads(path.read_text())
+        stage_params = params[stage]
+        if stage_params.get("max_batches_per_epoch") is not None:
+            print(f"  {stage:24s} max_batches_per_epoch is set: images seen unknown")
+            continue
+        batch = stage_params["batch_size"]
+        images = metrics["epochs"] * (metrics["n_train"] // batch) * batch
+        seconds = metrics["train_seconds"]
+        print(
+            f"  {stage:24s} {images:7d} images in {seconds:7.1f} s = {images / seconds:7.1f} "
+            f"images/s on {metrics.get('device', '?')} ({cost})"
+        )
+
+
+# --------------------------------------------------------------------------- entry point
 
 SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "classifier": classifier,
     "atop": atop,
+    "purifier": purifier,
     "evaluation": evaluation,
+    "stages": stages,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine the spinning
@@ -13,12 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-for _key, _value in {
-    "KEDRO_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "1",
-    "DVC_NO_ANALYTICS": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-}.items():
+from atop.hooks import TELEMETRY_OFF  # noqa: E402 (after the OpenMP setting)
+
+for _key, _value in TELEMETRY_OFF.items():
     os.environ.setdefault(_key, _value)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +33,21 @@ def _find_data_root() -> Path:
         "Real datasets not found: set ATOP_DATA_ROOT or put the shared datasets at "
         f"{PROJECT_ROOT.parent / 'shared' / 'datasets'}"
     )
+
+
+@functools.cache
+def _profile_params(env: str) -> dict:
+    from atop.dvc_params import typed_parameters
+
+    return typed_parameters(PROJECT_ROOT, env)
+
+
+def stage_params(key: str, env: str = "smoke", **changes):
+    """The typed parameters of block ``key`` (e.g. ``"atop_finetuning"``) of profile ``env``,
+    exactly as ``kedro run --env <env>`` builds them (one config loader for every test), with
+    top-level ``changes`` applied and validated (nested blocks as dicts)."""
+    params = _profile_params(env)[key]
+    return params.replace(**changes) if changes else params
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
 
+from atop.attacks import bpda_mode
 from atop.defense import PurifiedClassifier, combine_purified, purify_draw
 from atop.models.purifier import build_purifier
 from atop.transforms import RandomTransform
@@ -123,7 +126,7 @@ def test_exact_gradients_reach_the_input_and_differ_from_bpda(classifier, purifi
     def input_gradient(bpda: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x = images.clone().requires_grad_(True)
         model.generator = _seeded(3)
-        with model.use_bpda(bpda):
+        with bpda_mode(model) if bpda else contextlib.nullcontext():
             logits = model(x)
         nn.functional.cross_entropy(logits, labels).backward()
         return logits.detach(), x.grad
@@ -153,7 +156,7 @@ def test_exact_gradient_is_zero_on_holes_and_bpda_is_identity(classifier, purifi
     nn.functional.cross_entropy(classifier(purified), labels).backward()
     model.generator = _seeded(4)
     x = images.clone().requires_grad_(True)
-    with model.use_bpda():
+    with bpda_mode(model):
         nn.functional.cross_entropy(model(x), labels).backward()
     assert torch.allclose(x.grad, purified.grad)
     assert x.grad[mask == 1].abs().sum() > 0

@@ -135,21 +135,36 @@ def test_code_deps_are_exactly_the_import_closure(stage):
 
 
 @functools.cache
-def _catalog() -> dict:
-    from kedro.framework.project import settings
-    from kedro.framework.startup import bootstrap_project
+def _catalog_config() -> dict:
+    return resolve_parameters(ROOT, "base", key="catalog")
 
-    bootstrap_project(ROOT)
-    loader = settings.CONFIG_LOADER_CLASS(
-        conf_source=str(ROOT / "conf"), env="base", **settings.CONFIG_LOADER_ARGS
-    )
-    return loader["catalog"]
+
+def _catalog_key(name: str) -> str | None:
+    """The catalog entry of dataset ``name``: its own, or a factory pattern it matches."""
+    import parse
+
+    config = _catalog_config()
+    if name in config:
+        return name
+    return next((key for key in config if "{" in key and parse.parse(key, name)), None)
+
+
+def _filepath(name: str) -> str | None:
+    """The resolved ``filepath`` of dataset ``name`` (None: in memory only)."""
+    import parse
+
+    key = _catalog_key(name)
+    if key is None or "filepath" not in _catalog_config()[key]:
+        return None
+    fields = parse.parse(key, name).named if key != name else {}
+    return _catalog_config()[key]["filepath"].format(**fields)
 
 
 def _catalog_file(name: str) -> str:
-    """The conf/base catalog file that declares dataset ``name``."""
+    """The conf/base catalog file that declares dataset ``name`` (or its factory)."""
+    key = _catalog_key(name)
     for path in sorted((ROOT / "conf" / "base").glob("catalog*.yml")):
-        if name in (yaml.safe_load(path.read_text()) or {}):
+        if key in (yaml.safe_load(path.read_text()) or {}):
             return str(path.relative_to(ROOT))
     raise AssertionError(f"{name} is in no conf/base/catalog*.yml")
 
@@ -164,17 +179,15 @@ def _pipelines() -> dict:
 @pytest.mark.parametrize("stage", KEDRO_STAGES)
 def test_data_deps_and_outputs_match_the_kedro_pipeline(stage):
     pipeline = _pipelines()[stage]
-    catalog = _catalog()
     spec = _dvc_yaml()["stages"][stage]
     # Datasets with a file (a MemoryDataset declared only for its kedro-viz layer has none).
-    persisted = {n for n, entry in catalog.items() if "filepath" in entry}
-    produced = [n for n in pipeline.all_outputs() if n in persisted]
-    consumed = [n for n in pipeline.inputs() if n in persisted]
+    produced = [n for n in pipeline.all_outputs() if _filepath(n)]
+    consumed = [n for n in pipeline.inputs() if _filepath(n) and not n.startswith("params:")]
 
     outputs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
-    assert sorted(outputs) == sorted(catalog[n]["filepath"] for n in produced)
+    assert sorted(outputs) == sorted(_filepath(n) for n in produced)
     data_deps = [d for d in _paths(spec["deps"]) if d.startswith("data/")]
-    assert sorted(data_deps) == sorted(catalog[n]["filepath"] for n in consumed)
+    assert sorted(data_deps) == sorted(_filepath(n) for n in consumed)
     # The catalog files declaring the outputs are deps (they set formats and save_args).
     assert {_catalog_file(n) for n in produced} <= set(_paths(spec["deps"]))
     # JSON under data/08_reporting is tracked by git: metrics with cache: false.
@@ -188,7 +201,8 @@ def test_resolved_parameters_are_what_kedro_runs_with(tmp_path):
 
     params = resolve_parameters(ROOT, "smoke")
     with KedroSession.create(project_path=ROOT, env="smoke") as session:
-        assert params == session.load_context().params
+        typed = session.load_context().params
+    assert params == {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in typed.items()}
     # A key smoke sets wins; a key it leaves out comes from base; globals are resolved.
     conf = ROOT / "conf"
     base = yaml.safe_load((conf / "base/parameters_purifier_pretraining.yml").read_text())
@@ -269,7 +283,7 @@ def _edit_yaml(path: Path, keys: str, value) -> None:
 
 #: Overrides of the copy's smoke evaluation (lists replace the base lists whole).
 FAST_EVALUATION = {
-    "n_images": 4,
+    "images": 4,
     "batch_size": 4,
     "draws": 1,
     "attacks": [
@@ -285,7 +299,7 @@ FAST_EVALUATION = {
         },
     ],
     "sanity": {"eps_sweep": [0, "8/255"], "stronger": {"steps": 2, "eot_iter": 1}},
-    "grid": {"n_images": 2},
+    "grid": {"images": 2},
 }
 
 
@@ -384,7 +398,9 @@ def chain(tmp_path_factory, data_root) -> dict:
 
     # A base value that the smoke profile overrides: the resolved parameters do not change.
     _edit_yaml(
-        root / "conf/base/parameters_purifier_pretraining.yml", "purifier_pretraining.n_train", 4096
+        root / "conf/base/parameters_purifier_pretraining.yml",
+        "purifier_pretraining.train_images",
+        4096,
     )
     steps["overridden"] = repo.repro()
 

@@ -28,7 +28,14 @@ def test_kedro_viz_build_lists_the_atop_pipeline_its_stages_and_layers(tmp_path)
     main = json.loads((api / "main").read_text())
     pipeline_ids = {p["id"] for p in main["pipelines"]}
     assert {"atop", "__default__", *ATOP_STAGES, *BASELINE_STAGES} <= pipeline_ids
-    assert main["layers"] == ["raw", "intermediate", "model_input", "models", "reporting"]
+    assert main["layers"] == [
+        "raw",
+        "intermediate",
+        "model_input",
+        "models",
+        "model_output",
+        "reporting",
+    ]
 
     atop = json.loads((api / "pipelines" / "atop").read_text())
     assert atop["selected_pipeline"] == "atop"

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -239,13 +240,13 @@ def _check_positive_int(name: str, value: Any) -> None:
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _check_spec(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+def check_spec(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     """Validate an attack entry; return its lower-case name and the params with defaults."""
     if not isinstance(spec, Mapping) or "name" not in spec:
         raise ValueError(
@@ -320,7 +321,7 @@ def build_attack(model: nn.Module, spec: Mapping[str, Any], n_classes: int) -> A
         ValueError: unknown name (the message lists the valid ones), missing or unknown
             keys, a bad value, or ``bpda`` on a model without a ``bpda`` option.
     """
-    name, p = _check_spec(spec)
+    name, p = check_spec(spec)
     _check_positive_int("n_classes", n_classes)
     if name == "fgsm":
         if p["norm"] != "Linf":

@@ -82,5 +82,3 @@ def load_safe(path: str | os.PathLike, map_location: str | torch.device = "cpu")
             f"The file is truncated, corrupted or not a safe torch checkpoint. Delete it and "
             f"rerun the stage that writes it (or `dvc pull` to restore it)."
         ) from exc
-
-

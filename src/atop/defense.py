@@ -12,15 +12,13 @@ Guarantees (each tested in ``tests/test_defense.py``):
 * Exact gradients flow through ``t`` and ``g`` (the default): the model is a plain
   differentiable function of its input for a fixed draw.
 * ``bpda=True`` replaces the backward pass of ``g`` by the identity (BPDA, Athalye et al.
-  2018) for the BPDA attack; the forward pass is unchanged (bit-identical for the same draw).
+  2018) for the BPDA attack (switched by :func:`atop.attacks.bpda_mode`); the forward pass is
+  unchanged (bit-identical for the same draw).
 * ``n_draws = K > 1`` averages the logits of K independent draws (prediction with less
   variance); :meth:`PurifiedClassifier.predict` does it without gradients.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -164,15 +162,6 @@ class PurifiedClassifier(nn.Module):
         super().train(mode)
         self.classifier.eval()
         return self
-
-    @contextmanager
-    def use_bpda(self, enabled: bool = True) -> Iterator[PurifiedClassifier]:
-        """Context manager switching BPDA mode on (or off) and restoring the previous mode."""
-        previous, self.bpda = self.bpda, bool(enabled)
-        try:
-            yield self
-        finally:
-            self.bpda = previous
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         """``g(t(x))``: one fresh draw of the transform, purified (RT3: combined).

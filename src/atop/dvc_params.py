@@ -30,8 +30,11 @@ HEADER = (
 )
 
 
-def resolve_parameters(project_path: str | Path, env: str) -> dict[str, Any]:
-    """The parameters a ``kedro run --env <env>`` of the project sees, fully resolved.
+def resolve_parameters(
+    project_path: str | Path, env: str, key: str = "parameters"
+) -> dict[str, Any]:
+    """The parameters (or the ``catalog``: ``key``) a ``kedro run --env <env>`` of the
+    project sees, fully resolved.
 
     The loader is the one ``KedroSession`` builds (the project's ``CONFIG_LOADER_CLASS`` and
     ``CONFIG_LOADER_ARGS``, so the same merge strategy and globals), without runtime
@@ -64,11 +67,33 @@ def resolve_parameters(project_path: str | Path, env: str) -> dict[str, Any]:
     loader = settings.CONFIG_LOADER_CLASS(
         conf_source=str(conf_source), env=env, **settings.CONFIG_LOADER_ARGS
     )
-    return dict(loader["parameters"])
+    return dict(loader[key])
+
+
+def typed_parameters(
+    project_path: str | Path, env: str, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """:func:`resolve_parameters` with ``overrides`` (dotted keys, as ``--params``) merged
+    in, then validated into the typed blocks exactly as ``kedro run`` does (the type hints of
+    the registered pipelines' nodes): what a node receives.
+
+    Raises:
+        kedro.validation.exceptions.ParameterValidationError: a value is refused.
+    """
+    from kedro.framework.project import pipelines
+    from kedro.validation.parameter_validator import ParameterValidator
+    from omegaconf import OmegaConf
+
+    raw = resolve_parameters(project_path, env)
+    if overrides:
+        dotted = OmegaConf.from_dotlist([f"{k}={v}" for k, v in overrides.items()])
+        raw = OmegaConf.to_container(OmegaConf.merge(raw, dotted), resolve=True)
+    return ParameterValidator(dict(pipelines)).validate_raw_params(raw)
 
 
 def write_parameters(params: dict[str, Any], path: str | Path, env: str) -> Path:
-    """Write ``params`` as YAML (keys in their conf order) under a "generated" header.
+    """Write ``params`` as YAML with sorted keys (identical bytes on every run: Kedro reads
+    the config files in no fixed order) under a "generated" header.
 
     Args:
         params: the output of :func:`resolve_parameters`.
@@ -80,7 +105,7 @@ def write_parameters(params: dict[str, Any], path: str | Path, env: str) -> Path
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    body = yaml.safe_dump(params, sort_keys=False, default_flow_style=False, width=100)
+    body = yaml.safe_dump(params, sort_keys=True, default_flow_style=False, width=100)
     path.write_text(HEADER.format(env=env) + body, encoding="utf-8")
     return path
 

@@ -8,7 +8,7 @@ iterations, value ``<pi, C>``, gradients through the iterations.
 
 Computed with POT (``ot.sinkhorn2(method="sinkhorn_log")``); with torch tensors POT runs on
 the torch backend, so autograd differentiates through every Sinkhorn iteration. Not a core
-module (it imports POT); :func:`atop.baselines.rvs_step` receives it as ``ot_fn``.
+module (it imports POT); :func:`atop.trainers.rvs.rvs_step` receives it as ``ot_fn``.
 """
 
 from __future__ import annotations

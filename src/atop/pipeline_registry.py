@@ -1,20 +1,24 @@
 """Project pipelines.
 
-Each stage is registered under its own name (``data_ingestion``,
-``classifier_pretraining``, ...). ``atop`` is the paper's method end to end:
-ingestion -> classifier pretraining -> purifier pretraining -> AToP fine-tuning ->
-evaluation. ``__default__`` is every stage: AToP plus the baselines.
-
-The stages are listed explicitly rather than discovered with ``find_pipelines``: Kedro 1.7
-only imports the pipeline folders named on the command line, which would hide the stages
-that make up the composite ``atop`` pipeline.
+Each stage is registered under its own name (``data_ingestion``, ``classifier_pretraining``,
+...). ``atop`` is the paper's method end to end: ingestion -> classifier pretraining ->
+purifier pretraining -> AToP fine-tuning -> evaluation. ``__default__`` is every stage: AToP
+plus the baselines.
 """
 
 from __future__ import annotations
 
-import importlib
-
 from kedro.pipeline import Pipeline
+
+from atop.pipelines import (
+    adversarial_training,
+    atop_finetuning,
+    classifier_pretraining,
+    data_ingestion,
+    evaluation,
+    purifier_pretraining,
+    rvs,
+)
 
 #: The stages of the paper's method, in DAG order.
 ATOP_STAGES = (
@@ -27,25 +31,22 @@ ATOP_STAGES = (
 #: The baselines' training stages (evaluated by ``evaluation``).
 BASELINE_STAGES = ("adversarial_training", "rvs")
 
-
-def _stage(name: str) -> Pipeline | None:
-    """``atop.pipelines.<name>.create_pipeline()``, or None while the stage does not exist."""
-    module_name = f"atop.pipelines.{name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-    return module.create_pipeline()
+_MODULES = {
+    "data_ingestion": data_ingestion,
+    "classifier_pretraining": classifier_pretraining,
+    "purifier_pretraining": purifier_pretraining,
+    "atop_finetuning": atop_finetuning,
+    "evaluation": evaluation,
+    "adversarial_training": adversarial_training,
+    "rvs": rvs,
+}
 
 
 def register_pipelines() -> dict[str, Pipeline]:
     """Register every stage, the ``atop`` DAG and ``__default__`` (all stages)."""
-    stages = {name: _stage(name) for name in ATOP_STAGES + BASELINE_STAGES}
-    pipelines = {name: pipe for name, pipe in stages.items() if pipe is not None}
-    pipelines["atop"] = sum((pipelines[n] for n in ATOP_STAGES if n in pipelines), Pipeline([]))
+    pipelines = {name: module.create_pipeline() for name, module in _MODULES.items()}
+    pipelines["atop"] = sum((pipelines[n] for n in ATOP_STAGES), Pipeline([]))
     pipelines["__default__"] = sum(
-        (pipelines[n] for n in ATOP_STAGES + BASELINE_STAGES if n in pipelines), Pipeline([])
+        (pipelines[n] for n in ATOP_STAGES + BASELINE_STAGES), Pipeline([])
     )
     return pipelines

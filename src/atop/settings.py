@@ -1,6 +1,7 @@
 """Kedro project settings."""
 
 from atop.hooks import TelemetryOffHooks
+from atop.params import fraction
 
 HOOKS = (TelemetryOffHooks(),)
 
@@ -11,4 +12,6 @@ CONFIG_LOADER_ARGS = {
     # A profile (conf/smoke, conf/paper) only lists the keys it changes: deep-merge them
     # over conf/base instead of replacing whole top-level entries.
     "merge_strategy": {"parameters": "soft", "globals": "soft"},
+    # Budgets have one spelling: `eps: ${frac:8/255}` (atop.params.fraction).
+    "custom_resolvers": {"frac": fraction},
 }

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from atop.checkpoint import load_safe, save_atomic
+from atop.data import to_unit
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class Batches:
         for b in range(len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
             x = self._augmented(index) if self.augment else self.images[index.to(self.device)]
-            x = x.float().div_(255.0)
+            x = to_unit(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[index.to(self.device)]
@@ -380,6 +381,12 @@ def fit(
     if config.resume_path is not None:
         Path(config.resume_path).unlink(missing_ok=True)
     return history
+
+
+def training_seconds(history: list[dict[str, float]]) -> float:
+    """The one training-time count of the project: the sum of the epochs' ``seconds`` (the
+    training part of each epoch, per-epoch evaluation excluded, resumed epochs included)."""
+    return float(sum(row["seconds"] for row in history))
 
 
 def _train_epoch(

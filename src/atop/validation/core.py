@@ -72,7 +72,11 @@ def _context():
 
 
 def validate_table(
-    table: pd.DataFrame, suite_name: str, expectations: Iterable[Any], *, raise_on_failure: bool = True
+    table: pd.DataFrame,
+    suite_name: str,
+    expectations: Iterable[Any],
+    *,
+    raise_on_failure: bool = True,
 ) -> dict[str, Any]:
     """Validate ``table`` against ``expectations`` (``great_expectations.expectations`` objects).
 
@@ -128,7 +132,12 @@ def validate_table(
         if raise_on_failure:
             raise DataValidationError(suite_name, failures, summary)
     else:
-        logger.info("GX suite '%s': all %d expectations passed on %d rows", suite_name, len(rows), len(table))
+        logger.info(
+            "GX suite '%s': all %d expectations passed on %d rows",
+            suite_name,
+            len(rows),
+            len(table),
+        )
     return summary
 
 

@@ -98,8 +98,12 @@ def image_split_expectations(
         gxe.ExpectColumnValuesToBeBetween(
             column="class_share", min_value=lo - eps, max_value=hi + eps
         ),
-        gxe.ExpectColumnValuesToBeBetween(column="height", min_value=image_size, max_value=image_size),
-        gxe.ExpectColumnValuesToBeBetween(column="width", min_value=image_size, max_value=image_size),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="height", min_value=image_size, max_value=image_size
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="width", min_value=image_size, max_value=image_size
+        ),
         gxe.ExpectColumnValuesToBeBetween(column="channels", min_value=3, max_value=3),
         gxe.ExpectColumnValuesToBeBetween(column="pixel_min", min_value=0, max_value=255),
         gxe.ExpectColumnValuesToBeBetween(column="pixel_max", min_value=0, max_value=255),

@@ -11,30 +11,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from atop.datasets import TorchDataset
 from atop.models import load_classifier
+from atop.params import Params
 from atop.pipelines.adversarial_training import create_pipeline
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro
+from tests.conftest import KeptMemoryDataset, run_kedro, stage_params
 
 INPUTS = ("train_set", "test_set", "class_names", "eval_indices")
 
 
-def stage_params(stage: str, tmp_path: Path, env: str = "smoke") -> dict:
-    """``params:<stage>`` exactly as Kedro builds it (conf/base deep-merged with ``env``),
-    with the resume file in ``tmp_path``."""
-    loader = OmegaConfigLoader(
-        conf_source=str(PROJECT_ROOT / "conf"),
-        base_env="base",
-        default_run_env=env,
-        merge_strategy={"parameters": "soft", "globals": "soft"},
-    )
-    params = loader["parameters"][stage]
-    params["resume_path"] = str(tmp_path / "resume" / f"{stage}.pt")
-    return params
+def smoke_params(stage: str, tmp_path: Path, **changes) -> Params:
+    """The typed ``params:<stage>`` of the smoke profile exactly as Kedro builds it
+    (:func:`tests.conftest.stage_params`), with the resume file in ``tmp_path`` and the
+    top-level ``changes``."""
+    return stage_params(stage, resume_path=str(tmp_path / "resume" / f"{stage}.pt"), **changes)
 
 
 def cifar10_inputs(data_root: Path) -> dict:
@@ -76,8 +69,9 @@ def cifar100_inputs(data_root: Path) -> dict:
     }
 
 
-def run_stage(pipeline, stage: str, inputs: dict, params: dict, outputs: tuple[str, ...]) -> dict:
-    """Run ``pipeline`` on an in-memory catalog; returns every output."""
+def run_stage(pipeline, stage: str, inputs: dict, params: Params, outputs: tuple[str, ...]) -> dict:
+    """Run ``pipeline`` on an in-memory catalog (typed ``params:<stage>``); returns every
+    output."""
     catalog = DataCatalog()
     for name, value in inputs.items():
         catalog[name] = MemoryDataset(value)
@@ -88,21 +82,21 @@ def run_stage(pipeline, stage: str, inputs: dict, params: dict, outputs: tuple[s
     return {name: catalog[name].load() for name in outputs}
 
 
-def check_metrics(metrics: dict, params: dict, n_test: int) -> None:
-    """The quick-evaluation metrics are complete and in range."""
+def check_metrics(metrics: dict, params: Params, n_test: int) -> None:
+    """The quick-check metrics are complete and in range."""
     for key in ("clean_test_acc", "subset_clean_acc", "pgd_robust_acc"):
         assert 0.0 <= metrics[key] <= 1.0
-    assert metrics["robust_images"] == params["robust_eval"]["images"]
-    assert metrics["pgd_steps"] == params["robust_eval"]["steps"]
+    assert metrics["robust_images"] == params.robust_eval.images
+    assert metrics["pgd_steps"] == params.robust_eval.steps
     assert metrics["n_test"] == n_test
-    assert metrics["train_seconds"] > 0 and metrics["epochs"] == params["epochs"]
+    assert metrics["train_seconds"] > 0 and metrics["epochs"] == params.epochs
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_adversarial_training_runs_end_to_end(dataset, data_root, tmp_path):
     inputs = (cifar10_inputs if dataset == "cifar10" else cifar100_inputs)(data_root)
-    params = stage_params("adversarial_training", tmp_path)
-    assert params["attack"]["eps"] == pytest.approx(8 / 255)  # base value kept by the merge
+    params = smoke_params("adversarial_training", tmp_path)
+    assert params.attack.eps == pytest.approx(8 / 255)  # base value kept by the merge
     outputs = ("pgd_at_classifier", "adversarial_training_history", "adversarial_training_metrics")
     out = run_stage(create_pipeline(), "adversarial_training", inputs, params, outputs)
 
@@ -113,15 +107,15 @@ def test_adversarial_training_runs_end_to_end(dataset, data_root, tmp_path):
     num_classes = len(inputs["class_names"])
     assert model(inputs["test_set"]["images"][:4].float() / 255).shape == (4, num_classes)
     meta = out["pgd_at_classifier"]["meta"]
-    assert meta["attack"]["steps"] == params["attack"]["steps"]
-    assert meta["n_train"] == min(params["train_subset"], len(inputs["train_set"]["labels"]))
+    assert meta["attack"]["steps"] == params.attack.steps
+    assert meta["n_train"] == min(params.train_images, len(inputs["train_set"]["labels"]))
 
     history = out["adversarial_training_history"]
     assert list(history.columns) == ["epoch", "loss", "adv_acc", "lr", "seconds", "test_acc"]
-    assert len(history) == params["epochs"]
+    assert len(history) == params.epochs
     assert all(math.isfinite(v) for v in history.to_numpy().ravel())
     check_metrics(out["adversarial_training_metrics"], params, len(inputs["test_set"]["labels"]))
-    assert not Path(params["resume_path"]).exists()  # removed after a successful run
+    assert not Path(params.resume_path).exists()  # removed after a successful run
 
 
 def test_kedro_runs_both_baselines_with_the_project_catalog(ingested_project, monkeypatch):

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
-from omegaconf import OmegaConf
 
 from atop.attacks import build_attack
 from atop.datasets import TorchDataset
@@ -18,11 +17,11 @@ from atop.defense import PurifiedClassifier
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, load_purifier, purifier_checkpoint
 from atop.pipelines.atop_finetuning import create_pipeline
-from atop.pipelines.atop_finetuning.nodes import atop_train_step
-from atop.purifier_training import PurifierStep
+from atop.trainers.atop import AToPParams, atop_train_step
+from atop.trainers.purifier import PurifierStep
 from atop.training import Batches, LoopConfig, fit
 from atop.transforms import RandomTransform
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset
+from tests.conftest import KeptMemoryDataset, stage_params
 
 EPS = 8 / 255
 TRANSFORM = {
@@ -146,12 +145,9 @@ def test_attack_target_changes_the_gradients(classifier, cifar10_test_batch):
     assert (on_defense != on_f).float().mean() > 0.2
 
 
-def base_params() -> dict:
-    base = OmegaConf.load(PROJECT_ROOT / "conf/base/parameters_atop_finetuning.yml")
-    smoke = OmegaConf.load(PROJECT_ROOT / "conf/smoke/parameters_atop_finetuning.yml")
-    merged = OmegaConf.to_container(OmegaConf.merge(base, smoke))["atop_finetuning"]
-    merged["device"] = "cpu"
-    return merged
+def base_params(**changes) -> AToPParams:
+    """The smoke profile's typed parameters (deep-merged over base) on the CPU, with ``changes``."""
+    return stage_params("atop_finetuning", device="cpu", **changes)
 
 
 def run_stage(params, classifier_ckpt, purifier_ckpt, train_set):
@@ -182,8 +178,7 @@ def stage_inputs(classifier, cifar10_test_batch):
 
 def test_stage_smoke_profile(stage_inputs, tmp_path):
     classifier_ckpt, purifier_ckpt, train_set = stage_inputs
-    params = base_params()
-    params["resume_path"] = str(tmp_path / "resume.pt")
+    params = base_params(resume_path=str(tmp_path / "resume.pt"))
     checkpoint, history, metrics = run_stage(params, classifier_ckpt, purifier_ckpt, train_set)
 
     TorchDataset(str(tmp_path / "atop.pt")).save(checkpoint)
@@ -205,12 +200,11 @@ def test_stage_smoke_profile(stage_inputs, tmp_path):
 
 
 def test_stage_resumes_after_interruption(stage_inputs, tmp_path, monkeypatch):
-    import atop.pipelines.atop_finetuning.nodes as nodes
+    import atop.trainers.atop as trainer  # the training loop is looked up there
 
     classifier_ckpt, purifier_ckpt, train_set = stage_inputs
-    params = base_params()
-    params.update(epochs=2, resume_path=str(tmp_path / "resume.pt"))
-    real_fit = nodes.fit
+    params = base_params(epochs=2, resume_path=str(tmp_path / "resume.pt"))
+    real_fit = trainer.fit
     steps = {"n": 0}
 
     def fit_counting_steps(interrupt: bool):
@@ -234,12 +228,12 @@ def test_stage_resumes_after_interruption(stage_inputs, tmp_path, monkeypatch):
 
         return wrapped
 
-    monkeypatch.setattr(nodes, "fit", fit_counting_steps(interrupt=True))
+    monkeypatch.setattr(trainer, "fit", fit_counting_steps(interrupt=True))
     with pytest.raises(RuntimeError, match="simulated interruption"):
         run_stage(params, classifier_ckpt, purifier_ckpt, train_set)
     assert (tmp_path / "resume.pt").exists() and steps["n"] == 2
 
-    monkeypatch.setattr(nodes, "fit", fit_counting_steps(interrupt=False))
+    monkeypatch.setattr(trainer, "fit", fit_counting_steps(interrupt=False))
     _, history, _ = run_stage(params, classifier_ckpt, purifier_ckpt, train_set)
     assert history["epoch"].tolist() == [1, 2]
     assert steps["n"] == 4  # the resumed run trained epoch 2 only (2 batches)

@@ -9,18 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from kedro.config import OmegaConfigLoader
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 
-from atop import classifier_training
 from atop.checkpoint import CheckpointError, load_safe
-from atop.classifier_training import channel_stats
 from atop.datasets import TorchDataset
 from atop.models import load_classifier
 from atop.pipelines.classifier_pretraining import create_pipeline
 from atop.pipelines.classifier_pretraining.nodes import HISTORY_COLUMNS
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro
+from atop.trainers import common
+from atop.trainers.classifier import ClassifierParams
+from atop.trainers.common import channel_stats
+from tests.conftest import KeptMemoryDataset, run_kedro, stage_params
 
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 OUTPUTS = ("classifier", "classifier_history", "classifier_metrics")
@@ -42,23 +42,17 @@ def splits(data_root, cifar10_test_batch) -> tuple[dict, dict]:
 
 
 @pytest.fixture
-def smoke_params(tmp_path) -> dict:
-    """The smoke profile's parameters (deep-merged over base), resume file in tmp_path."""
-    loader = OmegaConfigLoader(
-        str(PROJECT_ROOT / "conf"),
-        base_env="base",
-        default_run_env="smoke",
-        merge_strategy={"parameters": "soft", "globals": "soft"},
-    )
-    params = loader["parameters"]["classifier_pretraining"]
+def smoke_params(tmp_path) -> ClassifierParams:
+    """The smoke profile's typed parameters (deep-merged over base), resume file in tmp_path."""
+    params = stage_params("classifier_pretraining")
+    assert isinstance(params, ClassifierParams)
     # the globals interpolation resolves inside parameters
-    assert params["resume_path"] == "data/06_models/cifar10/resume/classifier_pretraining.pt"
-    params["resume_path"] = str(tmp_path / "resume" / "classifier_pretraining.pt")
-    return params
+    assert params.resume_path == "data/06_models/cifar10/resume/classifier_pretraining.pt"
+    return params.replace(resume_path=str(tmp_path / "resume" / "classifier_pretraining.pt"))
 
 
-def run_pipeline(splits, params, classifier_path=None) -> dict:
-    """Run the pipeline on an in-memory catalog; returns every output."""
+def run_pipeline(splits, params: ClassifierParams, classifier_path=None) -> dict:
+    """Run the pipeline on an in-memory catalog (typed parameters); returns every output."""
     train, test = splits
     catalog = DataCatalog()
     catalog["train_set"] = MemoryDataset(train, copy_mode="assign")
@@ -124,12 +118,12 @@ def test_kedro_run_writes_the_catalog_outputs(ingested_project, monkeypatch):
 def test_interrupted_pipeline_resumes_to_the_same_classifier(
     splits, smoke_params, tmp_path, monkeypatch
 ):
-    reference = run_pipeline(splits, {**smoke_params, "resume_path": None})
+    reference = run_pipeline(splits, smoke_params.replace(resume_path=None))
 
     class Crash(RuntimeError):
         pass
 
-    real_accuracy = classifier_training.accuracy
+    real_accuracy = common.accuracy  # the per-epoch test_acc of the training loop
     calls: list[int] = []
 
     def crash_at_second_evaluation(*args, **kwargs):
@@ -138,12 +132,12 @@ def test_interrupted_pipeline_resumes_to_the_same_classifier(
             raise Crash("simulated crash")
         return real_accuracy(*args, **kwargs)
 
-    monkeypatch.setattr(classifier_training, "accuracy", crash_at_second_evaluation)
+    monkeypatch.setattr(common, "accuracy", crash_at_second_evaluation)
     with pytest.raises(Crash):
         run_pipeline(splits, smoke_params)
     resume_file = tmp_path / "resume" / "classifier_pretraining.pt"
     assert load_safe(resume_file)["epoch"] == 1
-    monkeypatch.setattr(classifier_training, "accuracy", real_accuracy)
+    monkeypatch.setattr(common, "accuracy", real_accuracy)
 
     resumed = run_pipeline(splits, smoke_params)
     pd.testing.assert_frame_equal(

@@ -13,21 +13,20 @@ import pytest
 import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
-from omegaconf import OmegaConf
 from torchvision import datasets as tvd
 
 from atop.datasets import TorchDataset
 from atop.pipelines.data_ingestion import create_pipeline
-from atop.pipelines.data_ingestion.nodes import select_eval_subset
+from atop.pipelines.data_ingestion.nodes import IngestionParams, select_eval_subset
 from atop.pipelines.data_ingestion.sources import DatasetCorruptedError, DatasetNotFoundError
 from atop.validation import DataValidationError
 from atop.validation.data import validate_image_split
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
 
 
 def base_params(dataset: str, root: Path | str, tmp_path: Path) -> dict:
-    conf = OmegaConf.load(PROJECT_ROOT / "conf/base/parameters_data_ingestion.yml")
-    params = OmegaConf.to_container(conf)["data_ingestion"]
+    """The base profile's data_ingestion block as a plain dict (typed in run_ingestion)."""
+    params = stage_params("data_ingestion", env="base").to_dict()
     params.update(dataset=dataset, root=str(root), raw_dir=str(tmp_path / "raw"))
     return params
 
@@ -36,7 +35,7 @@ def run_ingestion(params: dict, out: Path | None = None) -> dict:
     """Run the pipeline; with ``out`` the outputs go to real files there (as in a run)."""
     names = ("train_set", "test_set", "class_names", "eval_indices", "data_validation")
     catalog = DataCatalog()
-    catalog["params:data_ingestion"] = MemoryDataset(params)
+    catalog["params:data_ingestion"] = MemoryDataset(IngestionParams.from_dict(params))
     for name in names:
         catalog[name] = KeptMemoryDataset()
     if out is not None:
@@ -75,16 +74,17 @@ def test_kedro_run_ingests_real_cifar10(ingested_project):
 
 def test_eval_subset_is_stable_and_seeded(ingested_project):
     test = torch.load(ingested_project / "data/02_intermediate/cifar10/test.pt", weights_only=True)
-    params = {"eval_subset": {"size": 512, "seed": 0}}
+    params = stage_params("data_ingestion")
+    assert params.eval_subset.images == 512 and params.eval_subset.seed == 0
     first = select_eval_subset(test, params)
     assert first == select_eval_subset(test, params)
     stored = json.loads(
         (ingested_project / "data/05_model_input/cifar10/eval_indices.json").read_text()
     )
     assert stored == first
-    assert select_eval_subset(test, {"eval_subset": {"size": 512, "seed": 1}}) != first
-    with pytest.raises(ValueError, match="eval_subset.size"):
-        select_eval_subset(test, {"eval_subset": {"size": 20_000, "seed": 0}})
+    assert select_eval_subset(test, params.replace(eval_subset={"images": 512, "seed": 1})) != first
+    with pytest.raises(ValueError, match="eval_subset.images"):
+        select_eval_subset(test, params.replace(eval_subset={"images": 20_000, "seed": 0}))
 
 
 def test_registry_lists_data_ingestion():
@@ -195,7 +195,7 @@ def test_svhn_official_format(data_root, tmp_path, monkeypatch):
     write_svhn(tmp_path / "root", data_root, monkeypatch)
     params = base_params("svhn", tmp_path / "root", tmp_path)
     params["datasets"]["svhn"]["expected_rows"] = {"train": 300, "test": 200}
-    params["eval_subset"]["size"] = 100
+    params["eval_subset"]["images"] = 100
     out = run_ingestion(params)
     assert out["train_set"]["images"].shape == (300, 3, 32, 32)
     assert sorted(set(out["test_set"]["labels"].tolist())) == list(range(10))  # 10 -> 0

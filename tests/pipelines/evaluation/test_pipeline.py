@@ -2,13 +2,17 @@
 
 The checkpoints are built here in seconds: a small classifier briefly trained on 512 real
 training images, two randomly initialised purifiers (cnum 8) standing for the pretrained
-("AP") and the AToP purifier. The report outputs are the real catalog datasets of
-``conf/base/catalog_evaluation.yml`` pointed at ``tmp_path``.
+("AP") and the AToP purifier. The per-defense results (``evaluation_<defense>``) and the
+report outputs are the real catalog datasets of ``conf/base/catalog_evaluation.yml`` pointed
+at ``tmp_path``. The library the nodes call (:mod:`atop.evaluation`) is tested on its own in
+``tests/evaluation``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import pickle
 from pathlib import Path
 
@@ -17,20 +21,24 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from kedro.config import OmegaConfigLoader
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 
 from atop.checkpoint import CheckpointError
 from atop.datasets import TorchDataset
+from atop.evaluation import protocol
+from atop.evaluation.defenses import DEFENSES
+from atop.evaluation.suite import EvalParams
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, purifier_checkpoint
 from atop.pipeline_registry import register_pipelines
 from atop.pipelines.evaluation import create_pipeline
-from atop.pipelines.evaluation import nodes as eval_nodes
-from atop.pipelines.evaluation.nodes import paired_rise, parse_attacks, parse_number
+from atop.pipelines.evaluation.nodes import INPUTS
 from atop.validation import DataValidationError
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset
+from atop.validation import adversarial as gx_adversarial
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
 
 REPORTS = {
     "robustness": "robustness.json",
@@ -50,14 +58,21 @@ FGSM_TRAINING = {"name": "fgsm", "eps": 8 / 255}
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 
 
-def load_config(kind: str, env: str = "smoke") -> dict:
-    loader = OmegaConfigLoader(
-        str(PROJECT_ROOT / "conf"),
-        base_env="base",
-        default_run_env=env,
-        merge_strategy={"parameters": "soft", "globals": "soft"},
-    )
-    return loader[kind]
+#: The per-defense results: one catalog entry per defense (a dataset factory).
+RESULTS_PATTERN = "evaluation_{defense}"
+
+
+@functools.cache
+def _project_context(env: str = "smoke"):
+    """The project's own Kedro context (config loader and catalog) of profile ``env``."""
+    bootstrap_project(PROJECT_ROOT)
+    with KedroSession.create(project_path=PROJECT_ROOT, env=env) as session:
+        return session.load_context()
+
+
+def catalog_config(env: str = "smoke") -> dict:
+    """The catalog entries as ``kedro run --env <env>`` resolves them (globals included)."""
+    return dict(_project_context(env).config_loader["catalog"])
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +120,18 @@ def inputs(data_root, cifar10_test_batch) -> dict:
     }
 
 
-def make_catalog(inputs: dict, folder: Path, params: dict, baselines: dict) -> DataCatalog:
-    """The real report datasets of catalog_evaluation.yml (paths moved to ``folder``), the
-    inputs in memory, and the baselines as optional TorchDatasets (``None``: file missing)."""
+def make_catalog(inputs: dict, folder: Path, params: EvalParams, baselines: dict) -> DataCatalog:
+    """The real per-defense result and report datasets of catalog_evaluation.yml (paths
+    moved to ``folder``), the inputs in memory, and the baselines as optional TorchDatasets
+    (``None``: file missing)."""
     config = {}
-    for name, entry in load_config("catalog").items():
+    for name, entry in catalog_config().items():
         if name in REPORTS:
             config[name] = {**entry, "filepath": str(folder / Path(entry["filepath"]).name)}
+        elif name == RESULTS_PATTERN:
+            results = folder / "evaluation" / Path(entry["filepath"]).name
+            config[name] = {**entry, "filepath": str(results)}
+    assert RESULTS_PATTERN in config and set(REPORTS) <= set(config)
     catalog = DataCatalog.from_config(config)
     for name, value in inputs.items():
         catalog[name] = MemoryDataset(value, copy_mode="assign")
@@ -120,7 +140,7 @@ def make_catalog(inputs: dict, folder: Path, params: dict, baselines: dict) -> D
         if checkpoint is not None:
             TorchDataset(str(path)).save(checkpoint)
         catalog[name] = TorchDataset(str(path), optional=True)
-    catalog["params:evaluation"] = MemoryDataset(params)
+    catalog["params:evaluation"] = MemoryDataset(params, copy_mode="assign")
     catalog["robustness_results"] = KeptMemoryDataset()
     return catalog
 
@@ -130,18 +150,19 @@ def evaluated(inputs, tmp_path_factory) -> dict:
     """One smoke run: standard, ap, atop and the pgd_at baseline (its checkpoint exists; the
     classifier stands in for it), rvs missing. Every GX summary is recorded."""
     folder = tmp_path_factory.mktemp("evaluation")
-    params = load_config("parameters")["evaluation"]
+    params = stage_params("evaluation")
     baselines = {"pgd_at_classifier": inputs["classifier"], "rvs_classifier": None}
     catalog = make_catalog(inputs, folder, params, baselines)
     summaries = []
-    real_validate = eval_nodes.validate_adversarial
+    real_validate = gx_adversarial.validate_adversarial
 
     def recording_validate(*args, **kwargs):
         summaries.append(real_validate(*args, **kwargs))
         return summaries[-1]
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(eval_nodes, "validate_adversarial", recording_validate)
+        # the nodes import the suite when they run: patch it where it lives
+        patch.setattr(gx_adversarial, "validate_adversarial", recording_validate)
         SequentialRunner().run(create_pipeline(), catalog)
     return {
         "folder": folder,
@@ -154,10 +175,10 @@ def evaluated(inputs, tmp_path_factory) -> dict:
 
 def test_every_attack_output_passes_the_suite_and_is_scored(evaluated):
     params, results = evaluated["params"], evaluated["results"]
-    labels = [entry["label"] for entry in params["attacks"]]
-    kinds = {entry["name"] for entry in params["attacks"]}
+    labels = [entry["label"] for entry in params.attacks]
+    kinds = {entry["name"] for entry in params.attacks}
     assert kinds == {"fgsm", "pgd", "bpda", "cw", "autoattack"}
-    assert {e["version"] for e in params["attacks"] if e["name"] == "autoattack"} == {
+    assert {e["version"] for e in params.attacks if e["name"] == "autoattack"} == {
         "standard",
         "rand",
     }
@@ -165,15 +186,29 @@ def test_every_attack_output_passes_the_suite_and_is_scored(evaluated):
     for name, res in results["defenses"].items():
         expected = labels if name in ("ap", "atop") else [x for x in labels if x != "bpda_linf"]
         assert list(res["attacks"]) == expected, name
-        assert all(len(a["correct"]) == params["n_images"] for a in res["attacks"].values())
+        assert all(len(a["correct"]) == params.images for a in res["attacks"].values())
     # one suite per attack run + per extra sanity run (eps sweep point, stronger attack)
-    extra_sweep = sum(1 for e in params["sanity"]["eps_sweep"] if e not in (0, "8/255"))
+    extra_sweep = sum(1 for e in params.sanity.eps_sweep if e != 0 and not math.isclose(e, 8 / 255))
     runs = sum(len(r["attacks"]) for r in results["defenses"].values())
     assert len(evaluated["summaries"]) == runs + 4 * (extra_sweep + 1)
     for summary in evaluated["summaries"]:
-        assert summary["success"] and summary["rows"] == params["n_images"]
+        assert summary["success"] and summary["rows"] == params.images
         if summary["eps"] is not None:
-            assert summary["max_perturbation"] <= summary["eps"] + params["tolerance"]
+            assert summary["max_perturbation"] <= summary["eps"] + params.tolerance
+
+
+def test_per_defense_results_are_catalog_files_the_report_is_gathered_from(evaluated):
+    """``evaluation_<defense>``: one torch file per defense (re-evaluate one alone), the
+    skipped ones recording why; the gathered results are exactly their contents."""
+    folder, results = evaluated["folder"] / "evaluation", evaluated["results"]
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.pt" for n in DEFENSES)
+    for name in DEFENSES:
+        saved = TorchDataset(str(folder / f"{name}.pt")).load()
+        if name in results["defenses"]:
+            assert {k: v for k, v in saved.items() if k != "grid"} == results["defenses"][name]
+            assert (saved["grid"] is not None) == (name == evaluated["params"].grid.defense)
+        else:
+            assert saved == {"skipped": results["skipped"][name]}, name
 
 
 def test_deterministic_defenses_get_one_eot_sample_and_one_draw(evaluated):
@@ -297,7 +332,7 @@ def test_unseen_attacks_and_training_time_come_from_the_checkpoints(evaluated):
 
 def test_grid_applies_the_transform_to_every_image(evaluated):
     grid = evaluated["results"]["grid"]
-    n = evaluated["params"]["grid"]["n_images"]
+    n = evaluated["params"].grid.images
     assert (grid["defense"], grid["attack"]) == ("atop", "pgd_linf")
     for key in ("clean", "adversarial", "transformed", "purified"):
         assert grid[key].shape == (n, 3, 32, 32)
@@ -310,23 +345,25 @@ def test_grid_applies_the_transform_to_every_image(evaluated):
 def test_an_attack_that_breaks_eps_fails_the_evaluation_and_writes_nothing(
     inputs, tmp_path, monkeypatch
 ):
-    params = load_config("parameters")["evaluation"]
+    # one defense: which node runs first is Kedro's choice, the failing one must be named
+    params = stage_params("evaluation", defenses=["standard"])
     catalog = make_catalog(
         inputs, tmp_path, params, {"pgd_at_classifier": None, "rvs_classifier": None}
     )
-    real_run_attack = eval_nodes.run_attack
+    real_run_attack = protocol.run_attack
 
     def broken_run_attack(attack, images, labels, batch_size, progress=True):
         adversarial = real_run_attack(attack, images, labels, batch_size, progress)
         return (images + 3 * (adversarial - images)).clamp(0, 1)  # 3x too far
 
-    monkeypatch.setattr(eval_nodes, "run_attack", broken_run_attack)
+    monkeypatch.setattr(protocol, "run_attack", broken_run_attack)
     with pytest.raises(DataValidationError) as info:
         SequentialRunner().run(create_pipeline(), catalog)
     failed = {(f["expectation"], f["kwargs"].get("column")) for f in info.value.failures}
     assert ("expect_column_values_to_be_between", "perturbation") in failed
     assert "standard_fgsm" in str(info.value)
     assert not any((tmp_path / filename).exists() for filename in REPORTS.values())
+    assert not (tmp_path / "evaluation" / "standard.pt").exists()
 
 
 def test_optional_torch_dataset(tmp_path):
@@ -344,53 +381,65 @@ def test_optional_torch_dataset(tmp_path):
 
 
 def test_project_catalog_and_registry_wire_the_baselines_in():
-    catalog = DataCatalog.from_config(load_config("catalog"))
+    catalog = _project_context().catalog
     for name in ("pgd_at_classifier", "rvs_classifier"):
         dataset = catalog[name]
         assert isinstance(dataset, TorchDataset) and dataset._describe()["optional"] is True
     for name, filename in REPORTS.items():
         assert str(catalog[name]._describe()["filepath"]).endswith(f"data/08_reporting/{filename}")
+    for name in DEFENSES:  # the per-defense results: files, one per defense (not optional)
+        dataset = catalog[f"evaluation_{name}"]
+        assert isinstance(dataset, TorchDataset) and dataset._describe()["optional"] is False
+        path = str(dataset._describe()["filepath"])
+        assert path.endswith(f"data/07_model_output/cifar10/evaluation/{name}.pt")
     pipelines = register_pipelines()
     evaluation = pipelines["evaluation"]
     assert {"pgd_at_classifier", "rvs_classifier"} <= evaluation.inputs()
-    assert "evaluate_defenses" in {node.name for node in pipelines["atop"].nodes}
+    atop_nodes = {node.name for node in pipelines["atop"].nodes}
+    assert {f"evaluate_{name}" for name in DEFENSES} | {"collect_results"} <= atop_nodes
     order = [node.name for node in pipelines["__default__"].nodes]  # topologically sorted
-    producers = [
-        node.name
+    producers = {
+        output: node.name
         for node in pipelines["__default__"].nodes
-        if {"pgd_at_classifier", "rvs_classifier"} & set(node.outputs)
-    ]
-    assert producers and all(order.index(p) < order.index("evaluate_defenses") for p in producers)
+        for output in node.outputs
+        if output in ("pgd_at_classifier", "rvs_classifier")
+    }
+    assert set(producers) == {"pgd_at_classifier", "rvs_classifier"}
+    for checkpoint, producer in producers.items():
+        consumers = [n.name for n in pipelines["__default__"].nodes if checkpoint in n.inputs]
+        assert consumers and all(order.index(producer) < order.index(c) for c in consumers)
+    assert order.index(producers["pgd_at_classifier"]) < order.index("evaluate_pgd_at")
+    assert order.index(producers["rvs_classifier"]) < order.index("evaluate_rvs")
+
+
+def test_one_node_per_defense_then_one_that_gathers_them():
+    """Each defense can be re-evaluated alone (``--from-nodes evaluate_ap``): its node takes
+    only its own checkpoints and writes ``evaluation_<defense>``; ``collect_results`` reads
+    every one of them."""
+    nodes = {node.name: node for node in create_pipeline().nodes}
+    shared = {"test_set", "eval_indices", "class_names", "params:evaluation"}
+    for name in DEFENSES:
+        node = nodes[f"evaluate_{name}"]
+        assert set(node.inputs) == shared | set(INPUTS[name]), name
+        assert node.outputs == [f"evaluation_{name}"]
+    assert INPUTS["atop"] == ("classifier", "atop_purifier", "purifier")
+    assert INPUTS["pgd_at"] == ("pgd_at_classifier",) and INPUTS["rvs"] == ("rvs_classifier",)
+    gather = nodes["collect_results"]
+    assert {f"evaluation_{name}" for name in DEFENSES} <= set(gather.inputs)
+    assert gather.outputs == ["robustness_results"]
+    ap_alone = create_pipeline().from_nodes("evaluate_ap")
+    assert {n.name for n in ap_alone.nodes if n.name.startswith("evaluate_")} == {"evaluate_ap"}
 
 
 def test_parameters_of_every_profile_parse():
     for env in ("smoke", "base", "paper"):
-        params = load_config("parameters", env=env)["evaluation"]
-        entries = parse_attacks(params["attacks"])
-        reference = next(e for e in entries if e.label == params["sanity"]["reference"])
+        params = stage_params("evaluation", env=env)
+        assert isinstance(params, EvalParams)
+        entries = params.entries
+        reference = next(e for e in entries if e.label == params.sanity.reference)
         assert reference.name == "pgd" and reference.eps == pytest.approx(8 / 255)
         assert {e.label for e in entries} >= {"fgsm", "pgd_linf", "pgd_l2", "bpda_linf", "cw_l2"}
-    paper = load_config("parameters", env="paper")["evaluation"]
-    auto = {e["version"]: e for e in paper["attacks"] if e["name"] == "autoattack"}
+    paper = stage_params("evaluation", env="paper")
+    auto = {e["version"]: e for e in paper.attacks if e["name"] == "autoattack"}
     assert auto["standard"]["steps"] == auto["rand"]["steps"] == 100
-    assert auto["rand"]["eot_iter"] == 20 and paper["n_images"] == 512
-
-
-def test_parameter_helpers_reject_bad_input():
-    assert parse_number("8/255", "eps") == pytest.approx(8 / 255) and parse_number(0.5, "e") == 0.5
-    with pytest.raises(ValueError, match="fraction"):
-        parse_number("eight", "eps")
-    with pytest.raises(ValueError, match="used twice"):
-        parse_attacks([{"label": "a", "name": "fgsm", "eps": 0.1}] * 2)
-    with pytest.raises(ValueError, match="evaluation.seed"):
-        parse_attacks([{"label": "aa", "name": "autoattack", "version": "rand", "norm": "Linf",
-                        "eps": 0.03, "steps": 5, "seed": 1}])  # fmt: skip
-    # the noise margin: a rise of 4 images with 4 changed verdicts is noise, 6 of 6 is not
-    before, after = (
-        torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.bool),
-        torch.ones(6, dtype=torch.bool),
-    )
-    assert paired_rise(before, after, z=2.0, min_images=1)["within_noise"]
-    assert not paired_rise(torch.zeros(6, dtype=torch.bool), after, z=2.0, min_images=1)[
-        "within_noise"
-    ]
+    assert auto["rand"]["eot_iter"] == 20 and paper.images == 512

@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from kedro.config import OmegaConfigLoader
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 from kedro_datasets.matplotlib import MatplotlibDataset
@@ -19,28 +20,15 @@ from atop.checkpoint import load_safe
 from atop.datasets import TorchDataset
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, load_purifier, purifier_checkpoint
+from atop.params import ParameterError
 from atop.pipelines.purifier_pretraining import create_pipeline
-from atop.pipelines.purifier_pretraining import nodes as pp_nodes
-from atop.pipelines.purifier_pretraining.nodes import (
-    HISTORY_COLUMNS,
-    evaluate_purifier,
-    held_out_indices,
-    psnr,
-    train_purifier,
-)
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro
+from atop.pipelines.purifier_pretraining.nodes import HISTORY_COLUMNS, evaluate_purifier
+from atop.trainers import purifier as trainer
+from atop.trainers.purifier import PurifierParams, held_out_indices, psnr
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro, stage_params
 
 OUTPUTS = ("purifier", "purifier_history", "purifier_metrics")
 TRANSFORM_KEYS = {"kind", "sigma", "missing_rate", "mask_block", "mask_number"}
-
-
-def config_loader(env: str = "smoke") -> OmegaConfigLoader:
-    return OmegaConfigLoader(
-        str(PROJECT_ROOT / "conf"),
-        base_env="base",
-        default_run_env=env,
-        merge_strategy={"parameters": "soft", "globals": "soft"},
-    )
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +61,12 @@ OUTSIDE = sorted(set(range(256)) - set(EVAL_INDICES))
 
 
 @pytest.fixture
-def smoke_params(tmp_path) -> dict:
-    """The smoke profile's parameters (deep-merged over base), resume file in tmp_path."""
-    params = config_loader()["parameters"]["purifier_pretraining"]
-    assert params["resume_path"] == "data/06_models/cifar10/resume/purifier_pretraining.pt"
-    params["resume_path"] = str(tmp_path / "resume" / "purifier_pretraining.pt")
-    return params
+def smoke_params(tmp_path) -> PurifierParams:
+    """The smoke profile's typed parameters (deep-merged over base), resume file in tmp_path."""
+    params = stage_params("purifier_pretraining")
+    assert isinstance(params, PurifierParams)
+    assert params.resume_path == "data/06_models/cifar10/resume/purifier_pretraining.pt"
+    return params.replace(resume_path=str(tmp_path / "resume" / "purifier_pretraining.pt"))
 
 
 def run_pipeline(splits, classifier, params, tmp_path, eval_indices=EVAL_INDICES) -> dict:
@@ -128,7 +116,7 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
     assert isinstance(history, pd.DataFrame) and list(history.columns) == HISTORY_COLUMNS
     assert history["epoch"].tolist() == [1]
     assert history.notna().all().all() and (history["l1"] > 0).all()
-    assert history["lr"].tolist() == [smoke_params["lr"]]
+    assert history["lr"].tolist() == [smoke_params.lr]
     assert history["val_psnr"].iloc[0] == pytest.approx(meta["val_psnr"])
 
     metrics = out["purifier_metrics"]
@@ -157,15 +145,15 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
 def test_interrupted_pipeline_resumes_to_the_same_purifier(
     splits, classifier, smoke_params, tmp_path, monkeypatch
 ):
-    params = {**smoke_params, "epochs": 2}
+    params = smoke_params.replace(epochs=2)
     reference = run_pipeline(
-        splits, classifier, {**params, "resume_path": None}, tmp_path / "reference"
+        splits, classifier, params.replace(resume_path=None), tmp_path / "reference"
     )
 
     class Crash(RuntimeError):
         pass
 
-    real_psnr = pp_nodes.psnr
+    real_psnr = trainer.psnr  # called by the training's per-epoch evaluation
     calls: list[int] = []
 
     def crash_at_second_evaluation(*args, **kwargs):
@@ -174,12 +162,12 @@ def test_interrupted_pipeline_resumes_to_the_same_purifier(
             raise Crash("simulated crash")
         return real_psnr(*args, **kwargs)
 
-    monkeypatch.setattr(pp_nodes, "psnr", crash_at_second_evaluation)
+    monkeypatch.setattr(trainer, "psnr", crash_at_second_evaluation)
     with pytest.raises(Crash):
         run_pipeline(splits, classifier, params, tmp_path)
     resume_file = tmp_path / "resume" / "purifier_pretraining.pt"
     assert load_safe(resume_file)["epoch"] == 1
-    monkeypatch.setattr(pp_nodes, "psnr", real_psnr)
+    monkeypatch.setattr(trainer, "psnr", real_psnr)
 
     resumed = run_pipeline(splits, classifier, params, tmp_path)
     pd.testing.assert_frame_equal(
@@ -213,11 +201,11 @@ def test_psnr_of_known_errors():
 
 
 def test_dataset_purifier_mismatch_is_refused(splits, classifier, smoke_params):
-    train, test = splits
-    with pytest.raises(ValueError, match="image_size=64 but the dataset's images are 32x32"):
-        train_purifier(
-            train, test, EVAL_INDICES, {**smoke_params, "purifier": {"cnum": 8, "image_size": 64}}
-        )
+    _, test = splits
+    # image_size is taken from the data: a purifier.image_size parameter (here 64 on 32x32
+    # images) is refused when the parameters are built, before any training.
+    with pytest.raises(ParameterError, match=r"purifier\.image_size: .*taken from the data"):
+        stage_params("purifier_pretraining", purifier={"cnum": 8, "image_size": 64})
     generator, discriminator = build_purifier({"cnum": 8, "disc_cnum": 8, "image_size": 64})
     meta = {"transform": {"kind": "rt2"}, "val_indices": OUTSIDE[:4]}
     ckpt = purifier_checkpoint(generator, discriminator, meta=meta)
@@ -231,7 +219,9 @@ def test_dataset_purifier_mismatch_is_refused(splits, classifier, smoke_params):
 
 def test_catalog_declares_the_outputs(tmp_path):
     """The base catalog: checkpoint via the safe dataset, CSV, JSON and PNG in 08_reporting."""
-    catalog = DataCatalog.from_config(config_loader("base")["catalog"])
+    bootstrap_project(PROJECT_ROOT)
+    with KedroSession.create(project_path=PROJECT_ROOT, env="base") as session:
+        catalog = session.load_context().catalog  # the catalog `kedro run --env base` builds
     assert isinstance(catalog["purifier"], TorchDataset)
     described = {name: str(catalog[name]) for name in (*OUTPUTS, "purifier_samples")}
     assert "data/06_models/cifar10/purifier.pt" in described["purifier"]

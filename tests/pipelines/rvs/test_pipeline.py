@@ -17,15 +17,15 @@ from tests.pipelines.adversarial_training.test_pipeline import (
     cifar10_inputs,
     cifar100_inputs,
     run_stage,
-    stage_params,
+    smoke_params,
 )
 
 
 @pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
 def test_rvs_runs_end_to_end(dataset, data_root, tmp_path):
     inputs = (cifar10_inputs if dataset == "cifar10" else cifar100_inputs)(data_root)
-    params = stage_params("rvs", tmp_path)
-    assert params["label_smoothing"] == 0.5 and params["ot"]["reg"] == 0.01
+    params = smoke_params("rvs", tmp_path)
+    assert params.label_smoothing == 0.5 and params.ot.reg == 0.01
     outputs = ("rvs_classifier", "rvs_generator", "rvs_history", "rvs_metrics")
     out = run_stage(create_pipeline(), "rvs", inputs, params, outputs)
 
@@ -46,12 +46,12 @@ def test_rvs_runs_end_to_end(dataset, data_root, tmp_path):
     generator.load_state_dict(saved["state_dict"])
     delta = generator.eval()(generator.sample_noise(8))
     assert delta.shape == images.shape
-    assert delta.abs().max() <= params["generator"]["eps"]
+    assert delta.abs().max() <= params.generator.eps
 
     history = out["rvs_history"]
     assert {"loss", "ce", "ot", "adv_acc", "generator_ot", "test_acc", "lr"} <= set(history)
-    assert len(history) == params["epochs"]
+    assert len(history) == params.epochs
     assert all(math.isfinite(v) for v in history.to_numpy().ravel())
     assert (history["ot"] >= 0).all() and (history["generator_ot"] >= 0).all()
     check_metrics(out["rvs_metrics"], params, len(inputs["test_set"]["labels"]))
-    assert not Path(params["resume_path"]).exists()
+    assert not Path(params.resume_path).exists()

@@ -2,14 +2,14 @@
 
 ``train_set``, ``test_set``, ``class_names``, ``eval_indices`` (from data_ingestion) ->
 ``train_pgd_at`` -> ``pgd_at_classifier`` (checkpoint), ``adversarial_training_history`` ->
-``evaluate_pgd_at`` -> ``adversarial_training_metrics`` (clean and PGD-20 accuracy).
+``quick_check_pgd_at`` -> ``adversarial_training_metrics`` (clean and PGD-20 accuracy).
 """
 
 from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.pipelines.adversarial_training.nodes import evaluate_robust_classifier, train_pgd_at
+from atop.pipelines.adversarial_training.nodes import quick_check_pgd_at, train_pgd_at
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -29,7 +29,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="train_pgd_at",
             ),
             Node(
-                func=evaluate_robust_classifier,
+                func=quick_check_pgd_at,
                 inputs=[
                     "pgd_at_classifier",
                     "test_set",
@@ -37,7 +37,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:adversarial_training",
                 ],
                 outputs="adversarial_training_metrics",
-                name="evaluate_pgd_at",
+                name="quick_check_pgd_at",
             ),
         ]
     )

@@ -4,32 +4,75 @@ evaluation subset. Plain functions, no Kedro imports."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from atop.pipelines.data_ingestion.sources import RawSplits, read_dataset
+from atop.data import random_subset
+from atop.params import Params, run_only, spec
+from atop.pipelines.data_ingestion.sources import DATASETS, RawSplits, read_dataset
 from atop.validation.data import validate_image_split
 
 logger = logging.getLogger(__name__)
 
-#: Searched after the explicit root; relative to the project folder Kedro runs from.
-PROJECT_RAW = Path("data") / "01_raw"
+SPLITS = ("train", "test")
 
 
-def _dataset_params(params: dict[str, Any]) -> dict[str, Any]:
-    name = params["dataset"]
-    per_dataset = params.get("datasets", {})
-    if name not in per_dataset:
-        raise ValueError(
-            f"data_ingestion.dataset='{name}' has no entry under data_ingestion.datasets "
-            f"(known: {sorted(per_dataset)}). Add one in conf/base/parameters_data_ingestion.yml."
-        )
-    return per_dataset[name]
+@dataclass(init=False, frozen=True)
+class DatasetFacts(Params):
+    """``data_ingestion.datasets.<name>``: facts the Great Expectations suite checks."""
+
+    image_size: int = spec(ge=8, unit="(px; ImageNette images are resized to it)")
+    expected_rows: dict[str, int | None]
+    class_share: dict[str, list[float]]
+    all_classes_present: bool
+
+    def check(self) -> None:
+        for key in ("expected_rows", "class_share"):
+            if set(getattr(self, key)) != set(SPLITS):
+                self.fail(key, f"give exactly the splits {SPLITS}.")
+        for split, (low, high) in self.class_share.items():
+            if not 0 <= low <= high <= 1:
+                self.fail(f"class_share.{split}", f"need 0 <= low <= high <= 1, got {[low, high]}.")
 
 
-def ingest_dataset(params: dict[str, Any]) -> RawSplits:
+@dataclass(init=False, frozen=True)
+class EvalSubsetParams(Params):
+    """``data_ingestion.eval_subset``: the fixed evaluation subset shared by every defense."""
+
+    images: int = spec(ge=1, unit="(test images; the paper: 512)")
+    seed: int = spec(ge=0)
+
+
+@dataclass(init=False, frozen=True)
+class IngestionParams(Params):
+    """``data_ingestion`` (conf/base/parameters_data_ingestion.yml)."""
+
+    KEY = "data_ingestion"
+
+    dataset: str = spec(choices=DATASETS)
+    root: str | None = run_only()
+    download: bool = run_only()
+    raw_dir: str = run_only()
+    eval_subset: EvalSubsetParams
+    datasets: dict[str, DatasetFacts]
+
+    def check(self) -> None:
+        if self.dataset not in self.datasets:
+            self.fail(
+                "datasets",
+                f"no entry for dataset {self.dataset!r} (known: {sorted(self.datasets)}).",
+            )
+
+    @property
+    def facts(self) -> DatasetFacts:
+        """The chosen dataset's :class:`DatasetFacts`."""
+        return self.datasets[self.dataset]
+
+
+def ingest_dataset(params: IngestionParams) -> RawSplits:
     """Read the configured dataset's train and test splits (not yet validated).
 
     Args:
@@ -39,17 +82,16 @@ def ingest_dataset(params: dict[str, Any]) -> RawSplits:
     Returns:
         :class:`RawSplits`: uint8 ``[N, 3, H, W]`` images, int64 labels, class names.
     """
-    spec = _dataset_params(params)
     raw = read_dataset(
-        params["dataset"],
-        root=params.get("root"),
-        project_raw=Path(params.get("raw_dir") or PROJECT_RAW),
-        download=bool(params.get("download", False)),
-        image_size=int(spec.get("image_size", 32)),
+        params.dataset,
+        root=params.root,
+        project_raw=Path(params.raw_dir),
+        download=params.download,
+        image_size=params.facts.image_size,
     )
     logger.info(
         "%s: %d train / %d test images of %s, %d classes (from %s)",
-        params["dataset"],
+        params.dataset,
         len(raw.train_labels),
         len(raw.test_labels),
         tuple(raw.train_images.shape[1:]),
@@ -60,7 +102,7 @@ def ingest_dataset(params: dict[str, Any]) -> RawSplits:
 
 
 def validate_dataset(
-    raw: RawSplits, params: dict[str, Any]
+    raw: RawSplits, params: IngestionParams
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[str], dict[str, Any]]:
     """Check both splits with Great Expectations; only validated data goes downstream.
 
@@ -77,20 +119,23 @@ def validate_dataset(
     Raises:
         atop.validation.DataValidationError: an expectation failed; nothing is written.
     """
-    spec = _dataset_params(params)
+    facts = params.facts
     num_classes = len(raw.class_names)
-    report: dict[str, Any] = {"dataset": params["dataset"], "root": str(raw.root), "splits": {}}
-    splits = {"train": (raw.train_images, raw.train_labels), "test": (raw.test_images, raw.test_labels)}
+    report: dict[str, Any] = {"dataset": params.dataset, "root": str(raw.root), "splits": {}}
+    splits = {
+        "train": (raw.train_images, raw.train_labels),
+        "test": (raw.test_images, raw.test_labels),
+    }
     for split, (images, labels) in splits.items():
         report["splits"][split] = validate_image_split(
             images,
             labels,
-            split_name=f"{params['dataset']}_{split}",
+            split_name=f"{params.dataset}_{split}",
             num_classes=num_classes,
-            image_size=int(spec.get("image_size", 32)),
-            expected_rows=spec.get("expected_rows", {}).get(split),
-            class_share=tuple(spec["class_share"][split]),
-            all_classes_present=bool(spec.get("all_classes_present", True)),
+            image_size=facts.image_size,
+            expected_rows=facts.expected_rows[split],
+            class_share=tuple(facts.class_share[split]),
+            all_classes_present=facts.all_classes_present,
         )
     report["success"] = all(s["success"] for s in report["splits"].values())
     train_set = {"images": raw.train_images, "labels": raw.train_labels}
@@ -98,27 +143,21 @@ def validate_dataset(
     return train_set, test_set, list(raw.class_names), report
 
 
-def select_eval_subset(test_set: dict[str, torch.Tensor], params: dict[str, Any]) -> list[int]:
+def select_eval_subset(test_set: dict[str, torch.Tensor], params: IngestionParams) -> list[int]:
     """Draw the fixed evaluation subset shared by every method (paper: 512 test images).
 
-    Args:
-        test_set: the validated test split.
-        params: ``eval_subset.size`` (images) and ``eval_subset.seed``.
-
     Returns:
-        ``size`` distinct test indices, sorted, drawn with ``torch.randperm`` from a
-        generator seeded with ``seed`` (identical across runs and machines).
+        ``eval_subset.images`` distinct test indices, sorted, from a permutation seeded with
+        ``eval_subset.seed`` (:func:`atop.data.random_subset`; identical across machines).
 
     Raises:
-        ValueError: ``size`` is not in ``1 .. len(test_set)``.
+        ValueError: more images asked for than the test split holds.
     """
     n = int(test_set["labels"].shape[0])
-    size = int(params["eval_subset"]["size"])
-    if not 1 <= size <= n:
+    size = params.eval_subset.images
+    if size > n:
         raise ValueError(
-            f"data_ingestion.eval_subset.size={size} but the test split has {n} images; "
-            f"choose a size between 1 and {n}."
+            f"data_ingestion.eval_subset.images={size} but the test split has {n} images; "
+            f"choose 1 to {n}."
         )
-    generator = torch.Generator().manual_seed(int(params["eval_subset"]["seed"]))
-    indices = torch.randperm(n, generator=generator)[:size].sort().values
-    return [int(i) for i in indices]
+    return [int(i) for i in random_subset(n, size, params.eval_subset.seed)]

@@ -1,80 +1,82 @@
 """Wiring of the evaluation stage.
 
-``test_set``, ``eval_indices``, ``class_names``, ``classifier``, ``purifier``,
-``atop_purifier`` and the optional baselines ``pgd_at_classifier``, ``rvs_classifier``
-(``None`` when their stages have not run) -> ``evaluate_defenses`` -> in-memory
-``robustness_results`` -> ``robustness`` (metrics JSON) -> ``robustness_table`` (CSV),
-``robustness_report`` (Markdown), and the figures ``robust_accuracy_vs_eps`` and
+One node per defense (``evaluate_standard``, ``evaluate_ap``, ``evaluate_atop``,
+``evaluate_pgd_at``, ``evaluate_rvs``): ``test_set``, ``eval_indices``, ``class_names``,
+``params:evaluation`` and the defense's checkpoints -> ``evaluation_<defense>`` (per-image
+results, a torch file: a defense can be re-evaluated alone with
+``kedro run --pipelines evaluation --from-nodes evaluate_ap``). Then ``collect_results`` ->
+in-memory ``robustness_results`` -> ``robustness`` (metrics JSON) -> ``robustness_table``
+(CSV), ``robustness_report`` (Markdown), and the figures ``robust_accuracy_vs_eps`` and
 ``adversarial_grid``.
 
-Taking the baselines' checkpoints as inputs orders the evaluation after their stages in the
-full ``__default__`` pipeline; in ``atop`` they are free inputs, loaded as ``None`` when
-missing (``TorchDataset(optional=True)``). If an attack's output fails its Great
-Expectations suite, ``evaluate_defenses`` raises and none of the report nodes run.
+The baselines' checkpoints are ``optional`` catalog entries (``None`` when their stages have
+not run: that defense is skipped); taking them as inputs orders the evaluation after their
+stages in ``__default__``. If an attack's output fails its Great Expectations suite, its node
+raises and none of the report nodes run.
 """
 
 from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.pipelines.evaluation.nodes import evaluate_defenses
-from atop.pipelines.evaluation.report import (
-    plot_adversarial_grid,
-    plot_robust_accuracy_vs_eps,
-    robustness_metrics,
-    robustness_report,
-    robustness_table,
-)
+from atop.evaluation.defenses import DEFENSES
+from atop.pipelines.evaluation.figures import plot_adversarial_grid, plot_robust_accuracy_vs_eps
+from atop.pipelines.evaluation.metrics import robustness_metrics, robustness_table
+from atop.pipelines.evaluation.nodes import INPUTS, collect_results, evaluate_node
+from atop.pipelines.evaluation.report import robustness_report
+
+SHARED = {
+    "test_set": "test_set",
+    "eval_indices": "eval_indices",
+    "class_names": "class_names",
+    "params": "params:evaluation",
+}
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """The evaluation pipeline (one attack node, five report nodes)."""
+    """The evaluation pipeline: one node per defense, the gathering node, five report nodes."""
+    per_defense = [
+        Node(
+            func=evaluate_node(name),
+            inputs={**SHARED, **{key: key for key in INPUTS[name]}},
+            outputs=f"evaluation_{name}",
+            name=f"evaluate_{name}",
+        )
+        for name in DEFENSES
+    ]
     return Pipeline(
         [
+            *per_defense,
             Node(
-                func=evaluate_defenses,
-                inputs=[
-                    "test_set",
-                    "eval_indices",
-                    "class_names",
-                    "classifier",
-                    "purifier",
-                    "atop_purifier",
-                    "pgd_at_classifier",
-                    "rvs_classifier",
-                    "params:evaluation",
-                ],
+                func=collect_results,
+                inputs={
+                    "params": "params:evaluation",
+                    "eval_indices": "eval_indices",
+                    "class_names": "class_names",
+                    "atop_purifier": "atop_purifier",
+                    **{name: f"evaluation_{name}" for name in DEFENSES},
+                },
                 outputs="robustness_results",
-                name="evaluate_defenses",
+                name="collect_results",
             ),
+            Node(robustness_metrics, "robustness_results", "robustness", name="robustness_metrics"),
+            Node(robustness_table, "robustness", "robustness_table", name="robustness_table"),
             Node(
-                func=robustness_metrics,
-                inputs="robustness_results",
-                outputs="robustness",
-                name="robustness_metrics",
-            ),
-            Node(
-                func=robustness_table,
-                inputs="robustness",
-                outputs="robustness_table",
-                name="robustness_table",
-            ),
-            Node(
-                func=robustness_report,
-                inputs=["robustness_results", "robustness"],
-                outputs="robustness_report",
+                robustness_report,
+                ["robustness_results", "robustness"],
+                "robustness_report",
                 name="robustness_report",
             ),
             Node(
-                func=plot_robust_accuracy_vs_eps,
-                inputs="robustness_results",
-                outputs="robust_accuracy_vs_eps",
+                plot_robust_accuracy_vs_eps,
+                "robustness_results",
+                "robust_accuracy_vs_eps",
                 name="plot_robust_accuracy_vs_eps",
             ),
             Node(
-                func=plot_adversarial_grid,
-                inputs="robustness_results",
-                outputs="adversarial_grid",
+                plot_adversarial_grid,
+                "robustness_results",
+                "adversarial_grid",
                 name="plot_adversarial_grid",
             ),
         ]

@@ -1,11 +1,7 @@
-"""The robustness report: metrics JSON (DVC), CSV table, Markdown report and two figures.
+"""The Markdown robustness report (``robustness_report.md``), laid out like the paper's tables.
 
-Every number comes from :func:`robustness_metrics` (the JSON written for ``dvc metrics
-show``); the CSV and the Markdown tables are formatted from it, so the three always agree.
-Accuracies are fractions in ``[0, 1]`` in the JSON and the CSV, percentages with two
-decimals in the Markdown (the paper's tables). Figures are built on
-:class:`matplotlib.figure.Figure` (no pyplot state, no display: headless Agg).
-Plain functions, no Kedro imports.
+Every number comes from :func:`atop.pipelines.evaluation.metrics.robustness_metrics`;
+accuracies are percentages with two decimals. Plain functions, no Kedro imports.
 """
 
 from __future__ import annotations
@@ -14,10 +10,8 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import pandas as pd
-from matplotlib.figure import Figure
-
-from atop.pipelines.evaluation.nodes import format_eps
+from atop.evaluation.protocol import format_eps
+from atop.pipelines.evaluation.metrics import WORST_CASES, reference_attack
 
 ALGORITHMS = {
     "fgsm": "FGSM",
@@ -26,7 +20,6 @@ ALGORITHMS = {
     "cw": "C&W",
 }
 NORM_TEXT = {"Linf": "ℓ∞", "L2": "ℓ2"}
-WORST_CASES = (("worst_case_linf", "Linf"), ("worst_case_l2", "L2"), ("worst_case", "all"))
 CHECKS = {
     "eps_monotonic": "accuracy does not rise with ε",
     "large_eps_near_zero": "≈ 0 at the largest ε",
@@ -34,132 +27,6 @@ CHECKS = {
     "iterative_beats_single_step": "PGD at least as strong as FGSM",
     "bpda_vs_exact": "exact gradients at least as strong as BPDA",
 }
-
-
-def _acc(values: Sequence[bool]) -> float:
-    return sum(bool(v) for v in values) / len(values)
-
-
-def eps_key(eps: float, norm: str) -> str:
-    """JSON key of one ε of the sweep: ``"8/255"`` (ℓ∞) or ``"0.5"`` (ℓ2)."""
-    return format_eps(eps, norm)
-
-
-def _reference(results: Mapping[str, Any]) -> dict[str, Any]:
-    label = results["settings"]["sanity"]["reference"]
-    return next(a for a in results["attacks"] if a["label"] == label)
-
-
-def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The metrics JSON (``data/08_reporting/robustness.json``, tracked by DVC).
-
-    Layout (nested dicts of scalars; ``dvc metrics show`` flattens them with dots)::
-
-        settings:   n_images, n_eval_indices, n_sanity_images, seed, draws, batch_size,
-                    device, n_classes,
-                    attacks.<label>: {name, norm, eps, steps, eot_iter, ...} (the spec;
-                        eot_iter is the stochastic defenses'; deterministic ones use 1),
-                    sanity: {reference, z, min_images, large_eps_max_acc, ...}
-        defenses.<defense>: clean_acc, robust_acc.<label>, worst_case_acc,
-                    worst_case_linf_acc, worst_case_l2_acc, train_seconds (total, or null),
-                    attack_seconds
-        robust_acc_vs_eps.<defense>.<eps>   ("8/255" keys for ℓ∞)
-        sanity.<defense>.<check>            "pass" | "fail" | "not run"
-        unseen: training_attack (text), seen.<label> (bool)
-        skipped.<defense>                   why it was not evaluated
-
-    Args:
-        results: the output of :func:`atop.pipelines.evaluation.nodes.evaluate_defenses`.
-    """
-    settings = results["settings"]
-    reference = _reference(results)
-    attacks = {}
-    for attack in results["attacks"]:
-        spec = {k: v for k, v in attack["spec"].items() if k != "name"}
-        attacks[attack["label"]] = {"name": attack["name"], **spec, "norm": attack["norm"]}
-        attacks[attack["label"]]["eps"] = attack["eps"]
-    sanity_settings = dict(settings["sanity"])
-    stronger = sanity_settings.pop("stronger")
-    sanity_settings.pop("eps_sweep")
-    sanity_settings.update({f"stronger_{k}": v for k, v in stronger.items()})
-    defenses, vs_eps, sanity = {}, {}, {}
-    for name, res in results["defenses"].items():
-        entry = {
-            "clean_acc": _acc(res["clean"]),
-            "robust_acc": {label: _acc(a["correct"]) for label, a in res["attacks"].items()},
-        }
-        for key, scope in WORST_CASES:
-            if scope in res["worst_case"]:
-                entry[f"{key}_acc"] = _acc(res["worst_case"][scope])
-        entry["train_seconds"] = res["total_train_seconds"]
-        entry["attack_seconds"] = round(sum(a["seconds"] for a in res["attacks"].values()), 2)
-        defenses[name] = entry
-        vs_eps[name] = {eps_key(p["eps"], reference["norm"]): p["acc"] for p in res["sweep"]}
-        sanity[name] = {check: value["status"] for check, value in res["sanity"].items()}
-    unseen = results["unseen"]
-    return {
-        "settings": {
-            "n_images": settings["n_images"],
-            "n_eval_indices": settings["n_eval_indices"],
-            "n_sanity_images": settings["n_sanity_images"],
-            "seed": settings["seed"],
-            "draws": settings["draws"],
-            "batch_size": settings["batch_size"],
-            "device": settings["device"],
-            "n_classes": settings["dataset_classes"],
-            "attacks": attacks,
-            "sanity": sanity_settings,
-        },
-        "defenses": defenses,
-        "robust_acc_vs_eps": vs_eps,
-        "sanity": sanity,
-        "unseen": {
-            "training_attack": _attack_text(unseen["training_attack"]),
-            "seen": dict(unseen["seen"]),
-        },
-        "skipped": dict(results["skipped"]),
-    }
-
-
-def _attack_text(spec: Mapping[str, Any] | None) -> str | None:
-    """``"fgsm Linf 8/255"`` for a training attack spec (``None`` when unknown)."""
-    if not spec:
-        return None
-    norm = spec.get("norm", "Linf")
-    eps = spec.get("eps")
-    return f"{spec.get('name')} {norm} {format_eps(eps, norm) if eps is not None else ''}".strip()
-
-
-def robustness_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
-    """The CSV table: one row per defense; accuracies in ``[0, 1]``.
-
-    Columns: ``defense``, ``clean``, one per attack label (empty where the attack does not
-    apply), ``worst_case_linf``, ``worst_case_l2``, ``worst_case``, ``train_seconds``,
-    ``n_images``.
-    """
-    labels = list(metrics["settings"]["attacks"])
-    rows = []
-    for name, entry in metrics["defenses"].items():
-        row: dict[str, Any] = {"defense": name, "clean": entry["clean_acc"]}
-        for label in labels:
-            row[label] = entry["robust_acc"].get(label, math.nan)
-        for key, _ in WORST_CASES:
-            row[key] = entry.get(f"{key}_acc", math.nan)
-        row["train_seconds"] = entry["train_seconds"]
-        row["n_images"] = metrics["settings"]["n_images"]
-        rows.append(row)
-    columns = [
-        "defense",
-        "clean",
-        *labels,
-        *(k for k, _ in WORST_CASES),
-        "train_seconds",
-        "n_images",
-    ]
-    return pd.DataFrame(rows, columns=columns)
-
-
-# --------------------------------------------------------------------------- Markdown
 
 
 def _pct(value: float | None) -> str:
@@ -227,7 +94,7 @@ def robustness_report(results: Mapping[str, Any], metrics: Mapping[str, Any]) ->
     ε sweep; attack times; skipped defenses and gaps.
 
     Args:
-        results: from :func:`atop.pipelines.evaluation.nodes.evaluate_defenses`.
+        results: from :func:`atop.pipelines.evaluation.nodes.collect_results`.
         metrics: from :func:`robustness_metrics` (every number shown comes from it).
     """
     s = metrics["settings"]
@@ -235,7 +102,7 @@ def robustness_report(results: Mapping[str, Any], metrics: Mapping[str, Any]) ->
     labels = [a["label"] for a in attacks]
     defenses = metrics["defenses"]
     stochastic = [n for n, r in results["defenses"].items() if r["stochastic"]]
-    reference = _reference(results)
+    reference = reference_attack(results)
     out = ["# Robustness report", ""]
     out.append(
         f"Clean and robust accuracy (%) of every defense on the **same {s['n_images']} test "
@@ -460,71 +327,3 @@ def _time_sections(
     if notes or gaps:
         out += ["## Skipped and gaps", "", *(f"- {line}" for line in notes + gaps), ""]
     return out
-
-
-# --------------------------------------------------------------------------- figures
-
-
-def plot_robust_accuracy_vs_eps(results: Mapping[str, Any]) -> Figure:
-    """Robust accuracy vs ε of the reference PGD-EOT attack, one line per defense."""
-    reference = _reference(results)
-    linf = reference["norm"] == "Linf"
-    figure = Figure(figsize=(6, 4), dpi=120)
-    axes = figure.add_subplot()
-    for name, res in results["defenses"].items():
-        xs = [p["eps"] * 255 if linf else p["eps"] for p in res["sweep"]]
-        axes.plot(xs, [100 * p["acc"] for p in res["sweep"]], marker="o", label=name)
-    axes.axvline(reference["eps"] * 255 if linf else reference["eps"], color="gray", ls=":", lw=1)
-    spec = reference["spec"]
-    axes.set_xlabel("ε (× 1/255)" if linf else "ε (ℓ2)")
-    axes.set_ylabel("robust accuracy (%)")
-    axes.set_ylim(-2, 102)
-    axes.set_title(
-        f"PGD-{spec['steps']} {NORM_TEXT[reference['norm']]}, EOT {spec['eot_iter']} "
-        f"({results['settings']['n_sanity_images']} images)",
-        fontsize=10,
-    )
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
-    figure.tight_layout()
-    return figure
-
-
-def plot_adversarial_grid(results: Mapping[str, Any]) -> Figure:
-    """Rows: clean, adversarial, transformed ``t(x')`` (holes black), purified ``g(t(x'))``."""
-    grid = results["grid"]
-    if grid is None:
-        figure = Figure(figsize=(4, 1))
-        figure.text(0.5, 0.5, "no adversarial grid (defense or attack not evaluated)", ha="center")
-        return figure
-    names = results["class_names"]
-    rows = [
-        (title, grid[key])
-        for title, key in (
-            ("clean", "clean"),
-            ("adversarial", "adversarial"),
-            ("transformed t(x')", "transformed"),
-            ("purified g(t(x'))", "purified"),
-        )
-        if grid[key] is not None
-    ]
-    n = len(grid["labels"])
-    figure = Figure(figsize=(1.3 * n + 1.2, 1.45 * len(rows) + 0.5), dpi=110)
-    axes = figure.subplots(len(rows), n, squeeze=False)
-    for r, (title, images) in enumerate(rows):
-        for c in range(n):
-            ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(title, fontsize=8)
-            if r == 0:
-                ax.set_title(names[grid["labels"][c]], fontsize=8)
-            if r == len(rows) - 1:
-                pred = grid["prediction"][c]
-                ok = pred == grid["labels"][c]
-                ax.set_xlabel(f"f: {names[pred]}", fontsize=8, color="green" if ok else "red")
-    figure.suptitle(f"{grid['defense']}: {grid['attack']}", fontsize=9)
-    figure.tight_layout()
-    return figure

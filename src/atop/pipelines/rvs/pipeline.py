@@ -2,15 +2,14 @@
 
 ``train_set``, ``test_set``, ``class_names``, ``eval_indices`` (from data_ingestion) ->
 ``train_rvs`` -> ``rvs_classifier``, ``rvs_generator`` (checkpoints), ``rvs_history`` ->
-``evaluate_rvs`` -> ``rvs_metrics`` (clean and PGD-20 accuracy).
+``quick_check_rvs`` -> ``rvs_metrics`` (clean and PGD-20 accuracy).
 """
 
 from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.pipelines.adversarial_training.nodes import evaluate_robust_classifier
-from atop.pipelines.rvs.nodes import train_rvs
+from atop.pipelines.rvs.nodes import quick_check_rvs, train_rvs
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -24,10 +23,10 @@ def create_pipeline(**kwargs) -> Pipeline:
                 name="train_rvs",
             ),
             Node(
-                func=evaluate_robust_classifier,
+                func=quick_check_rvs,
                 inputs=["rvs_classifier", "test_set", "eval_indices", "params:rvs"],
                 outputs="rvs_metrics",
-                name="evaluate_rvs",
+                name="quick_check_rvs",
             ),
         ]
     )

@@ -7,7 +7,7 @@ import torch
 
 from atop.defense import purify_draw
 from atop.models.purifier import build_purifier
-from atop.purifier_training import PurifierStep
+from atop.trainers.purifier import PurifierStep
 from atop.transforms import RandomTransform
 
 SMALL = {"cnum": 8, "disc_cnum": 8}

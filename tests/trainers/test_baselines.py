@@ -1,4 +1,5 @@
-"""Tests of the PGD-AT and RvS training steps (atop.baselines) on real CIFAR-10 images."""
+"""Tests of the PGD-AT and RvS training steps (atop.trainers.pgd_at, atop.trainers.rvs) on
+real CIFAR-10 images."""
 
 from __future__ import annotations
 
@@ -7,20 +8,21 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+import torchattacks
 
-from atop.baselines import (
-    build_pgd_at_attack,
+from atop.models.classifiers import build_classifier
+from atop.models.rvs import RvSGenerator, sample_adversarial
+from atop.ot import entropic_ot
+from atop.params import ParameterError
+from atop.trainers.pgd_at import PGDTrainAttackParams, pgd_at_step, pgd_attack
+from atop.trainers.rvs import (
     features_of,
-    pgd_at_step,
     rvs_classifier_loss,
     rvs_classifier_step,
     rvs_generator_loss,
     rvs_generator_step,
     rvs_step,
 )
-from atop.models.classifiers import build_classifier
-from atop.models.rvs import RvSGenerator, sample_adversarial
-from atop.ot import entropic_ot
 
 EPS = 8 / 255
 N_IMAGES = 16
@@ -43,13 +45,23 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def attack_params(eps: float = EPS, alpha: float = 2 / 255, steps: int = 10):
+    """The training attack block (Madry et al.: eps 8/255, step 2/255, 10 steps)."""
+    return PGDTrainAttackParams(eps=eps, alpha=alpha, steps=steps)
+
+
+def madry_pgd(model, **kwargs):
+    """:func:`pgd_attack` on ``model`` for the 10 CIFAR-10 classes."""
+    return pgd_attack(model, attack_params(**kwargs), n_classes=10)
+
+
 # ----------------------------------------------------------------------------- PGD-AT
 
 
 def test_pgd_attack_stays_in_the_eps_ball_and_raises_the_loss(batch):
     x, y = batch
     model = tiny_classifier()
-    attack = build_pgd_at_attack(model, eps=EPS, alpha=2 / 255, steps=10)
+    attack = madry_pgd(model, eps=EPS, alpha=2 / 255, steps=10)
     torch.manual_seed(0)
     x_adv = attack(x, y)
     assert (x_adv - x).abs().max() <= EPS + 1e-6
@@ -59,11 +71,23 @@ def test_pgd_attack_stays_in_the_eps_ball_and_raises_the_loss(batch):
         assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
 
 
+def test_pgd_attack_is_torchattacks_pgd_with_a_random_start(batch):
+    """The training attack is the evaluation's ``pgd`` with one EOT sample: the same
+    adversarial examples as ``torchattacks.PGD`` (random start) from the same seed."""
+    x, y = batch
+    model = tiny_classifier().eval()
+    torch.manual_seed(5)
+    ours = madry_pgd(model, steps=3)(x, y)
+    torch.manual_seed(5)
+    reference = torchattacks.PGD(model, eps=EPS, alpha=2 / 255, steps=3, random_start=True)(x, y)
+    assert torch.equal(ours, reference)
+
+
 def test_pgd_at_lowers_the_adversarial_loss_on_a_fixed_batch(batch):
     x, y = batch
     model = tiny_classifier()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    attack = build_pgd_at_attack(model, steps=3)  # fewer PGD steps keep the test fast
+    attack = madry_pgd(model, steps=3)  # fewer PGD steps keep the test fast
     torch.manual_seed(0)
     losses = [pgd_at_step(model, optimizer, x, y, attack=attack)["loss"] for _ in range(6)]
     assert losses[-1] < losses[0]
@@ -73,7 +97,7 @@ def test_pgd_at_leaves_the_model_in_train_mode(batch):
     x, y = batch
     model = tiny_classifier().eval()  # whatever mode the caller left
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    out = pgd_at_step(model, optimizer, x, y, attack=build_pgd_at_attack(model, steps=2))
+    out = pgd_at_step(model, optimizer, x, y, attack=madry_pgd(model, steps=2))
     assert set(out) == {"loss", "adv_acc"} and all(isinstance(v, float) for v in out.values())
     assert all(module.training for module in model.modules())
 
@@ -81,15 +105,16 @@ def test_pgd_at_leaves_the_model_in_train_mode(batch):
 def test_pgd_at_rejects_an_attack_on_another_model(batch):
     x, y = batch
     model = tiny_classifier()
-    other = build_pgd_at_attack(tiny_classifier(1), steps=1)
-    with pytest.raises(ValueError, match="build_pgd_at_attack"):
+    other = madry_pgd(tiny_classifier(1), steps=1)
+    with pytest.raises(ValueError, match="pgd_attack"):
         pgd_at_step(model, torch.optim.SGD(model.parameters(), lr=0.01), x, y, attack=other)
 
 
 @pytest.mark.parametrize(("kwargs", "match"), [({"eps": 8.0}, "eps"), ({"steps": 0}, "steps")])
 def test_bad_pgd_settings_raise(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        build_pgd_at_attack(tiny_classifier(), **kwargs)
+    # refused when the attack block is built, before any attack on a model
+    with pytest.raises(ParameterError, match=match):
+        attack_params(**kwargs)
 
 
 # -------------------------------------------------------------------------------- RvS

@@ -1,24 +1,28 @@
 """The classifier-training setup shared by classifier pretraining, PGD-AT and RvS
-(atop.classifier_training), on real CIFAR-10 images with the stages' smoke parameters."""
+(atop.trainers.common), on real CIFAR-10 images with the stages' smoke parameters."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from atop.classifier_training import (
-    NOT_IN_FINGERPRINT,
+from atop.data import random_subset
+from atop.params import ParameterError
+from atop.trainers.common import (
+    OptimizerParams,
+    ScheduleParams,
     channel_stats,
     classifier_sgd,
-    eval_subset,
     lr_factor,
     prepare_training,
-    random_subset,
     training_loop,
     training_meta,
     training_summary,
 )
-from tests.pipelines.adversarial_training.test_pipeline import cifar10_inputs, stage_params
+from tests.pipelines.adversarial_training.test_pipeline import cifar10_inputs, smoke_params
+
+#: Parameters that do not change the trained weights (left out of the resume fingerprint).
+NOT_IN_FINGERPRINT = {"device", "resume_path", "progress", "eval_batch_size", "robust_eval"}
 
 
 @pytest.fixture(scope="module")
@@ -29,9 +33,9 @@ def inputs(data_root) -> dict:
 
 def pretraining_setup(inputs, tmp_path):
     """prepare_training as train_classifier calls it (smoke parameters)."""
-    params = stage_params("classifier_pretraining", tmp_path)
+    params = smoke_params("classifier_pretraining", tmp_path)
     n_test = len(inputs["test_set"]["labels"])
-    monitor = eval_subset(n_test, params["eval_subset"], params["seed"])
+    monitor = random_subset(n_test, params.val_images, params.seed)
     setup = prepare_training(
         inputs["train_set"],
         inputs["test_set"],
@@ -46,7 +50,7 @@ def pretraining_setup(inputs, tmp_path):
 
 def baseline_setup(inputs, tmp_path, stage="adversarial_training", **overrides):
     """prepare_training as train_pgd_at / train_rvs call it (smoke parameters)."""
-    params = {**stage_params(stage, tmp_path), **overrides}
+    params = smoke_params(stage, tmp_path, **overrides)
     setup = prepare_training(
         inputs["train_set"],
         inputs["test_set"],
@@ -63,37 +67,39 @@ def test_classifier_pretraining_decays_every_parameter(inputs, tmp_path):
     groups = setup.optimizer.param_groups
     assert len(groups) == 1  # plain torch SGD weight_decay
     assert groups[0]["params"] == list(setup.classifier.parameters())
-    opt = params["optimizer"]
-    assert groups[0]["weight_decay"] == opt["weight_decay"] > 0
-    assert (groups[0]["lr"], groups[0]["momentum"]) == (opt["lr"], opt["momentum"])
-    assert groups[0]["nesterov"] == opt["nesterov"]
+    opt = params.optimizer
+    assert groups[0]["weight_decay"] == opt.weight_decay > 0
+    assert (groups[0]["lr"], groups[0]["momentum"]) == (opt.lr, opt.momentum)
+    assert groups[0]["nesterov"] == opt.nesterov
 
     assert setup.channels_last is True  # the stage sets it (also on CPU)
-    assert len(setup.batches.labels) == len(inputs["train_set"]["labels"])  # no train_subset
+    assert params.train_images is None
+    assert len(setup.batches.labels) == len(inputs["train_set"]["labels"])  # every image
     assert torch.equal(setup.monitor_images, inputs["test_set"]["images"][monitor])
     assert torch.equal(setup.monitor_labels, inputs["test_set"]["labels"][monitor])
-    assert setup.config["width"] == params["arch_kwargs"]["width"]
+    assert setup.config["width"] == params.arch_kwargs["width"]
     mean, std = channel_stats(inputs["train_set"]["images"])
     assert (setup.config["mean"], setup.config["std"]) == (mean, std)
     fingerprint = setup.loop.fingerprint
     assert not NOT_IN_FINGERPRINT & set(fingerprint)
     assert fingerprint["n_train"] == 192 and fingerprint["n_test"] == 64
-    assert fingerprint["optimizer"] == params["optimizer"]
+    assert fingerprint["optimizer"] == params.optimizer.to_dict()
 
 
 @pytest.mark.parametrize("stage", ["adversarial_training", "rvs"])
 def test_baselines_decay_only_conv_and_linear_weights(stage, inputs, tmp_path):
-    setup, params = baseline_setup(inputs, tmp_path, stage, train_subset=100)
+    setup, params = baseline_setup(inputs, tmp_path, stage, train_images=100)
     decayed, plain = setup.optimizer.param_groups
     parameters = list(setup.classifier.parameters())
     assert decayed["params"] == [p for p in parameters if p.ndim > 1]
     assert plain["params"] == [p for p in parameters if p.ndim <= 1] and plain["params"]
-    assert decayed["weight_decay"] == params["optimizer"]["weight_decay"] > 0
+    assert decayed["weight_decay"] == params.optimizer.weight_decay > 0
     assert plain["weight_decay"] == 0.0
-    assert decayed["lr"] == plain["lr"] == params["optimizer"]["lr"]
+    assert decayed["lr"] == plain["lr"] == params.optimizer.lr
 
-    assert setup.channels_last is False  # no channels_last key: CUDA only
-    keep = random_subset(192, 100, params["seed"])
+    assert params.channels_last is None
+    assert setup.channels_last is False  # channels_last null: CUDA only
+    keep = random_subset(192, 100, params.seed, sort=False)  # in draw order
     assert torch.equal(setup.batches.images, inputs["train_set"]["images"][keep])
     mean, std = channel_stats(inputs["train_set"]["images"][keep])
     assert (setup.config["mean"], setup.config["std"]) == (mean, std)
@@ -121,7 +127,7 @@ def test_prepare_training_rejects_bad_inputs(inputs, tmp_path):
             inputs["train_set"],
             inputs["test_set"],
             inputs["class_names"],
-            stage_params("rvs", tmp_path),
+            smoke_params("rvs", tmp_path),
             monitor_indices=[],
             desc="rvs",
         )
@@ -130,12 +136,13 @@ def test_prepare_training_rejects_bad_inputs(inputs, tmp_path):
             inputs["train_set"],
             inputs["test_set"],
             inputs["class_names"][:5],
-            stage_params("rvs", tmp_path),
+            smoke_params("rvs", tmp_path),
             monitor_indices=inputs["eval_indices"],
             desc="rvs",
         )
-    with pytest.raises(ValueError, match="positive number"):
-        baseline_setup(inputs, tmp_path, train_subset=0)
+    # a bad training subset is refused when the parameters are built (before any training)
+    with pytest.raises(ParameterError, match=r"train_images=0 is out of range"):
+        baseline_setup(inputs, tmp_path, train_images=0)
 
 
 def test_training_loop_scores_the_monitor_images_meta_and_summary(inputs, tmp_path):
@@ -154,7 +161,7 @@ def test_training_loop_scores_the_monitor_images_meta_and_summary(inputs, tmp_pa
     assert 0.0 <= history[0]["test_acc"] <= 1.0
     total = 2  # one epoch of two batches: the one-cycle schedule's warm-up is 0 steps
     assert history[0]["lr"] == pytest.approx(
-        params["optimizer"]["lr"] * lr_factor(params["schedule"], total)(1)
+        params.optimizer.lr * lr_factor(params.schedule, total)(1)
     )
     meta = training_meta(setup, history, inputs["class_names"])
     assert set(meta) == {
@@ -165,9 +172,9 @@ def test_training_loop_scores_the_monitor_images_meta_and_summary(inputs, tmp_pa
         "n_train",
         "last_epoch_test_acc",
     }
-    assert meta["n_train"] == 192 and meta["device"] == "cpu"  # train_subset 256 > 192
+    assert meta["n_train"] == 192 and meta["device"] == "cpu"  # train_images 256 > 192
     assert meta["last_epoch_test_acc"] == history[-1]["test_acc"]
-    summary = training_summary({"arch": params["arch"], "meta": meta}, n_test=64)
+    summary = training_summary({"arch": params.arch, "meta": meta}, n_test=64)
     assert summary == {
         "train_seconds": meta["train_seconds"],
         "epochs": 1,
@@ -190,30 +197,43 @@ def test_subsets_are_seeded_and_distinct():
     a = random_subset(1000, 100, seed=3)
     assert torch.equal(a, random_subset(1000, 100, seed=3)) and len(a.unique()) == 100
     assert not torch.equal(a, random_subset(1000, 100, seed=4))
-    assert random_subset(1000, None, 0) is None and random_subset(1000, 1000, 0) is None
-    assert torch.equal(eval_subset(1000, 100, 3), a.sort().values)
-    assert torch.equal(eval_subset(50, None, 0), torch.arange(50))
-    with pytest.raises(ValueError, match="positive number"):
+    assert a.dtype == torch.int64
+    # every item (in increasing order) when the size is null or covers them all
+    assert torch.equal(random_subset(1000, None, 0), torch.arange(1000))
+    assert torch.equal(random_subset(1000, 1000, 0), torch.arange(1000))
+    assert torch.equal(random_subset(50, None, 0), torch.arange(50))
+    # sorted by default: the draw order, sorted
+    drawn = random_subset(1000, 100, 3, sort=False)
+    assert not torch.equal(drawn, a) and torch.equal(a, drawn.sort().values)
+    with pytest.raises(ValueError, match="at least one item"):
         random_subset(1000, 0, 0)
 
 
 def test_classifier_sgd_on_a_tiny_model():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
-    spec = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-3}
+    spec = OptimizerParams(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
     weights_only = classifier_sgd(model, spec)
     assert [len(g["params"]) for g in weights_only.param_groups] == [1, 3]
     every = classifier_sgd(model, spec, decay_all=True)
     assert [len(g["params"]) for g in every.param_groups] == [4]
 
 
+def schedule(name: str, warmup_fraction: float = 0.0, **changes) -> ScheduleParams:
+    """A schedule block (every key is required; milestones and gamma matter for multistep)."""
+    values = {"name": name, "warmup_fraction": warmup_fraction, "milestones": [], "gamma": 0.1}
+    return ScheduleParams(**{**values, **changes})
+
+
 def test_lr_schedules():
     total = 100
-    onecycle = lr_factor({"name": "onecycle", "warmup_fraction": 0.25}, total)
+    onecycle = lr_factor(schedule("onecycle", warmup_fraction=0.25), total)
     assert onecycle(0) == pytest.approx(1 / 25) and onecycle(24) == pytest.approx(1.0)
     assert onecycle(62) == pytest.approx(0.5, abs=0.01) and onecycle(99) < 0.02
-    cosine = lr_factor({"name": "cosine"}, total)
+    cosine = lr_factor(schedule("cosine"), total)
     assert cosine(0) == 1.0 and cosine(50) == pytest.approx(0.5) and cosine(99) < 0.01
-    multistep = lr_factor({"name": "multistep", "milestones": [0.5, 0.75], "gamma": 0.1}, total)
+    multistep = lr_factor(schedule("multistep", milestones=[0.5, 0.75], gamma=0.1), total)
     assert [multistep(s) for s in (49, 50, 74, 75)] == pytest.approx([1, 0.1, 0.1, 0.01])
-    with pytest.raises(ValueError, match="Unknown schedule"):
-        lr_factor({"name": "step"}, total)
+    # an unknown schedule name is refused when the parameters are built
+    with pytest.raises(ParameterError, match=r"name='step': choose one of"):
+        schedule("step")
+    assert issubclass(ParameterError, ValueError)

@@ -1,123 +1,81 @@
-"""Per-batch training steps of the robust-training baselines: PGD-AT and RvS.
+"""Robustness-via-Synthesis (Baytaş & Deb, Neurocomputing 2023, arXiv 2108.09713, §3).
 
-* **PGD adversarial training** (Madry et al., "Towards Deep Learning Models Resistant to
-  Adversarial Attacks", ICLR 2018, Eq. 2.1): each batch is replaced by PGD adversarial
-  examples (ℓ∞, eps 8/255, step 2/255, 10 steps, random start) and the classifier is trained
-  on them only. The attack is torchattacks' :class:`torchattacks.PGD`.
-* **Robustness-via-Synthesis** (Baytaş & Deb, Neurocomputing 2023, arXiv 2108.09713, §3):
-  the perturbations come from a noise-to-perturbation generator
-  (:class:`atop.models.rvs.RvSGenerator`). Per batch, one generator step maximizes the
-  entropic OT distance between the classifier's penultimate features of the clean and the
-  synthesized batches (it never sees labels), then one classifier step minimizes
-  ``CE(f(x_adv), smoothed y) + ot_weight * OT`` on freshly synthesized samples (as the
-  authors' code, which runs the two updates as separate graph evaluations).
+A classifier is trained from scratch together with a noise-to-perturbation generator
+(:class:`atop.models.rvs.RvSGenerator`). Per batch, one generator step maximizes the entropic
+OT distance between the classifier's penultimate features of the clean and the synthesized
+batches (it never sees labels), then one classifier step minimizes
+``CE(f(x_adv), smoothed y) + ot_weight * OT`` on freshly synthesized samples (as the authors'
+code, which runs the two updates as separate graph evaluations). The OT term is
+:func:`atop.ot.entropic_ot` (POT), passed in as ``ot_fn``. Setup and loop:
+:mod:`atop.trainers.common`. Label smoothing inflates PGD accuracy (method.md §2): judge RvS
+with the evaluation stage's AutoAttack.
 
-The functions here are the ``train_step`` bodies that :func:`atop.training.fit` calls; each
-does ``zero_grad``/``backward``/``step`` itself and returns its scalar terms as floats. Forward
-passes run under :func:`atop.training.autocast` (bf16 on CUDA, nothing on CPU) when
-``amp=True``; losses are computed in float32.
+Classifiers must return ``(logits, features)`` from ``classifier(x, return_features=True)``
+(one forward pass), as the models of :mod:`atop.models.classifiers` do.
 
-Classifiers must take float32 images in ``[0, 1]`` and, for RvS, return
-``(logits, features)`` from ``classifier(x, return_features=True)`` (one forward pass), as
-the models of :mod:`atop.models.classifiers` do.
-
-Core module: imports only torch, torchattacks and the standard library. The OT term
-(:func:`atop.ot.entropic_ot`, which needs POT) is passed in as ``ot_fn``.
+Core module: torch, POT and the project's core modules only.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-import torchattacks
 from torch import Tensor, nn
 
+from atop.models import classifier_checkpoint
 from atop.models.rvs import RvSGenerator, sample_adversarial
+from atop.params import Params, spec
+from atop.trainers.common import (
+    PIXEL_SCALE,
+    ClassifierTrainingParams,
+    prepare_training,
+    training_loop,
+    training_meta,
+)
+from atop.trainers.quick_check import RobustEvalParams
 from atop.training import autocast
 
 #: ``ot_fn(features_clean [n, d], features_adv [n, d]) -> 0-dim tensor``.
 OTFunction = Callable[[Tensor, Tensor], Tensor]
+#: ``arch`` of the generator checkpoint (``{"arch", "config", "state_dict", "meta"}``).
+GENERATOR_ARCH = "rvs-generator"
 
 
-def build_pgd_at_attack(
-    model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10
-) -> torchattacks.PGD:
-    """The PGD attack of Madry PGD-AT: ℓ∞, uniform random start in the eps-ball.
+@dataclass(init=False, frozen=True)
+class RvSGeneratorParams(Params):
+    """The RvS generator and its SGD (constant lr, no weight decay)."""
 
-    Build it once, after the model is on its device (torchattacks reads the device from the
-    model's parameters at construction). torchattacks puts the model in ``eval()`` mode while
-    it attacks (batch-norm uses its running statistics, dropout is off; its default
-    ``set_model_training_mode(False)``, the usual choice, e.g. TRADES) and puts it back in
-    ``train()`` mode afterwards if it was training.
-
-    Args:
-        model: the classifier being trained (float32 ``[B, 3, H, W]`` in ``[0, 1]`` -> logits).
-        eps: ℓ∞ radius on the ``[0, 1]`` scale (Madry et al.: 8/255).
-        alpha: step size (2/255).
-        steps: PGD iterations (10).
-
-    Returns:
-        A :class:`torchattacks.PGD` attack bound to ``model``.
-
-    Raises:
-        ValueError: ``eps`` or ``alpha`` not in ``(0, 1]``, or ``steps < 1``.
-    """
-    if not (0 < eps <= 1 and 0 < alpha <= 1):
-        raise ValueError(f"eps and alpha must be in (0, 1] (pixel scale), got {eps}, {alpha}.")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
-    return torchattacks.PGD(model, eps=eps, alpha=alpha, steps=steps, random_start=True)
+    eps: float = spec(gt=0, le=1, unit=PIXEL_SCALE)
+    z_dim: int = spec(ge=1)
+    lr: float = spec(gt=0, le=10)
+    momentum: float = spec(ge=0, lt=1)
 
 
-def pgd_at_step(
-    classifier: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    x: Tensor,
-    y: Tensor,
-    *,
-    attack: torchattacks.attack.Attack,
-    amp: bool = True,
-) -> dict[str, float]:
-    """One Madry PGD-AT step: attack the batch, then one optimizer step on the adversarial
-    examples only (Madry et al. 2018, Eq. 2.1).
+@dataclass(init=False, frozen=True)
+class OTParams(Params):
+    """Entropic OT between clean and synthesized penultimate features (POT)."""
 
-    The attack runs with the classifier in ``eval()`` mode (torchattacks' default); the update
-    runs in ``train()`` mode, which this function sets explicitly, so the classifier is left
-    in ``train()`` mode whatever its mode before.
+    weight: float = spec(ge=0)
+    reg: float = spec(gt=0)
+    num_iter: int = spec(ge=1)
 
-    Args:
-        classifier: the model being trained; must be ``attack``'s model.
-        optimizer: the classifier's optimizer (weight decay lives there).
-        x: clean images float32 ``[B, 3, H, W]`` in ``[0, 1]``.
-        y: labels int64 ``[B]``.
-        attack: built by :func:`build_pgd_at_attack` for ``classifier``.
-        amp: run the attack and forward pass under :func:`atop.training.autocast`.
 
-    Returns:
-        ``{"loss": CE on the adversarial batch, "adv_acc": training accuracy on it}``
-        (floats, before the update).
+@dataclass(init=False, frozen=True)
+class RvSParams(ClassifierTrainingParams):
+    """``rvs`` (conf/base/parameters_rvs.yml)."""
 
-    Raises:
-        ValueError: ``attack`` targets another model.
-    """
-    if attack.model is not classifier:
-        raise ValueError(
-            "The attack targets another model than the classifier being trained: build it "
-            "with `build_pgd_at_attack(classifier, ...)`."
-        )
-    with autocast(x.device, enabled=amp):
-        x_adv = attack(x, y)
-    classifier.train()
-    with autocast(x.device, enabled=amp):
-        logits = classifier(x_adv)
-    loss = F.cross_entropy(logits.float(), y)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.item(), "adv_acc": _accuracy(logits, y)}
+    KEY = "rvs"
+
+    generator: RvSGeneratorParams
+    label_smoothing: float = spec(ge=0, lt=1, unit="(mass moved off the true class)")
+    ot: OTParams
+    robust_eval: RobustEvalParams
 
 
 def features_of(classifier: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -222,7 +180,7 @@ def rvs_classifier_loss(
         "loss": loss.item(),
         "ce": ce.item(),
         "ot": ot_term.item(),
-        "adv_acc": _accuracy(logits_adv, y),
+        "adv_acc": (logits_adv.argmax(1) == y).float().mean().item(),
     }
     return loss, terms
 
@@ -360,6 +318,79 @@ def rvs_step(
     return {**terms, "generator_ot": generator_ot}
 
 
-def _accuracy(logits: Tensor, y: Tensor) -> float:
-    """Fraction of ``logits.argmax(1) == y``."""
-    return (logits.argmax(1) == y).float().mean().item()
+def train_rvs(
+    train_set: dict[str, Tensor],
+    test_set: dict[str, Tensor],
+    class_names: list[str],
+    monitor_indices: list[int],
+    params: RvSParams,
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, float]]]:
+    """RvS training of a classifier and its perturbation generator from scratch.
+
+    Args:
+        train_set, test_set: ``{"images": uint8 [N, 3, H, W], "labels": int64 [N]}``.
+        class_names: the classes.
+        monitor_indices: test images scored after each epoch (``test_acc``).
+        params: ``rvs``.
+
+    Returns:
+        ``(classifier_checkpoint, generator_checkpoint, history)``: the classifier as
+        :func:`atop.models.classifier_checkpoint` (meta adds the RvS settings); the generator
+        as ``{"arch": "rvs-generator", "config", "state_dict", "meta"}``; one row per epoch
+        (``epoch, loss, ce, ot, adv_acc, generator_ot, test_acc, lr, seconds``).
+
+    Raises:
+        ValueError: the images' side is not a multiple of 4.
+        atop.training.NonFiniteLossError: a term diverged (lower ``optimizer.lr``).
+    """
+    from atop.ot import entropic_ot  # POT: only when RvS trains
+
+    setup = prepare_training(
+        train_set, test_set, class_names, params, monitor_indices=monitor_indices, desc="rvs"
+    )
+    model, opt_classifier = setup.classifier, setup.optimizer
+    gen = params.generator
+    generator = RvSGenerator(
+        eps=gen.eps,
+        z_dim=gen.z_dim,
+        image_size=train_set["images"].shape[-1],
+        channels=train_set["images"].shape[1],
+    ).to(setup.device)
+    opt_generator = torch.optim.SGD(generator.parameters(), lr=gen.lr, momentum=gen.momentum)
+    ot_fn = functools.partial(entropic_ot, reg=params.ot.reg, num_iter=params.ot.num_iter)
+
+    def train_step(x: Tensor, y: Tensor) -> dict[str, float]:
+        return rvs_step(
+            model,
+            generator,
+            opt_classifier,
+            opt_generator,
+            x,
+            y,
+            ot_fn=ot_fn,
+            label_smoothing=params.label_smoothing,
+            ot_weight=params.ot.weight,
+            amp=params.amp,
+        )
+
+    history = training_loop(
+        setup,
+        {"classifier": model, "generator": generator},
+        {"classifier": opt_classifier, "generator": opt_generator},
+        train_step,
+        params,
+    )
+    meta = {
+        **training_meta(setup, history, class_names),
+        "generator": gen.to_dict(),
+        "label_smoothing": params.label_smoothing,
+        "ot": params.ot.to_dict(),
+    }
+    classifier = classifier_checkpoint(model, params.arch, setup.config, meta)
+    generator_checkpoint = {
+        "arch": GENERATOR_ARCH,
+        "config": generator.config(),
+        "state_dict": {k: v.detach().cpu().clone() for k, v in generator.state_dict().items()},
+        "meta": meta,
+    }
+    return classifier, generator_checkpoint, history

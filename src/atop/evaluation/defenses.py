@@ -1,0 +1,222 @@
+"""The defenses under evaluation, rebuilt from checkpoint files in a few lines.
+
+* ``standard``: the bare classifier ``f``;
+* ``ap``: ``f(g(t(x)))`` with the pretrained purifier (no AToP);
+* ``atop``: ``f(g(t(x)))`` with the AToP fine-tuned purifier (paper Eq. 9);
+* ``pgd_at``, ``rvs``: the baselines' robust classifiers.
+
+:func:`load_defense` is the user-facing entry (paths or checkpoint dicts in, a model out);
+:func:`build_defenses` is what the evaluation stage does for each defense it is asked for.
+
+Core module: torch and the project's core modules only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from atop.checkpoint import load_safe
+from atop.defense import PurifiedClassifier
+from atop.models import load_classifier
+from atop.models.purifier import load_purifier
+from atop.training import resolve_device
+from atop.transforms import build_transform
+
+log = logging.getLogger(__name__)
+
+#: Every defense the evaluation knows, in report order.
+DEFENSES = ("standard", "ap", "atop", "pgd_at", "rvs")
+#: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).
+PURIFIED = ("ap", "atop")
+DESCRIPTIONS = {
+    "standard": "bare classifier f (no defense)",
+    "ap": "f(g(t(x))), pretrained purifier (no AToP)",
+    "atop": "f(g(t(x))), AToP fine-tuned purifier",
+    "pgd_at": "PGD adversarial training (Madry et al.)",
+    "rvs": "Robustness via Synthesis (Baytas & Deb)",
+}
+#: The checkpoints each defense is built from (catalog names).
+NEEDS = {
+    "standard": ("classifier",),
+    "ap": ("classifier", "purifier"),
+    "atop": ("classifier", "atop_purifier"),
+    "pgd_at": ("pgd_at_classifier",),
+    "rvs": ("rvs_classifier",),
+}
+
+Checkpoint = Mapping[str, Any] | str | os.PathLike
+
+
+@dataclass
+class Defense:
+    """A model under evaluation.
+
+    Attributes:
+        name: one of :data:`DEFENSES` (or any label for a user's model).
+        model: float32 ``[N, 3, H, W]`` in ``[0, 1]`` -> logits; eval mode, frozen.
+        stochastic: random at inference (purified defenses): EOT and fresh-draw judging.
+        train_seconds: training time of each stage needed to obtain the defense (from the
+            checkpoints' ``meta``; ``None`` where one does not record it).
+        transform: the random transform's parameters (purified defenses).
+    """
+
+    name: str
+    model: nn.Module
+    stochastic: bool
+    train_seconds: dict[str, float | None] = field(default_factory=dict)
+    transform: dict[str, Any] | None = None
+
+    @property
+    def total_train_seconds(self) -> float | None:
+        """Sum over the stages, ``None`` when any stage's time is unknown."""
+        values = list(self.train_seconds.values())
+        return None if not values or None in values else float(sum(values))
+
+
+def _seconds(checkpoint: Mapping[str, Any] | None, *path: str) -> float | None:
+    value: Any = (checkpoint or {}).get("meta", {})
+    for key in path:
+        value = value.get(key, {}) if isinstance(value, Mapping) else None
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
+    return model.to(device).eval().requires_grad_(False)
+
+
+def build_defense(
+    name: str, checkpoints: Mapping[str, Mapping[str, Any] | None], device: torch.device
+) -> Defense:
+    """Rebuild defense ``name`` from its checkpoint dicts (:data:`NEEDS`; frozen, eval mode).
+
+    Raises:
+        ValueError: unknown name, a missing checkpoint, or a purifier checkpoint without
+            ``meta.transform``.
+        atop.checkpoint.CheckpointError: a malformed checkpoint.
+    """
+    if name not in NEEDS:
+        raise ValueError(f"Unknown defense {name!r}: use one of {DEFENSES}.")
+    missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
+    if missing:
+        raise ValueError(f"Defense {name!r} needs the checkpoint(s) {missing}.")
+    if name not in PURIFIED:
+        key = NEEDS[name][0]
+        model = _frozen(load_classifier(checkpoints[key], device), device)
+        return Defense(name, model, False, {key: _seconds(checkpoints[key], "train_seconds")})
+    purifier_key = NEEDS[name][1]
+    purifier = checkpoints[purifier_key]
+    transform = purifier.get("meta", {}).get("transform")
+    if transform is None:
+        raise ValueError(
+            f"The {purifier_key} checkpoint has no meta.transform (the random transform t "
+            "it was trained with): rerun the stage that wrote it."
+        )
+    generator, _ = load_purifier(purifier, device)
+    classifier = load_classifier(checkpoints["classifier"], device)
+    model = PurifiedClassifier(classifier, generator, build_transform(transform))
+    seconds = {
+        "classifier": _seconds(checkpoints["classifier"], "train_seconds"),
+        "purifier": _seconds(checkpoints.get("purifier"), "train_seconds")
+        if checkpoints.get("purifier") is not None
+        else None,
+    }
+    if name == "atop":
+        seconds["atop_purifier"] = _seconds(purifier, "atop", "train_seconds")
+    return Defense(name, _frozen(model, device), True, seconds, model.transform.config.to_dict())
+
+
+def build_defenses(
+    checkpoints: Mapping[str, Mapping[str, Any] | None],
+    names: Sequence[str],
+    device: torch.device,
+) -> tuple[dict[str, Defense], dict[str, str]]:
+    """Rebuild the requested defenses (report order) from their checkpoint dicts.
+
+    Returns:
+        ``(defenses, skipped)``: the built defenses by name, and ``{name: reason}`` for
+        those whose checkpoints are missing (``None``).
+
+    Raises:
+        ValueError: an unknown defense name, or a purifier checkpoint without
+            ``meta.transform``.
+        atop.checkpoint.CheckpointError: a malformed checkpoint.
+    """
+    unknown = sorted(set(names) - set(DEFENSES))
+    if unknown:
+        raise ValueError(f"Unknown defense(s) {unknown}: use {DEFENSES}.")
+    defenses: dict[str, Defense] = {}
+    skipped: dict[str, str] = {}
+    for name in (n for n in DEFENSES if n in names):
+        missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
+        if missing:
+            skipped[name] = f"checkpoint {', '.join(missing)} not found (stage not run)"
+            log.warning("Skipping defense %r: %s", name, skipped[name])
+            continue
+        defenses[name] = build_defense(name, checkpoints, device)
+    return defenses, skipped
+
+
+def _load(checkpoint: Checkpoint | None) -> Mapping[str, Any] | None:
+    if checkpoint is None or isinstance(checkpoint, Mapping):
+        return checkpoint
+    return load_safe(checkpoint)
+
+
+def load_defense(
+    classifier: Checkpoint,
+    purifier: Checkpoint | None = None,
+    *,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """The defended model from checkpoint files: ``f`` alone, or ``f(g(t(x)))``.
+
+    Args:
+        classifier: the classifier checkpoint (``data/06_models/<dataset>/classifier.pt``,
+            or a baseline's ``pgd_at_classifier.pt`` / ``rvs_classifier.pt``), a path or the
+            loaded dict.
+        purifier: a purifier checkpoint (``purifier.pt`` for AP, ``purifier_atop.pt`` for
+            AToP); its ``meta.transform`` is the random transform ``t``. ``None``: ``f`` alone.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+
+    Returns:
+        An ``nn.Module`` in eval mode with frozen weights, mapping float32
+        ``[B, 3, H, W]`` images in ``[0, 1]`` to logits ``[B, n_classes]``; with a purifier
+        it is a :class:`atop.defense.PurifiedClassifier` (a fresh draw of ``t`` per call).
+
+    Raises:
+        atop.checkpoint.CheckpointError: a missing, unsafe or malformed file.
+        ValueError: a purifier checkpoint without ``meta.transform``.
+    """
+    device = resolve_device(str(device))
+    checkpoints = {"classifier": _load(classifier), "purifier": _load(purifier)}
+    name = "standard" if purifier is None else "ap"
+    return build_defense(name, checkpoints, device).model
+
+
+def unseen_attacks(
+    atop_purifier: Mapping[str, Any] | None, attacks: Sequence[tuple[str, str, str]]
+) -> dict[str, Any]:
+    """Which evaluation attacks the AToP purifier saw in fine-tuning (paper: "unseen").
+
+    An attack is *seen* when it is the fine-tuning attack's algorithm (same ``name``) in the
+    same norm (ε may differ). ``attacks`` lists ``(label, name, norm)``.
+
+    Returns:
+        ``{"training_attack": spec or None, "seen": {label: bool}}`` (``seen`` empty when
+        the training attack is unknown).
+    """
+    meta = (atop_purifier or {}).get("meta", {})
+    train = meta.get("atop", {}).get("attack")
+    if not train:
+        return {"training_attack": None, "seen": {}}
+    train_name = str(train.get("name", "")).lower()
+    train_norm = train.get("norm", "Linf")
+    seen = {label: name == train_name and norm == train_norm for label, name, norm in attacks}
+    return {"training_attack": dict(train), "seen": seen}

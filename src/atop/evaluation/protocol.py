@@ -1,0 +1,461 @@
+"""The robust-evaluation protocol as a library: attack a model, judge it honestly.
+
+:func:`evaluate` is the entry point (RobustBench's ``benchmark`` is the model)::
+
+    from atop import evaluate, load_defense
+    model = load_defense("classifier.pt", "purifier_atop.pt")
+    result = evaluate(model, images, labels, {"pgd": torchattacks.EOTPGD(model, ...)})
+    result.accuracy()            # {"clean": 0.48, "pgd": 0.16}
+
+The rules that keep the numbers honest (method.md §4):
+
+* Attacks hit the WHOLE model with exact gradients (through ``t`` and ``g`` for a purified
+  defense), with EOT for stochastic models (``eot_iter`` of each spec); deterministic models
+  get ``eot_iter = 1`` (:func:`defense_spec`).
+* A stochastic model is judged with ``draws`` fresh forward passes and a strict majority vote
+  (:func:`atop.attacks.robust_correct`), never with the single pass an attack used; clean
+  accuracy is judged the same way.
+* Every attack run starts from ``seed_everything(seed)``: a model's numbers do not depend on
+  what ran before.
+* The headline is the per-image worst case over clean and every ε-bounded attack (also per
+  threat model, ℓ∞ and ℓ2).
+
+Attack entries (the evaluation stage's ``attacks`` list) are :func:`atop.attacks.build_attack`
+specs plus a ``label``. C&W ℓ2 is unbounded: with an ``eps`` in its entry, successes with a
+larger ℓ2 perturbation are discarded (:func:`bound_l2`); without one it stays out of the worst
+cases.
+
+Core module: torch, torchattacks and the project's core modules only.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchattacks.attack import Attack
+from tqdm.auto import tqdm
+
+from atop.attacks import build_attack, robust_correct, run_attack, worst_case_correct
+from atop.data import to_unit
+from atop.evaluation.defenses import DESCRIPTIONS, Defense
+from atop.params import fraction
+from atop.training import seed_everything
+
+log = logging.getLogger(__name__)
+
+#: Keys an attack entry may have besides its ``build_attack`` spec.
+ENTRY_ONLY_KEYS = ("label",)
+#: Keys set by the evaluation itself (one home: the settings' ``seed`` and ``draws``).
+INJECTED_AUTOATTACK_KEYS = ("seed", "draws")
+#: ``validate(clean, adversarial, labels, eps, norm, name, indices)``: an extra check of an
+#: attack's output before it is judged (the pipeline passes its Great Expectations suite).
+Validator = Callable[[Tensor, Tensor, Tensor, float | None, str, str, Sequence[int]], None]
+
+
+def format_eps(eps: float | None, norm: str | None = "Linf") -> str:
+    """``8/255`` for ℓ∞ budgets that are whole multiples of 1/255, else ``0.5``; ``-`` for None."""
+    if eps is None:
+        return "-"
+    if norm == "Linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:g}"
+
+
+@dataclass(frozen=True)
+class AttackEntry:
+    """One attack of the evaluation.
+
+    Attributes:
+        label: unique name in the report (letters, digits, ``_``, ``-``).
+        spec: the :func:`atop.attacks.build_attack` spec (numbers parsed, no label).
+        norm: threat model, ``"Linf"`` or ``"L2"`` (C&W: ``"L2"``).
+        eps: perturbation bound on the ``[0, 1]`` scale, or ``None`` (unbounded C&W).
+    """
+
+    label: str
+    spec: dict[str, Any]
+    norm: str
+    eps: float | None
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+
+def parse_attacks(entries: Sequence[Mapping[str, Any]]) -> list[AttackEntry]:
+    """Parse an ``attacks`` list: labels, budgets (``"8/255"`` accepted), threat models.
+
+    The spec itself is checked by :func:`atop.attacks.build_attack`. ``autoattack`` entries
+    must not set ``seed`` or ``draws``: they come from the settings.
+
+    Raises:
+        ValueError: empty list, an entry without ``label``/``name``, duplicate labels,
+            ``seed``/``draws`` in an autoattack entry, or a non-numeric ``eps``/``alpha``.
+    """
+    if not entries:
+        raise ValueError("evaluation.attacks is empty: list at least one attack.")
+    parsed: list[AttackEntry] = []
+    for entry in entries:
+        if not isinstance(entry, Mapping) or "label" not in entry or "name" not in entry:
+            raise ValueError(
+                f"Each evaluation.attacks entry needs a 'label' and a 'name' (a build_attack "
+                f"spec), got {entry!r}"
+            )
+        label = str(entry["label"])
+        if not label.replace("_", "").replace("-", "").isalnum():
+            raise ValueError(f"Attack label {label!r}: use letters, digits, '_' or '-' only.")
+        if label in {e.label for e in parsed} or label in ("clean", "worst_case"):
+            raise ValueError(f"Attack label {label!r} is used twice (or reserved): rename it.")
+        spec = {k: v for k, v in entry.items() if k not in ENTRY_ONLY_KEYS}
+        spec["name"] = str(spec["name"]).lower()
+        for key in ("eps", "alpha"):
+            if key in spec:
+                try:
+                    spec[key] = fraction(spec[key])
+                except ValueError as exc:
+                    raise ValueError(f"Attack {label!r}: {key} {exc}") from None
+        eps = spec.get("eps")
+        if spec["name"] == "cw":
+            norm = "L2"
+            spec.pop("eps", None)
+        else:
+            norm = spec.get("norm", "Linf")
+        given = [k for k in INJECTED_AUTOATTACK_KEYS if k in spec]
+        if spec["name"] == "autoattack" and given:
+            raise ValueError(
+                f"Attack {label!r}: remove {given}; AutoAttack's seed and success-judge "
+                "draws come from evaluation.seed and evaluation.draws."
+            )
+        parsed.append(AttackEntry(label, spec, norm, eps))
+    return parsed
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How attacks run and verdicts are judged.
+
+    Attributes:
+        batch_size: images per attack call and per judging pass.
+        draws: fresh forward passes per verdict of a stochastic model (strict majority).
+        seed: every attack run starts from ``seed_everything(seed)``.
+        progress: tqdm bars.
+    """
+
+    batch_size: int = 64
+    draws: int = 5
+    seed: int = 0
+    progress: bool = False
+
+
+@dataclass
+class EvalData:
+    """Evaluation images: float32 ``[N, 3, H, W]`` in ``[0, 1]`` and int64 labels on the
+    evaluation device, their test-set ``indices`` and the number of classes."""
+
+    images: Tensor
+    labels: Tensor
+    indices: list[int]
+    n_classes: int
+
+    def head(self, n: int) -> EvalData:
+        """The first ``n`` images."""
+        return EvalData(self.images[:n], self.labels[:n], self.indices[:n], self.n_classes)
+
+
+def select_images(
+    test_set: Mapping[str, Tensor],
+    eval_indices: Sequence[int],
+    n_images: int | None,
+    n_classes: int,
+    device: torch.device,
+) -> EvalData:
+    """The first ``n_images`` of the fixed subset ``eval_indices`` (``None`` = all).
+
+    Raises:
+        ValueError: ``n_images`` < 1 or larger than the subset, indices out of range, or
+            labels outside the class range.
+    """
+    available = len(eval_indices)
+    n = available if n_images is None else int(n_images)
+    if not 1 <= n <= available:
+        raise ValueError(
+            f"evaluation.images={n_images} but eval_indices holds {available} images: "
+            f"choose 1..{available} (or null for all), or enlarge data_ingestion.eval_subset."
+        )
+    indices = [int(i) for i in eval_indices[:n]]
+    n_test = len(test_set["labels"])
+    if min(indices) < 0 or max(indices) >= n_test:
+        raise ValueError(
+            f"eval_indices point outside the test set ({n_test} images): rerun data_ingestion."
+        )
+    images = to_unit(test_set["images"][indices]).contiguous().to(device)
+    labels = test_set["labels"][indices].to(torch.int64).to(device)
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(
+            f"Labels span [{labels.min().item()}, {labels.max().item()}] but there are "
+            f"{n_classes} class names: rerun data_ingestion."
+        )
+    return EvalData(images, labels, indices, n_classes)
+
+
+@dataclass
+class AttackRun:
+    """The outcome of one attack on one model.
+
+    Attributes:
+        correct: bool ``[N]`` (CPU), the verdict with fresh draws.
+        adversarial: float32 ``[N, 3, H, W]`` in ``[0, 1]``.
+        seconds: wall-clock time of the attack (without judging).
+        max_perturbation: the largest perturbation in the entry's norm.
+        spec: the spec that ran.
+    """
+
+    correct: Tensor
+    adversarial: Tensor
+    seconds: float
+    max_perturbation: float | None
+    spec: dict[str, Any] = field(default_factory=dict)
+
+
+def max_perturbation(clean: Tensor, adversarial: Tensor, norm: str) -> float:
+    """The largest per-image perturbation (ℓ∞ or ℓ2 over C, H, W; float64), ``[0, 1]`` scale."""
+    delta = (adversarial.detach().cpu().double() - clean.detach().cpu().double()).flatten(1)
+    per_image = delta.abs().amax(dim=1) if norm == "Linf" else delta.norm(p=2, dim=1)
+    return float(per_image.max()) if len(per_image) else 0.0
+
+
+def bound_l2(clean: Tensor, adversarial: Tensor, eps: float) -> Tensor:
+    """Keep the adversarial images whose ℓ2 perturbation is ≤ ``eps``, else the clean image
+    (turns the unbounded C&W ℓ2 attack into one of the ℓ2-``eps`` threat model)."""
+    norms = (adversarial - clean).flatten(1).norm(p=2, dim=1)
+    keep = (norms <= eps).view(-1, 1, 1, 1)
+    return torch.where(keep, adversarial, clean)
+
+
+def defense_spec(entry: AttackEntry, defense: Defense, draws: int, seed: int) -> dict | None:
+    """The entry's spec adapted to ``defense``; ``None`` = not applicable.
+
+    ``bpda`` needs a model with a ``bpda`` switch; deterministic defenses get ``eot_iter``
+    1; ``autoattack`` gets ``seed`` and ``draws`` (its success judge; 1 when deterministic).
+    """
+    if entry.name == "bpda" and not hasattr(defense.model, "bpda"):
+        return None
+    spec = dict(entry.spec)
+    if not defense.stochastic and "eot_iter" in spec:
+        spec["eot_iter"] = 1
+    if entry.name == "autoattack":
+        spec["seed"] = int(seed)
+        spec["draws"] = int(draws) if defense.stochastic else 1
+        if not defense.stochastic:
+            spec["eot_iter"] = 1
+    return spec
+
+
+def judge(defense: Defense, images: Tensor, labels: Tensor, settings: EvalSettings) -> Tensor:
+    """Per-image correctness (bool ``[N]``, CPU): ``draws`` fresh passes and a strict
+    majority vote (stochastic) or one pass (deterministic)."""
+    draws = settings.draws if defense.stochastic else 1
+    return robust_correct(defense.model, images, labels, draws, settings.batch_size, False)
+
+
+def run_one(
+    defense: Defense,
+    label: str,
+    attack: Mapping[str, Any] | Attack,
+    norm: str,
+    eps: float | None,
+    data: EvalData,
+    settings: EvalSettings,
+    validate: Validator | None = None,
+) -> AttackRun:
+    """Attack ``defense`` (a spec or a ready torchattacks attack), check, judge.
+
+    Runs from ``seed_everything(settings.seed)``; a C&W output is first cut to ``eps``
+    (:func:`bound_l2`); ``validate`` (e.g. the Great Expectations suite) may raise.
+    """
+    seed_everything(settings.seed)
+    spec = dict(attack) if isinstance(attack, Mapping) else {"name": type(attack).__name__}
+    if isinstance(attack, Mapping):
+        attack = build_attack(defense.model, spec, data.n_classes)
+    began = time.perf_counter()
+    adversarial = run_attack(
+        attack, data.images, data.labels, settings.batch_size, settings.progress
+    )
+    seconds = time.perf_counter() - began
+    if spec["name"] == "cw" and eps is not None:
+        adversarial = bound_l2(data.images, adversarial, eps)
+    if validate is not None:
+        validate(
+            data.images,
+            adversarial,
+            data.labels,
+            eps,
+            norm,
+            f"{defense.name}_{label}",
+            data.indices,
+        )
+    largest = max_perturbation(data.images, adversarial, norm)
+    correct = judge(defense, adversarial, data.labels, settings)
+    log.info(
+        "%s / %s: robust accuracy %.4f (%.1f s, max perturbation %s)",
+        defense.name,
+        label,
+        correct.float().mean().item(),
+        seconds,
+        largest,
+    )
+    return AttackRun(correct, adversarial, seconds, largest, spec)
+
+
+def attack_defense(
+    defense: Defense,
+    entries: Sequence[AttackEntry],
+    data: EvalData,
+    settings: EvalSettings,
+    validate: Validator | None = None,
+) -> dict[str, AttackRun]:
+    """Judge ``defense`` on the clean images, then run every applicable entry.
+
+    Returns:
+        ``{"clean": run with the clean verdicts, label: AttackRun, ...}``.
+    """
+    seed_everything(settings.seed)
+    clean = judge(defense, data.images, data.labels, settings)
+    runs = {"clean": AttackRun(clean, data.images, 0.0, 0.0, {"name": "clean"})}
+    for entry in tqdm(
+        entries, desc=f"{defense.name} attacks", unit="attack", disable=not settings.progress
+    ):
+        spec = defense_spec(entry, defense, settings.draws, settings.seed)
+        if spec is not None:
+            runs[entry.label] = run_one(
+                defense, entry.label, spec, entry.norm, entry.eps, data, settings, validate
+            )
+    return runs
+
+
+def worst_cases(
+    clean: Tensor, runs: Mapping[str, AttackRun], entries: Sequence[AttackEntry]
+) -> dict[str, Tensor]:
+    """Per-image worst case over clean and the ε-bounded attacks: ``all``, ``Linf``, ``L2``."""
+    bounded = [e for e in entries if e.label in runs and e.eps is not None]
+    worst = {
+        "all": worst_case_correct(
+            {"clean": clean, **{e.label: runs[e.label].correct for e in bounded}}
+        )
+    }
+    for norm in ("Linf", "L2"):
+        labels = [e.label for e in bounded if e.norm == norm]
+        if labels:
+            worst[norm] = worst_case_correct(
+                {"clean": clean, **{label: runs[label].correct for label in labels}}
+            )
+    return worst
+
+
+@dataclass
+class EvalResult:
+    """Per-image verdicts of :func:`evaluate` (bool ``[N]`` tensors on the CPU)."""
+
+    clean: Tensor
+    runs: dict[str, AttackRun]
+    worst_case: dict[str, Tensor]
+
+    def accuracy(self) -> dict[str, float]:
+        """Clean, per-attack and worst-case accuracy, in ``[0, 1]``."""
+        out = {"clean": self.clean.float().mean().item()}
+        out.update({label: run.correct.float().mean().item() for label, run in self.runs.items()})
+        out.update({f"worst_case_{k}": v.float().mean().item() for k, v in self.worst_case.items()})
+        return out
+
+
+def evaluate(
+    model: nn.Module | Defense,
+    images: Tensor,
+    labels: Tensor,
+    attacks: Mapping[str, Attack | Mapping[str, Any]],
+    settings: EvalSettings | None = None,
+    *,
+    stochastic: bool | None = None,
+) -> EvalResult:
+    """Attack ``model`` with every attack and judge each output with fresh draws.
+
+    Args:
+        model: float32 ``[N, 3, H, W]`` in ``[0, 1]`` -> logits (e.g. :func:`load_defense`),
+            or a :class:`Defense`.
+        images: float32 ``[N, 3, H, W]`` in ``[0, 1]``; labels: int64 ``[N]``.
+        attacks: label -> a torchattacks attack on ``model``, or a
+            :func:`atop.attacks.build_attack` spec (``eps`` bounds the threat model).
+        settings: batch size, draws, seed (defaults: 64, 5, 0).
+        stochastic: judge with ``settings.draws`` passes; default: ``model`` has a random
+            transform (:class:`atop.defense.PurifiedClassifier`).
+
+    Returns:
+        :class:`EvalResult` (clean, per attack, worst cases; ``.accuracy()``).
+
+    Raises:
+        ValueError: bad images or labels, or a bad spec.
+    """
+    settings = settings or EvalSettings()
+    if not isinstance(model, Defense):
+        random = hasattr(model, "transform") if stochastic is None else stochastic
+        model = Defense(getattr(model, "name", "model"), model, random)
+    n_classes = int(labels.max()) + 1
+    with torch.no_grad():
+        n_classes = max(n_classes, model.model(images[:1]).shape[1])
+    data = EvalData(images, labels, list(range(len(labels))), n_classes)
+    seed_everything(settings.seed)
+    clean = judge(model, images, labels, settings)
+    runs, entries = {}, []
+    for label, attack in attacks.items():
+        if isinstance(attack, Mapping):
+            (entry,) = parse_attacks([{**attack, "label": label}])
+            spec = defense_spec(entry, model, settings.draws, settings.seed)
+            if spec is None:
+                continue
+            runs[label] = run_one(model, label, spec, entry.norm, entry.eps, data, settings)
+        else:
+            norm = getattr(attack, "norm", "L2" if "L2" in type(attack).__name__ else "Linf")
+            entry = AttackEntry(
+                label, {"name": type(attack).__name__}, norm, getattr(attack, "eps", None)
+            )
+            runs[label] = run_one(model, label, attack, entry.norm, entry.eps, data, settings)
+        entries.append(entry)
+    return EvalResult(clean, runs, worst_cases(clean, runs, entries))
+
+
+def defense_results(
+    defense: Defense,
+    clean: Tensor,
+    runs: Mapping[str, AttackRun],
+    entries: Sequence[AttackEntry],
+    sweep: Sequence[tuple[float, Tensor]],
+    checks: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Per-image verdicts (lists of bool), worst cases and bookkeeping of one defense."""
+    return {
+        "description": DESCRIPTIONS.get(defense.name, defense.name),
+        "stochastic": defense.stochastic,
+        "transform": defense.transform,
+        "train_seconds": dict(defense.train_seconds),
+        "total_train_seconds": defense.total_train_seconds,
+        "clean": clean.tolist(),
+        "attacks": {
+            label: {
+                "correct": run.correct.tolist(),
+                "seconds": round(run.seconds, 3),
+                "max_perturbation": run.max_perturbation,
+                "eot_iter": run.spec.get("eot_iter"),
+                "steps": run.spec.get("steps"),
+            }
+            for label, run in runs.items()
+        },
+        "worst_case": {k: v.tolist() for k, v in worst_cases(clean, runs, entries).items()},
+        "sweep": [{"eps": eps, "acc": correct.float().mean().item()} for eps, correct in sweep],
+        "sanity": dict(checks),
+    }

@@ -1,0 +1,180 @@
+"""The evaluation stage's protocol for one defense: its parameters, every attack, the
+sanity checks, the per-image results (:func:`evaluate_defense`).
+
+The Kedro stage runs :func:`evaluate_defense` once per defense (one node each), so a defense
+can be re-evaluated alone; the report gathers the results.
+
+Core module: torch, torchattacks and the project's core modules only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from atop.attacks import build_attack
+from atop.defense import PurifiedClassifier, purify_draw
+from atop.evaluation.defenses import DEFENSES, Defense
+from atop.evaluation.protocol import (
+    AttackEntry,
+    AttackRun,
+    EvalData,
+    EvalSettings,
+    Validator,
+    attack_defense,
+    defense_results,
+    defense_spec,
+    parse_attacks,
+)
+from atop.evaluation.sanity import SanityParams, sanity_checks, sanity_runs
+from atop.params import Params, run_only, spec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(init=False, frozen=True)
+class GridParams(Params):
+    """``evaluation.grid``: the defense and attack whose images the grid figure shows."""
+
+    defense: str = spec(choices=DEFENSES)
+    attack: str
+    images: int = spec(ge=1)
+
+
+@dataclass(init=False, frozen=True)
+class EvalParams(Params):
+    """``evaluation`` (conf/base/parameters_evaluation.yml)."""
+
+    KEY = "evaluation"
+
+    images: int | None = spec(ge=1, unit="(the first images of eval_indices; null = all)")
+    defenses: list[str] = spec(choices=DEFENSES)
+    batch_size: int = spec(ge=1)
+    draws: int = spec(ge=1)
+    tolerance: float = spec(ge=0, le=0.01)
+    seed: int = spec(ge=0)
+    device: str = run_only()
+    progress: bool = run_only()
+    profile_note: str
+    attacks: list[dict[str, Any]]
+    sanity: SanityParams
+    grid: GridParams
+
+    def check(self) -> None:
+        try:
+            entries = parse_attacks(self.attacks)
+        except ValueError as exc:
+            self.fail("attacks", str(exc))
+        reference = next((e for e in entries if e.label == self.sanity.reference), None)
+        if reference is None or reference.name != "pgd":
+            self.fail(
+                "sanity.reference",
+                f"{self.sanity.reference!r} must be the label of a 'pgd' attack entry "
+                f"(have {[e.label for e in entries]}).",
+            )
+
+    @property
+    def entries(self) -> list[AttackEntry]:
+        """The parsed ``attacks``."""
+        return parse_attacks(self.attacks)
+
+    @property
+    def settings(self) -> EvalSettings:
+        """Batch size, draws, seed and progress as :class:`EvalSettings`."""
+        return EvalSettings(self.batch_size, self.draws, self.seed, self.progress)
+
+
+def check_plan(defense: Defense, params: EvalParams, n_classes: int) -> None:
+    """Build every attack of ``params`` on ``defense`` once, before the first (long) run.
+
+    Raises:
+        ValueError: a spec that cannot be built.
+    """
+    for entry in params.entries:
+        spec_ = defense_spec(entry, defense, params.draws, params.seed)
+        if spec_ is not None:
+            build_attack(defense.model, spec_, n_classes)
+
+
+def evaluate_defense(
+    defense: Defense,
+    data: EvalData,
+    params: EvalParams,
+    validate: Validator | None = None,
+) -> dict[str, Any]:
+    """Every attack of ``params`` on ``defense``, the sanity checks, and the grid images.
+
+    Args:
+        defense: the model under attack.
+        data: the evaluation images (the first ``params.images`` of ``eval_indices``).
+        params: ``evaluation``.
+        validate: an extra check of every attack output (the Great Expectations suite).
+
+    Returns:
+        :func:`atop.evaluation.protocol.defense_results` plus ``grid`` (images for the
+        figure when this is ``params.grid.defense``, else ``None``).
+
+    Raises:
+        ValueError: a spec that cannot be built; anything ``validate`` raises.
+    """
+    entries, settings = params.entries, params.settings
+    check_plan(defense, params, data.n_classes)
+    (reference,) = [e for e in entries if e.label == params.sanity.reference]
+    sweep_eps = sorted(set(params.sanity.eps_sweep))
+    sanity_data = data.head(min(params.sanity.images or len(data.labels), len(data.labels)))
+
+    runs = attack_defense(defense, entries, data, settings, validate)
+    clean = runs.pop("clean").correct
+    sweep, stronger = sanity_runs(
+        defense, reference, runs, clean, sweep_eps, sanity_data, params.sanity, settings, validate
+    )
+    n = len(sanity_data.labels)
+    checks = sanity_checks(clean[:n], runs, entries, sweep, stronger, reference, params.sanity)
+    result = defense_results(defense, clean, runs, entries, sweep, checks)
+    grid = params.grid
+    result["grid"] = None
+    if defense.name == grid.defense and grid.attack in runs:
+        result["grid"] = {
+            **grid_images(defense, data, runs[grid.attack], grid.images),
+            "attack": grid.attack,
+        }
+    return result
+
+
+@torch.no_grad()
+def grid_images(defense: Defense, data: EvalData, run: AttackRun, n: int) -> dict[str, Any]:
+    """Images for the adversarial grid: clean, adversarial, transformed, purified rows.
+
+    For a purified defense the transform is drawn once on the adversarial images; the
+    "transformed" row shows ``t(x')`` with the holes black, the "purified" row
+    ``g(t(x'))`` of that same draw, and ``prediction`` is ``f`` on it. For a bare
+    classifier the last two rows are ``None``.
+
+    Returns:
+        ``{"clean", "adversarial", "transformed", "purified"}`` float ``[n, 3, H, W]`` CPU
+        tensors in ``[0, 1]`` (or ``None``), ``labels`` and ``prediction`` (lists of int),
+        ``defense`` name.
+    """
+    n = min(n, len(data.labels))
+    clean, adversarial = data.images[:n], run.adversarial[:n]
+    out: dict[str, Any] = {
+        "defense": defense.name,
+        "clean": clean.cpu(),
+        "adversarial": adversarial.cpu(),
+        "labels": data.labels[:n].tolist(),
+        "transformed": None,
+        "purified": None,
+    }
+    model = defense.model
+    if isinstance(model, PurifiedClassifier):
+        draw = model.transform(adversarial)
+        _, purified = purify_draw(model.purifier, draw, model.transform.config)
+        out["transformed"] = (draw.image * (1 - draw.masks[0])).cpu()
+        out["purified"] = purified.cpu()
+        out["prediction"] = model.classifier(purified).argmax(1).tolist()
+    else:
+        out["prediction"] = model(adversarial).argmax(1).tolist()
+    return out

@@ -1,0 +1,401 @@
+"""The evaluation protocol as a library (:mod:`atop.evaluation.protocol`), without Kedro.
+
+Real CIFAR-10 test images, a tiny classifier and purifier (``tests/evaluation/conftest.py``),
+1-2 attack steps.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchattacks
+
+from atop import EvalSettings, evaluate, load_defense
+from atop.evaluation.defenses import Defense
+from atop.evaluation.protocol import (
+    AttackEntry,
+    AttackRun,
+    EvalData,
+    EvalResult,
+    attack_defense,
+    bound_l2,
+    defense_results,
+    defense_spec,
+    format_eps,
+    judge,
+    max_perturbation,
+    parse_attacks,
+    run_one,
+    select_images,
+    worst_cases,
+)
+from atop.params import ParameterError, fraction
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def purified(checkpoint_files) -> torch.nn.Module:
+    return load_defense(checkpoint_files["classifier"], checkpoint_files["purifier"])
+
+
+@pytest.fixture(scope="module")
+def bare(checkpoint_files) -> torch.nn.Module:
+    return load_defense(checkpoint_files["classifier"])
+
+
+@pytest.fixture(scope="module")
+def data(cifar10_test_batch) -> EvalData:
+    images, labels = cifar10_test_batch
+    return EvalData(images[:8], labels[:8], list(range(8)), 10)
+
+
+def _bools(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.bool)
+
+
+# --- budgets and attack entries ---------------------------------------------------------
+
+
+def test_budgets_are_numbers_or_fractions():
+    assert fraction("8/255") == pytest.approx(8 / 255) and fraction(0.5) == 0.5
+    assert fraction(" 2 / 255 ") == pytest.approx(2 / 255) and fraction(1) == 1.0
+    for bad in ("eight", "1/0", True, None):
+        with pytest.raises(ValueError, match="fraction"):
+            fraction(bad)
+    assert issubclass(ParameterError, ValueError)
+
+
+def test_format_eps_writes_linf_budgets_in_255ths():
+    assert format_eps(8 / 255) == "8/255" and format_eps(0.0) == "0/255"
+    assert format_eps(0.5, "L2") == "0.5" and format_eps(2 / 255, "L2") == f"{2 / 255:g}"
+    assert format_eps(0.5, "Linf") == "0.5"  # not a whole multiple of 1/255
+    assert format_eps(None) == "-"
+
+
+def test_parse_attacks_reads_labels_budgets_and_threat_models():
+    entries = parse_attacks(
+        [
+            {"label": "fgsm", "name": "FGSM", "eps": "8/255"},
+            {"label": "pgd_l2", "name": "pgd", "norm": "L2", "eps": 0.5, "alpha": "1/10",
+             "steps": 2},
+            {"label": "cw-l2", "name": "cw", "eps": 0.5, "c": 1.0, "steps": 2},
+            {"label": "cw_free", "name": "cw", "steps": 2},
+        ]
+    )  # fmt: skip
+    fgsm, pgd, cw, free = entries
+    assert fgsm == AttackEntry("fgsm", {"name": "fgsm", "eps": pytest.approx(EPS)}, "Linf", EPS)
+    assert "label" not in pgd.spec and pgd.name == "pgd" and pgd.norm == "L2"
+    assert pgd.spec["alpha"] == pytest.approx(0.1) and pgd.eps == 0.5
+    # C&W is an ℓ2 attack; its eps bounds the threat model, it is no attack parameter
+    assert (cw.norm, cw.eps, "eps" in cw.spec) == ("L2", 0.5, False)
+    assert (free.norm, free.eps) == ("L2", None)
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([], "is empty"),
+        ([{"name": "fgsm", "eps": 0.1}], "needs a 'label' and a 'name'"),
+        ([{"label": "a b", "name": "fgsm", "eps": 0.1}], "letters, digits"),
+        ([{"label": "clean", "name": "fgsm", "eps": 0.1}], "reserved"),
+        ([{"label": "worst_case", "name": "fgsm", "eps": 0.1}], "reserved"),
+        ([{"label": "a", "name": "fgsm", "eps": 0.1}] * 2, "used twice"),
+        ([{"label": "x", "name": "fgsm", "eps": "eight"}], "Attack 'x': eps expected a number"),
+        ([{"label": "x", "name": "pgd", "eps": 0.1, "alpha": "a/b"}], "Attack 'x': alpha"),
+        (
+            [{"label": "aa", "name": "autoattack", "version": "rand", "norm": "Linf",
+              "eps": 0.03, "steps": 5, "seed": 1}],
+            "evaluation.seed",
+        ),
+        (
+            [{"label": "aa", "name": "autoattack", "version": "rand", "norm": "Linf",
+              "eps": 0.03, "steps": 5, "draws": 3}],
+            "evaluation.draws",
+        ),
+    ],
+)  # fmt: skip
+def test_parse_attacks_refuses_bad_entries(entries, message):
+    with pytest.raises(ValueError, match=message):
+        parse_attacks(entries)
+
+
+# --- perturbation bounds ----------------------------------------------------------------
+
+
+def test_max_perturbation_and_bound_l2_measure_each_image():
+    clean = torch.full((3, 3, 4, 4), 0.5)
+    delta = torch.zeros(3, 3, 4, 4)
+    for i, norm in enumerate((0.3, 0.5, 0.7)):  # two values moved by ±norm/2 each
+        delta[i, 0, 0, 0] = norm / 2
+        delta[i, 1, 0, 0] = -norm / 2
+    adversarial = clean + delta
+    assert max_perturbation(clean, adversarial, "Linf") == pytest.approx(0.35)
+    l2 = (0.35**2 * 2) ** 0.5
+    assert max_perturbation(clean, adversarial, "L2") == pytest.approx(l2)
+    assert max_perturbation(clean[:0], adversarial[:0], "L2") == 0.0
+    eps = ((0.25**2) * 2) ** 0.5  # the ℓ2 norm of the middle image
+    bounded = bound_l2(clean, adversarial, eps + 1e-6)
+    assert torch.equal(bounded[:2], adversarial[:2])  # within eps: kept
+    assert torch.equal(bounded[2], clean[2])  # too far: the clean image (counts as a failure)
+
+
+# --- defense specs ----------------------------------------------------------------------
+
+
+def test_defense_spec_adapts_each_entry_to_the_defense(bare, purified):
+    standard, atop = Defense("standard", bare, False), Defense("atop", purified, True)
+    pgd, bpda, auto = parse_attacks(
+        [
+            {"label": "pgd", "name": "pgd", "eps": EPS, "alpha": 2 / 255, "steps": 2,
+             "eot_iter": 4},
+            {"label": "bpda", "name": "bpda", "eps": EPS, "alpha": 2 / 255, "steps": 2,
+             "eot_iter": 4},
+            {"label": "aa", "name": "autoattack", "version": "rand", "norm": "Linf", "eps": EPS,
+             "steps": 2, "eot_iter": 4},
+        ]
+    )  # fmt: skip
+    # EOT over a deterministic model only repeats the gradient
+    assert defense_spec(pgd, standard, draws=5, seed=3)["eot_iter"] == 1
+    assert defense_spec(pgd, atop, draws=5, seed=3) == pgd.spec
+    # BPDA needs a purifier to bypass
+    assert defense_spec(bpda, standard, 5, 3) is None
+    assert defense_spec(bpda, atop, 5, 3) == bpda.spec
+    # AutoAttack's seed and success judge come from the settings
+    assert defense_spec(auto, atop, 5, 3) == {**auto.spec, "seed": 3, "draws": 5}
+    assert defense_spec(auto, standard, 5, 3) == {
+        **auto.spec,
+        "seed": 3,
+        "draws": 1,
+        "eot_iter": 1,
+    }
+    assert pgd.spec["eot_iter"] == 4 and "seed" not in auto.spec  # entries are not modified
+
+
+# --- judging, running, worst cases --------------------------------------------------------
+
+
+def test_judge_uses_fresh_draws_for_stochastic_models_and_one_pass_otherwise(bare, purified, data):
+    settings = EvalSettings(batch_size=4, draws=3)
+    with torch.no_grad():
+        expected = (bare(data.images).argmax(1) == data.labels).cpu()
+    correct = judge(Defense("standard", bare, False), data.images, data.labels, settings)
+    assert correct.dtype == torch.bool and torch.equal(correct, expected)
+    calls = []
+    hook = purified.classifier.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        judge(Defense("atop", purified, True), data.images, data.labels, settings)
+    finally:
+        hook.remove()
+    assert len(calls) == 3 * 2  # 3 draws of each of the 2 batches
+
+
+def test_worst_cases_keep_bounded_attacks_and_split_by_threat_model():
+    entries = parse_attacks(
+        [
+            {"label": "fgsm", "name": "fgsm", "eps": EPS},
+            {"label": "pgd_l2", "name": "pgd", "norm": "L2", "eps": 0.5},
+            {"label": "cw", "name": "cw"},  # unbounded: out of the worst cases
+            {"label": "bpda", "name": "bpda", "eps": EPS},  # did not run (no purifier)
+        ]
+    )
+    clean = _bools(1, 1, 1, 1, 0)
+
+    def run(*values: int) -> AttackRun:
+        return AttackRun(_bools(*values), torch.zeros(5, 3, 2, 2), 0.0, 0.0)
+
+    runs = {"fgsm": run(1, 0, 1, 1, 1), "pgd_l2": run(1, 1, 0, 1, 1), "cw": run(0, 0, 0, 0, 0)}
+    worst = worst_cases(clean, runs, entries)
+    assert set(worst) == {"all", "Linf", "L2"}
+    assert torch.equal(worst["all"], _bools(1, 0, 0, 1, 0))
+    assert torch.equal(worst["Linf"], _bools(1, 0, 1, 1, 0))
+    assert torch.equal(worst["L2"], _bools(1, 1, 0, 1, 0))
+    result = EvalResult(clean, runs, worst)
+    assert result.accuracy() == pytest.approx(
+        {
+            "clean": 0.8,
+            "fgsm": 0.8,
+            "pgd_l2": 0.8,
+            "cw": 0.0,
+            "worst_case_all": 0.4,
+            "worst_case_Linf": 0.6,
+            "worst_case_L2": 0.6,
+        }
+    )
+
+
+def test_run_one_cuts_cw_to_its_eps_and_validates_before_judging(bare, data):
+    defense = Defense("standard", bare, False)
+    seen = []
+
+    def validate(clean, adversarial, labels, eps, norm, name, indices):
+        seen.append((name, eps, norm, list(indices), max_perturbation(clean, adversarial, norm)))
+
+    spec = {"name": "cw", "c": 10.0, "kappa": 0.0, "steps": 2, "lr": 0.1}
+    run = run_one(defense, "cw_l2", spec, "L2", 0.05, data, EvalSettings(8, 1), validate)
+    assert run.max_perturbation <= 0.05 + 1e-6 and run.spec == spec
+    assert run.correct.dtype == torch.bool and run.correct.shape == (8,)
+    assert seen == [("standard_cw_l2", 0.05, "L2", list(range(8)), run.max_perturbation)]
+
+    def refuse(*args):
+        raise RuntimeError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        run_one(defense, "fgsm", {"name": "fgsm", "eps": EPS}, "Linf", EPS, data,
+                EvalSettings(8, 1), refuse)  # fmt: skip
+
+
+def test_attack_defense_skips_what_does_not_apply_and_results_are_plain(bare, data):
+    defense = Defense("standard", bare, False, {"classifier": 3.0})
+    entries = parse_attacks(
+        [
+            {"label": "fgsm", "name": "fgsm", "eps": EPS},
+            {"label": "bpda", "name": "bpda", "eps": EPS, "alpha": 2 / 255, "steps": 1},
+        ]
+    )
+    runs = attack_defense(defense, entries, data, EvalSettings(batch_size=8, draws=2))
+    assert list(runs) == ["clean", "fgsm"]  # no purifier: no BPDA
+    assert torch.equal(runs["clean"].adversarial, data.images)
+    assert runs["fgsm"].max_perturbation <= EPS + 1e-6
+    clean = runs.pop("clean").correct
+    sweep = [(0.0, clean), (EPS, runs["fgsm"].correct)]
+    result = defense_results(defense, clean, runs, entries, sweep, {"check": {"status": "pass"}})
+    json.dumps(result)  # plain values only (the catalog writes them, the report reads them)
+    assert result["clean"] == clean.tolist() and list(result["attacks"]) == ["fgsm"]
+    assert result["attacks"]["fgsm"]["correct"] == runs["fgsm"].correct.tolist()
+    assert result["worst_case"]["all"] == (clean & runs["fgsm"].correct).tolist()
+    assert result["sweep"][0] == {"eps": 0.0, "acc": clean.float().mean().item()}
+    assert (result["stochastic"], result["transform"], result["total_train_seconds"]) == (
+        False,
+        None,
+        3.0,
+    )
+
+
+def test_select_images_takes_the_first_images_of_the_fixed_subset(cifar10_test_batch):
+    images, labels = cifar10_test_batch
+    test_set = {"images": (images * 255).round().to(torch.uint8), "labels": labels}
+    indices = [9, 3, 250, 0]
+    data = select_images(test_set, indices, 3, 10, torch.device("cpu"))
+    assert data.indices == [9, 3, 250] and data.n_classes == 10
+    assert data.images.dtype == torch.float32 and torch.equal(data.labels, labels[[9, 3, 250]])
+    assert torch.allclose(data.images, images[[9, 3, 250]], atol=0.5 / 255)
+    assert len(select_images(test_set, indices, None, 10, torch.device("cpu")).labels) == 4
+    assert data.head(2).indices == [9, 3] and len(data.head(2).images) == 2
+    for n in (0, 5):
+        with pytest.raises(ValueError, match="choose 1..4"):
+            select_images(test_set, indices, n, 10, torch.device("cpu"))
+    with pytest.raises(ValueError, match="outside the test set"):
+        select_images(test_set, [0, 256], None, 10, torch.device("cpu"))
+    with pytest.raises(ValueError, match="class names"):
+        select_images(test_set, indices, None, 2, torch.device("cpu"))
+
+
+# --- evaluate: the entry point ------------------------------------------------------------
+
+
+def _evaluate_twice(model, images, labels):
+    results = []
+    for _ in range(2):
+        attacks = {
+            "pgd": torchattacks.PGD(model, eps=EPS, alpha=2 / 255, steps=2),
+            "fgsm": {"name": "fgsm", "eps": EPS},
+        }
+        results.append(
+            evaluate(model, images, labels, attacks, EvalSettings(batch_size=16, draws=3))
+        )
+    return results
+
+
+def test_evaluate_judges_every_attack_and_is_seeded(purified, eval_batch):
+    images, labels = eval_batch
+    first, second = _evaluate_twice(purified, images, labels)
+    assert first.clean.dtype == torch.bool and first.clean.shape == (16,)
+    assert list(first.runs) == ["pgd", "fgsm"]
+    for label, run in first.runs.items():
+        assert run.correct.dtype == torch.bool and run.correct.shape == (16,), label
+        assert run.max_perturbation <= EPS + 1e-6, label
+        assert 0 <= run.adversarial.min() and run.adversarial.max() <= 1
+    accuracy = first.accuracy()
+    assert set(accuracy) == {"clean", "pgd", "fgsm", "worst_case_all", "worst_case_Linf"}
+    assert all(0 <= value <= 1 for value in accuracy.values())
+    assert accuracy["worst_case_all"] <= min(accuracy["clean"], accuracy["pgd"], accuracy["fgsm"])
+    assert torch.equal(
+        first.worst_case["all"],
+        first.clean & first.runs["pgd"].correct & first.runs["fgsm"].correct,
+    )
+    # seeded: the same numbers, verdicts and adversarial images on a second run
+    assert second.accuracy() == accuracy
+    assert torch.equal(second.clean, first.clean)
+    for label in first.runs:
+        assert torch.equal(second.runs[label].correct, first.runs[label].correct), label
+        assert torch.equal(second.runs[label].adversarial, first.runs[label].adversarial), label
+
+
+def test_evaluate_judges_a_deterministic_model_with_one_pass(bare, eval_batch):
+    images, labels = eval_batch
+    first, second = _evaluate_twice(bare, images, labels)
+    accuracy = first.accuracy()
+    with torch.no_grad():
+        assert torch.equal(first.clean, bare(images).argmax(1) == labels)
+    assert accuracy["clean"] == 12 / 16  # the batch: 12 images it gets right, 4 wrong
+    # an undefended classifier: both attacks break some of them, the worst case is the minimum
+    assert accuracy["pgd"] < accuracy["clean"] and accuracy["fgsm"] < accuracy["clean"]
+    assert accuracy["worst_case_all"] == accuracy["worst_case_Linf"] <= min(accuracy.values())
+    assert second.accuracy() == accuracy
+    # FGSM on a deterministic model: every image moved by exactly eps (or clipped)
+    assert first.runs["fgsm"].max_perturbation == pytest.approx(EPS, abs=1e-6)
+
+
+def test_evaluate_refuses_a_bad_spec(bare, eval_batch):
+    images, labels = eval_batch[0][:4], eval_batch[1][:4]
+    with pytest.raises(ValueError):
+        evaluate(bare, images, labels, {"x": {"name": "fgsm", "eps": "eight"}})
+    with pytest.raises(ValueError):
+        evaluate(bare, images, labels, {"x": {"name": "no-such-attack", "eps": EPS}})
+
+
+LIBRARY_SCRIPT = r"""
+import json, sys
+import torch, torchattacks
+from atop import EvalSettings, evaluate, load_defense
+
+classifier, purifier, data = sys.argv[1:4]
+images, labels = torch.load(data)
+model = load_defense(classifier, purifier)
+attacks = {
+    "pgd": torchattacks.PGD(model, eps=8 / 255, alpha=2 / 255, steps=1),
+    "fgsm": {"name": "fgsm", "eps": "8/255"},
+}
+result = evaluate(model, images, labels, attacks, EvalSettings(batch_size=8, draws=2))
+heavy = [m for m in ("kedro", "great_expectations", "dvc", "pandas") if m in sys.modules]
+print(json.dumps({"accuracy": result.accuracy(), "heavy": heavy}))
+"""
+
+
+def _python(tmp_path, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()[-1]
+
+
+def test_the_library_works_in_a_fresh_process_without_kedro(checkpoint_files, eval_batch, tmp_path):
+    """``from atop import load_defense, evaluate``: no Kedro, Great Expectations, DVC or
+    pandas behind it (run outside the project folder)."""
+    data = tmp_path / "images.pt"
+    torch.save((eval_batch[0][8:].clone(), eval_batch[1][8:].clone()), data)  # 4 right, 4 wrong
+    paths = [str(checkpoint_files["classifier"]), str(checkpoint_files["purifier"]), str(data)]
+    out = json.loads(_python(tmp_path, "-c", LIBRARY_SCRIPT, *paths))
+    assert out["heavy"] == []
+    assert set(out["accuracy"]) == {"clean", "pgd", "fgsm", "worst_case_all", "worst_case_Linf"}
+    assert all(0 <= v <= 1 for v in out["accuracy"].values())
+    assert out["accuracy"]["worst_case_all"] <= min(out["accuracy"].values())
+    # `import atop` alone (what Kedro's settings do) does not even load torch
+    light = "import sys, atop; print(sorted({'torch', 'kedro'} & set(sys.modules)))"
+    assert _python(tmp_path, "-c", light) == "[]"
