@@ -20,11 +20,11 @@ export OMP_WAIT_POLICY ?= PASSIVE
 
 KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
 
-.PHONY: install run run-all repro test lint viz clean-data
+.PHONY: install run resume run-all repro test test-fast lint viz clean-data
 
 $(STAMP): pyproject.toml uv.lock
 	@$(PYTHON) -m uv --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv>=0.5"
-	$(PYTHON) -m uv sync --frozen --extra dev --python $(PYTHON)
+	$(PYTHON) -m uv sync --frozen --all-extras --python $(PYTHON)
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -32,6 +32,11 @@ install: $(STAMP)
 ## The main job: the AToP pipeline on the chosen profile (default: base, 2-core CPU).
 run: $(STAMP)
 	$(VENV)/bin/kedro run --pipelines atop $(KEDRO_ENV)
+
+## After an interruption: rerun the main job, skipping the stages whose outputs exist
+## (a stage interrupted mid-training resumes from its per-epoch resume file).
+resume: $(STAMP)
+	$(VENV)/bin/kedro run --pipelines atop --only-missing-outputs $(KEDRO_ENV)
 
 ## Everything: AToP and the baselines (the default pipeline).
 run-all: $(STAMP)
@@ -46,9 +51,13 @@ repro: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest
 
+## The tests without the slow end-to-end ones (marked `slow`): a quick check while editing.
+test-fast: $(STAMP)
+	$(VENV)/bin/python -m pytest -m "not slow"
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 viz: $(STAMP)
-	$(VENV)/bin/kedro viz build
+	$(VENV)/bin/kedro viz build --include-previews

@@ -381,7 +381,7 @@ def attack_throughput(
     Returns:
         ``{"seconds", "image_steps_per_s", "passes_per_s", "forward_passes_per_s"}``.
     """
-    from atop.attacks import build_attack, draw_votes, run_attack
+    from atop.attacks import build_attack, draw_correct, run_attack
 
     device = images.device
     spec = {"name": "pgd", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": steps}
@@ -395,7 +395,7 @@ def attack_throughput(
     seconds = time.perf_counter() - began
     draws = 4
     began = time.perf_counter()
-    draw_votes(model, images, draws, batch_size, progress=False)
+    draw_correct(model, images, labels, draws, batch_size)
     sync(device)
     forward_seconds = time.perf_counter() - began
     n = len(images)
@@ -568,10 +568,318 @@ def stages(argv: list[str]) -> None:
 
 # --------------------------------------------------------------------------- entry point
 
+# --------------------------------------------------------------------------- precision
+
+
+def precision(argv: list[str]) -> None:
+    """Section ``precision``: float32 vs bf16 autocast, side by side, for every training step
+    and the attacks (images/s and the bf16 / fp32 ratio).
+
+    Each workload runs the library's own step on real CIFAR-10 images with the base models
+    (resnet-fast width 16, the gated U-Net purifier cnum 32, RT2 at the authors' noise):
+    ``classifier`` (one SGD step), ``purifier`` (one D + one g step, Eq. 8), ``atop`` (FGSM
+    against f(g(t(.))) + the GAN update + CE, Eq. 9), ``pgd_at`` (PGD-10 + one SGD step),
+    ``rvs`` (one generator + one classifier step), and the attacks ``pgd-defense`` (PGD-EOT
+    on f(g(t(.))), image-passes/s) and ``pgd-classifier``. Runs alternate fp32 / bf16; the
+    median of ``--repeats`` is reported.
+    """
+    import functools
+
+    from atop.attacks import build_attack, run_attack
+    from atop.defense import PurifiedClassifier
+    from atop.models import build_classifier
+    from atop.models.purifier import build_purifier
+    from atop.models.rvs import RvSGenerator
+    from atop.ot import entropic_ot
+    from atop.trainers.atop import atop_train_step
+    from atop.trainers.classifier import classifier_step
+    from atop.trainers.pgd_at import PGDTrainAttackParams, pgd_at_step, pgd_attack
+    from atop.trainers.purifier import PurifierStep
+    from atop.trainers.rvs import rvs_step
+    from atop.training import autocast
+    from atop.transforms import RandomTransform
+
+    parser = argparse.ArgumentParser(prog="benchmark.py precision")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--workloads", default="classifier,purifier,atop,pgd_at,rvs,pgd-defense,pgd-classifier"
+    )
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    images, labels = cifar10(args.batch_size, train=True)
+    x, y = to_unit(images).to(device), labels.to(device)
+    transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
+
+    def classifier_model() -> nn.Module:
+        torch.manual_seed(0)
+        return build_classifier("resnet-fast", N_CLASSES, width=16).to(device)
+
+    def purifier_models() -> tuple[nn.Module, nn.Module]:
+        torch.manual_seed(0)
+        g, d = build_purifier({"generator": "unet", "cnum": 32, "attention": False})
+        return g.to(device), d.to(device)
+
+    def adam_step(g: nn.Module, d: nn.Module, amp: bool) -> PurifierStep:
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.999)) for m in (g, d)]
+        return PurifierStep(g, d, transform, *opts, gan_weight=0.1, device=device, amp=amp)
+
+    def make(workload: str, amp: bool) -> Callable[[], Any]:
+        if workload == "classifier":
+            f = classifier_model().train()
+            opt = torch.optim.SGD(f.parameters(), lr=0.05, momentum=0.9)
+            step = classifier_step(f, opt, device, amp, 0.1)
+            return lambda: step(x, y)
+        if workload == "purifier":
+            step = adam_step(*purifier_models(), amp)
+            return lambda: step(x, x)
+        if workload == "atop":
+            f = classifier_model().eval().requires_grad_(False)
+            g, d = purifier_models()
+            attack = build_attack(
+                PurifiedClassifier(f, g, transform), {"name": "fgsm", "eps": 8 / 255}, N_CLASSES
+            )
+            step = atop_train_step(f, adam_step(g, d, amp), attack, lambda_cls=0.1)
+            return lambda: step(x, y)
+        if workload == "pgd_at":
+            f = classifier_model().train()
+            opt = torch.optim.SGD(f.parameters(), lr=0.05, momentum=0.9)
+            attack = pgd_attack(
+                f, PGDTrainAttackParams(eps=8 / 255, alpha=2 / 255, steps=10), N_CLASSES
+            )
+            return lambda: pgd_at_step(f, opt, x, y, attack=attack, amp=amp)
+        if workload == "rvs":
+            f = classifier_model().train()
+            gen = RvSGenerator().to(device)
+            opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (f, gen)]
+            ot_fn = functools.partial(entropic_ot, reg=0.01, num_iter=100)
+            return lambda: rvs_step(f, gen, *opts, x, y, ot_fn=ot_fn, amp=amp)
+        model = classifier_model().eval().requires_grad_(False)
+        if workload == "pgd-defense":
+            model = PurifiedClassifier(
+                model, purifier_models()[0].eval().requires_grad_(False), transform
+            )
+        spec = {
+            "name": "pgd",
+            "norm": "Linf",
+            "eps": 8 / 255,
+            "alpha": 2 / 255,
+            "steps": 5,
+            "eot_iter": 2,
+        }
+        attack = build_attack(model, spec, N_CLASSES)
+
+        def run() -> None:
+            with autocast(device, amp):
+                run_attack(attack, x, y, len(x), progress=False)
+
+        return run
+
+    passes = {"pgd-defense": 10, "pgd-classifier": 10}
+    print(
+        f"float32 vs bf16 autocast: device {device}, {torch.get_num_threads()} threads, batch "
+        f"{args.batch_size}, {args.batches} batches per run, median of {args.repeats}"
+    )
+    for workload in args.workloads.split(","):
+        runs = {amp: make(workload, amp) for amp in (False, True)}
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for run in runs.values():
+            run()  # warm-up
+        for _ in range(args.repeats):
+            for amp, run in runs.items():
+                sync(device)
+                began = time.perf_counter()
+                for _ in range(args.batches):
+                    run()
+                sync(device)
+                times[amp].append(time.perf_counter() - began)
+        unit = "image-passes/s" if workload in passes else "images/s"
+        scale = passes.get(workload, 1) * args.batches * args.batch_size
+        fp32, bf16 = (scale / statistics.median(times[amp]) for amp in (False, True))
+        print(
+            f"  {workload:15s} fp32 {fp32:8.1f} | bf16 {bf16:8.1f} {unit} | ratio {bf16 / fp32:5.2f}x"
+        )
+
+
+# --------------------------------------------------------------------------- autoattack check
+
+
+def autoattack_check(argv: list[str]) -> None:
+    """Section ``autoattack-check``: the project's AutoAttack-rand against the reference
+    implementation (``pyautoattack``, Croce & Hein's code, version ``rand``) on a slice.
+
+    Both attack the same trained purified defense (``--classifier`` + ``--purifier``) on the
+    first ``--images`` of the fixed evaluation subset with the same budget (APGD-CE +
+    APGD-DLR, ``--steps`` iterations, EOT ``--eot``); every output is judged by the project's
+    N-evaluation (``--draws`` fresh draws). The reference stops on images one draw gets
+    wrong and returns their clean image; the project's attacks every image and keeps its
+    highest-loss iterate (:class:`atop.attacks.EveryImageAPGD`).
+    """
+    from pyautoattack import AutoAttack
+
+    from atop.attacks import build_attack, draw_correct, run_attack
+    from atop.checkpoint import load_safe
+    from atop.data import random_subset
+    from atop.evaluation import load_defense
+
+    parser = argparse.ArgumentParser(prog="benchmark.py autoattack-check")
+    parser.add_argument("--classifier", required=True)
+    parser.add_argument("--purifier", required=True)
+    parser.add_argument("--images", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--eot", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=10)
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
+    images, labels = cifar10(10_000, train=False)
+    index = random_subset(10_000, 512, 0)[: args.images]
+    x, y = to_unit(images[index]).to(device), labels[index].to(device)
+    eps = 8 / 255
+    outputs = {"clean": x}
+    seed_everything(0)
+    spec = {
+        "name": "autoattack",
+        "version": "rand",
+        "norm": "Linf",
+        "eps": eps,
+        "steps": args.steps,
+        "eot_iter": args.eot,
+        "seed": 0,
+        "draws": args.draws,
+    }
+    began = time.perf_counter()
+    outputs["atop AutoAttack-rand"] = run_attack(
+        build_attack(model, spec, N_CLASSES), x, y, len(x), progress=False
+    )
+    ours = time.perf_counter() - began
+    seed_everything(0)
+    reference = AutoAttack(model, norm="Linf", eps=eps, version="rand", seed=0, device=device)
+    reference.apgd.n_iter, reference.apgd.eot_iter = args.steps, args.eot
+    began = time.perf_counter()
+    outputs["pyautoattack rand"] = reference.run_standard_evaluation(x, y, batch_size=len(x))
+    theirs = time.perf_counter() - began
+    print(
+        f"{args.images} images, APGD-CE + APGD-DLR, {args.steps} steps, EOT {args.eot}; judged "
+        f"with {args.draws} fresh draws (atop {ours:.0f} s, reference {theirs:.0f} s)"
+    )
+    for name, adversarial in outputs.items():
+        verdicts = draw_correct(model, adversarial, y, args.draws, len(x))
+        unchanged = (adversarial == x).flatten(1).all(1).float().mean().item()
+        print(
+            f"  {name:22s} single-draw {100 * verdicts.float().mean():6.2f} % | worst-of-N "
+            f"{100 * verdicts.all(1).float().mean():6.2f} % | images returned unperturbed "
+            f"{100 * unchanged:5.1f} %"
+        )
+
+
+# --------------------------------------------------------------------------- purifier quality
+
+
+def purifier_quality(argv: list[str]) -> None:
+    """Section ``purifier-quality``: purifiers trained for the same CPU time, then judged.
+
+    Each ``--configs`` entry (``generator:cnum[:variant:upsample_size]``) is pretrained with
+    the library's update (:class:`atop.trainers.purifier.PurifierStep`, the base profile's
+    ``purifier_pretraining`` loss settings, or ``--lr`` / ``--gan-weight``) on shuffled real
+    CIFAR-10 training images for ``--cpu-minutes`` of the process's CPU time (fair on a shared
+    machine), then scored on ``--val-images`` held-out test images outside the evaluation
+    subset: PSNR of ``g(t(x))`` (and of ``t(x)``) and the clean accuracy of
+    ``f(g(t(x)))`` with ``--classifier`` (single-draw: mean over ``--draws`` fresh draws).
+    """
+    from atop.attacks import draw_correct
+    from atop.checkpoint import load_safe
+    from atop.data import random_subset
+    from atop.defense import PurifiedClassifier
+    from atop.dvc_params import typed_parameters
+    from atop.models import load_classifier
+    from atop.models.purifier import build_purifier
+    from atop.trainers.purifier import PurifierStep, psnr, purify_with_seed
+    from atop.training import Batches
+    from atop.transforms import RandomTransform
+
+    parser = argparse.ArgumentParser(prog="benchmark.py purifier-quality")
+    parser.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
+    parser.add_argument("--configs", default="unet:32,deepfillv2:32")
+    parser.add_argument("--cpu-minutes", type=float, default=4.0)
+    parser.add_argument("--sigma", type=float, default=0.25)
+    parser.add_argument("--noise-resolution", type=int, default=256, help="0 = the working side")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--gan-weight", type=float, default=None)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--val-images", type=int, default=1000)
+    parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--no-amp", action="store_true", help="float32 training")
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    base = typed_parameters(PROJECT_ROOT, "base")["purifier_pretraining"]
+    changes = {k: v for k, v in (("lr", args.lr), ("gan_weight", args.gan_weight)) if v}
+    params = base.replace(amp=not args.no_amp, **changes)
+    train_images, train_labels = cifar10(50_000, train=True)
+    test_images, test_labels = cifar10(10_000, train=False)
+    eval_subset = random_subset(10_000, 512, 0)  # data_ingestion's subset (512, seed 0)
+    held_out = random_subset(10_000, args.val_images, 1, exclude=eval_subset.tolist())
+    x_val = to_unit(test_images[held_out]).to(device)
+    y_val = test_labels[held_out].to(device)
+    f = load_classifier(load_safe(args.classifier), device).requires_grad_(False)
+    transform = RandomTransform(
+        "rt2", sigma=args.sigma, noise_resolution=args.noise_resolution or None
+    )
+    print(
+        f"{args.cpu_minutes:g} CPU-minutes each, batch {args.batch_size}, lr {params.lr}, "
+        f"gan_weight {params.gan_weight}, amp {params.amp}, {torch.get_num_threads()} threads; "
+        f"RT2 sigma {args.sigma} at {args.noise_resolution or 'the working side'} px; "
+        f"{len(held_out)} held-out test images, {args.draws} draws"
+    )
+    for entry in args.configs.split(","):
+        name, cnum, *rest = entry.split(":")
+        config = {"generator": name, "cnum": int(cnum), "attention": False}
+        if rest:
+            config.update(variant=rest[0], upsample_size=int(rest[1]))
+        seed_everything(0)
+        g, d = build_purifier(config)
+        g, d = g.to(device), d.to(device)
+        step = PurifierStep.with_adam(g, d, transform, params, device)
+        batches = Batches(
+            train_images,
+            train_labels,
+            args.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(0),
+            device=device,
+            drop_last=True,
+        )
+        budget, seen, began, wall = 60 * args.cpu_minutes, 0, time.process_time(), time.time()
+        while time.process_time() - began < budget:
+            for x, _ in batches:
+                g.train(), d.train()
+                step(x, x)
+                seen += len(x)
+                if time.process_time() - began >= budget:
+                    break
+        seconds = time.time() - wall
+        transformed, purified = purify_with_seed(g, transform, x_val, 0, 250)
+        defense = PurifiedClassifier(f, g.eval(), transform).eval()
+        single_draw = draw_correct(defense, x_val, y_val, args.draws, 250).float().mean()
+        print(
+            f"  {entry:24s} {sum(p.numel() for p in g.parameters()) / 1e6:5.2f} M params | "
+            f"{seen:7d} images in {seconds:5.0f} s wall ({seen / seconds:6.1f} img/s) | "
+            f"PSNR {psnr(purified, x_val).mean():5.2f} dB (t(x) {psnr(transformed, x_val).mean():5.2f}) "
+            f"| AP clean acc (single draw) {100 * single_draw:5.2f} %"
+        )
+
+
 SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "classifier": classifier,
     "atop": atop,
     "purifier": purifier,
+    "purifier-quality": purifier_quality,
+    "precision": precision,
+    "autoattack-check": autoattack_check,
     "evaluation": evaluation,
     "stages": stages,
 }

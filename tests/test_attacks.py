@@ -1,4 +1,5 @@
-"""Tests of atop.attacks on real CIFAR-10: attack factory, EOT, BPDA, fresh-draw judging."""
+"""Tests of atop.attacks on real CIFAR-10: attack factory, EOT, BPDA, fresh-draw judging
+(the N-evaluation), the fair AutoAttack (every image attacked, success re-judged)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,19 @@ import torch
 import torch.nn.functional as F
 import torchattacks
 from torch import nn
+from torchattacks.attack import Attack
 
 from atop.attacks import (
     BPDA,
     EOTPGDL2,
+    EveryImageAPGD,
     RejudgedMultiAttack,
     bpda_mode,
     build_attack,
-    draw_votes,
-    robust_correct,
+    draw_correct,
     run_attack,
-    worst_case_correct,
 )
+from atop.evaluation.protocol import per_image, worst_case
 
 N_CLASSES = 10
 
@@ -184,7 +186,7 @@ def _norms(clean, adv):
 
 def test_classifier_learned_something(classifier, cifar10_test_batch):
     images, labels = cifar10_test_batch
-    accuracy = robust_correct(classifier, images, labels, draws=1, batch_size=128).float().mean()
+    accuracy = draw_correct(classifier, images, labels, draws=1, batch_size=128).float().mean()
     assert accuracy > 0.35  # chance is 0.1
 
 
@@ -214,8 +216,8 @@ def test_pgd_lowers_accuracy_of_undefended_classifier(classifier, cifar10_test_b
         "eot_iter": 1,
     }
     adv = run_attack(build_attack(classifier, spec, N_CLASSES), images, labels, 32, progress=False)
-    clean = robust_correct(classifier, images, labels, draws=1, batch_size=32).float().mean()
-    robust = robust_correct(classifier, adv, labels, draws=1, batch_size=32).float().mean()
+    clean = draw_correct(classifier, images, labels, draws=1, batch_size=32).float().mean()
+    robust = draw_correct(classifier, adv, labels, draws=1, batch_size=32).float().mean()
     assert clean > 0.3
     assert robust < clean
     assert robust <= 0.1  # ten PGD steps at 8/255 break nearly every image of a standard model
@@ -300,46 +302,78 @@ def test_bpda_gradient_differs_from_exact_gradient(defense, batch):
     assert not torch.allclose(exact, identity)
 
 
-def test_robust_correct_calls_the_model_draws_times(defense, batch):
+def test_draw_correct_calls_the_model_draws_times_per_batch(defense, batch):
     images, labels = batch
     counter = CallCounter(defense)
-    correct = robust_correct(counter, images, labels, draws=5, batch_size=4)
+    verdicts = draw_correct(counter, images, labels, draws=5, batch_size=4)
     assert counter.calls == 5 * 2
-    assert correct.dtype == torch.bool and correct.shape == labels.shape
-    votes = draw_votes(defense, images, draws=5, batch_size=4)
-    assert votes.shape == (8, N_CLASSES) and (votes.sum(dim=1) == 5).all()
+    assert verdicts.dtype == torch.bool and verdicts.shape == (8, 5)
+    assert verdicts.device.type == "cpu"
+    assert draw_correct(defense, images[:0], labels[:0], 3, 4).shape == (0, 3)
 
 
-def test_robust_correct_is_a_strict_majority_vote(classifier, cifar10_test_batch):
+def test_draw_correct_keeps_every_draw_in_its_own_column(classifier, cifar10_test_batch):
     images, labels = cifar10_test_batch[0][:64], cifar10_test_batch[1][:64]
     single = classifier(images).argmax(dim=1) == labels
-    assert torch.equal(robust_correct(classifier, images, labels, 3, 64), single)
-    # one fresh pass: the first (correct) call only
-    assert torch.equal(robust_correct(AlternatingModel(classifier), images, labels, 1, 64), single)
-    # 1 vote each for f's class and the next class: a tie counts as wrong
-    assert not robust_correct(AlternatingModel(classifier), images, labels, 2, 64).any()
-    # 2 votes against 1: the majority is f's prediction
-    assert torch.equal(robust_correct(AlternatingModel(classifier), images, labels, 3, 64), single)
+    assert torch.equal(
+        draw_correct(classifier, images, labels, 3, 64), single[:, None].repeat(1, 3)
+    )
+    # fresh passes, in order: f's class, then the next class, then f's class again
+    verdicts = draw_correct(AlternatingModel(classifier), images, labels, 3, 64)
+    shifted = classifier(images).argmax(dim=1).add(1).remainder(N_CLASSES) == labels
+    assert torch.equal(verdicts[:, 0], single) and torch.equal(verdicts[:, 2], single)
+    assert torch.equal(verdicts[:, 1], shifted)
+    # the two rules built on the same verdicts (atop.evaluation.protocol.per_image)
+    assert torch.equal(per_image(verdicts, "single"), verdicts.float().mean(dim=1))
+    assert torch.equal(per_image(verdicts, "worst_of_n"), single & shifted)
+    assert torch.equal(per_image(verdicts, "first"), single)
 
 
-def test_robust_correct_restores_training_mode(defense, batch):
+def test_n_evaluation_of_a_stochastic_and_a_deterministic_model(classifier, cifar10_test_batch):
+    """draw_correct judges with fresh draws: a random model's draws differ, single-draw
+    accuracy is their mean, worst-of-N never exceeds it; a deterministic model's draws agree."""
+    images, labels = cifar10_test_batch[0][:64], cifar10_test_batch[1][:64]
+    random_model = NoisyMaskBlurDefense(classifier, sigma=0.1, missing_rate=0.3).eval()
+    torch.manual_seed(0)
+    verdicts = draw_correct(random_model, images, labels, draws=8, batch_size=32)
+    assert verdicts.shape == (64, 8) and verdicts.dtype == torch.bool
+    mixed = verdicts.any(dim=1) & ~verdicts.all(dim=1)
+    assert mixed.any(), "fresh draws of a random model should disagree on some image"
+    assert any(not torch.equal(verdicts[:, 0], verdicts[:, d]) for d in range(1, 8))
+    single = verdicts.float().mean().item()
+    assert single == pytest.approx(per_image(verdicts, "single").mean().item())
+    worst = per_image(verdicts, "worst_of_n").float().mean().item()
+    assert worst == verdicts.all(dim=1).float().mean().item()
+    assert worst < single  # strictly: some image is right on some draws only
+    assert 0 < single < 1
+    fixed = draw_correct(classifier, images, labels, draws=8, batch_size=32)
+    assert (fixed == fixed[:, :1]).all()  # deterministic: every draw the same
+    assert torch.equal(fixed[:, 0], classifier(images).argmax(dim=1) == labels)
+    assert per_image(fixed, "worst_of_n").float().mean() == per_image(fixed, "single").mean()
+
+
+def test_draw_correct_restores_training_mode(defense, batch):
     defense.train()
-    robust_correct(defense, *batch, draws=2, batch_size=8)
+    draw_correct(defense, *batch, draws=2, batch_size=8)
     assert defense.training
 
 
 @pytest.mark.parametrize(
-    ("version", "n_classes", "subs"),
-    [("standard", 10, ["APGD", "APGDT", "FAB", "Square"]), ("rand", 100, ["APGD", "APGD"])],
+    ("version", "n_classes", "draws", "subs"),
+    [
+        ("standard", 10, 4, ["APGD", "APGDT", "FAB", "Square"]),
+        ("rand", 100, 4, ["EveryImageAPGD", "EveryImageAPGD"]),  # stochastic: fair APGD
+        ("rand", 10, 1, ["APGD", "APGD"]),  # one draw judges: torchattacks' own APGD
+    ],
 )
-def test_autoattack_sub_attacks_use_the_spec(version, n_classes, subs, defense):
+def test_autoattack_sub_attacks_use_the_spec(version, n_classes, draws, subs, defense):
     spec = {
         "name": "autoattack", "version": version, "norm": "Linf", "eps": 8 / 255,
-        "steps": 100, "seed": 3, "n_queries": 777, "eot_iter": 7, "draws": 4,
+        "steps": 100, "seed": 3, "n_queries": 777, "eot_iter": 7, "draws": draws,
     }  # fmt: skip
     attack = build_attack(defense, spec, n_classes)
     multi = attack._autoattack
-    assert isinstance(multi, RejudgedMultiAttack) and multi.draws == 4
+    assert isinstance(multi, RejudgedMultiAttack) and multi.draws == draws
     assert [type(sub).__name__ for sub in multi.attacks] == subs
     for sub in multi.attacks:
         assert sub.eps == 8 / 255 and sub.norm == "Linf" and sub.seed == 3
@@ -351,6 +385,9 @@ def test_autoattack_sub_attacks_use_the_spec(version, n_classes, subs, defense):
             assert sub.n_target_classes == n_classes - 1
         if version == "rand":
             assert sub.eot_iter == 7
+            assert isinstance(sub, torchattacks.APGD)  # EveryImageAPGD keeps APGD's state
+    if version == "rand":
+        assert [apgd.loss for apgd in multi.attacks] == ["ce", "dlr"]  # APGD-CE, APGD-DLR
     # the sub-attacks are registered, so mode switches reach them
     assert set(attack._attacks.values()) >= {multi, *multi.attacks}
 
@@ -360,27 +397,158 @@ def test_rejudged_multiattack_keeps_each_images_worst_example(classifier, batch)
     weak = torchattacks.FGSM(classifier, eps=1 / 255)
     strong = torchattacks.PGD(classifier, eps=8 / 255, alpha=2 / 255, steps=5, random_start=False)
     adv = RejudgedMultiAttack([weak, strong], draws=3)(images, labels)
-    per_attack = {
-        "weak": robust_correct(classifier, weak(images, labels), labels, 1, 8),
-        "strong": robust_correct(classifier, strong(images, labels), labels, 1, 8),
-    }
+    per_attack = [
+        draw_correct(classifier, weak(images, labels), labels, 1, 8),
+        draw_correct(classifier, strong(images, labels), labels, 1, 8),
+    ]
     assert torch.equal(
-        robust_correct(classifier, adv, labels, 1, 8), worst_case_correct(per_attack)
+        draw_correct(classifier, adv, labels, 1, 8)[:, 0], worst_case(per_attack, "worst_of_n")
     )
 
 
-def test_worst_case_correct():
-    a = torch.tensor([True, True, False, True])
-    b = torch.tensor([True, False, False, True])
-    c = torch.tensor([False, True, False, True])
-    assert worst_case_correct({"a": a, "b": b, "c": c}).tolist() == [False, False, False, True]
-    assert torch.equal(worst_case_correct({"a": a}), a)
-    with pytest.raises(ValueError, match="at least one"):
-        worst_case_correct({})
-    with pytest.raises(ValueError, match="same images"):
-        worst_case_correct({"a": a, "short": b[:3]})
-    with pytest.raises(ValueError, match="bool"):
-        worst_case_correct({"a": a, "int": b.long()})
+#: Draws per judgement of the scripted model below.
+SCRIPT_DRAWS = 4
+
+
+class ScriptedDraws(nn.Module):
+    """A "random" model whose fresh draws are scripted by the image: an image whose pixel
+    (0, 0, 0) is ``k / SCRIPT_DRAWS`` is classified right (as pixel (1, 0, 0) * 10) by the
+    first ``k`` of every ``SCRIPT_DRAWS`` consecutive calls, wrong by the others."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(1))  # a device for torchattacks
+        self.calls = 0
+
+    def forward(self, x):
+        draw = self.calls % SCRIPT_DRAWS
+        self.calls += 1
+        right = (x[:, 0, 0, 0] * SCRIPT_DRAWS).round().long()
+        label = (x[:, 1, 0, 0] * 10).round().long()
+        predicted = torch.where(draw < right, label, (label + 1) % N_CLASSES)
+        return F.one_hot(predicted, N_CLASSES).float() + 0 * self.weight
+
+
+class ScriptedAttack(Attack):
+    """Sets, per image (its id: pixel (2, 0, 0) * 100), how many draws get it right, and
+    writes its own ``tag`` into pixel (0, 1, 1); records the ids it was given."""
+
+    def __init__(self, model, tag: int, right_draws: dict[int, int]):
+        super().__init__(f"Scripted{tag}", model)
+        self.tag, self.right_draws, self.seen = tag, right_draws, []
+
+    def forward(self, images, labels):
+        ids = (images[:, 2, 0, 0] * 100).round().long().tolist()
+        self.seen.append(ids)
+        out = images.clone()
+        out[:, 0, 0, 0] = torch.tensor([self.right_draws[i] for i in ids]) / SCRIPT_DRAWS
+        out[:, 0, 1, 1] = self.tag / 10
+        return out
+
+
+def _scripted_images(labels: list[int]) -> torch.Tensor:
+    images = torch.full((len(labels), 3, 4, 4), 0.5)
+    images[:, 0, 0, 0] = 1.0  # clean: every draw right
+    images[:, 1, 0, 0] = torch.tensor(labels) / 10
+    images[:, 2, 0, 0] = torch.arange(len(labels)) / 100
+    return images
+
+
+def test_rejudged_multiattack_keeps_the_example_with_the_fewest_right_draws():
+    model = ScriptedDraws()
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    images = _scripted_images(labels.tolist())
+    # right draws (of 4) per image id after each attack
+    a = ScriptedAttack(model, 1, {0: 0, 1: 3, 2: 2, 3: 4, 4: 1})
+    b = ScriptedAttack(model, 2, {1: 1, 2: 2, 3: 4, 4: 3})
+    c = ScriptedAttack(model, 3, {1: 0, 2: 1, 3: 4, 4: 2})
+    assert draw_correct(model, images, labels, SCRIPT_DRAWS, 5).all()  # the script works
+    adv = RejudgedMultiAttack([a, b, c], draws=SCRIPT_DRAWS)(images, labels)
+    # image 0 (no draw right after a) is not attacked again; every other image is, even
+    # those that draws already get wrong (not stopped by one lucky or unlucky draw)
+    assert a.seen == [[0, 1, 2, 3, 4]] and b.seen == c.seen == [[1, 2, 3, 4]]
+    # per image: the example with the fewest right draws, the earlier one on a tie
+    assert (adv[:, 0, 1, 1] * 10).round().long().tolist() == [1, 3, 3, 1, 1]
+    right = draw_correct(model, adv, labels, SCRIPT_DRAWS, 5).sum(dim=1)
+    assert right.tolist() == [0, 0, 1, 4, 1]
+    # once every image is broken, the remaining attacks do not run
+    first = ScriptedAttack(model, 1, dict.fromkeys(range(5), 0))
+    second = ScriptedAttack(model, 2, dict.fromkeys(range(5), 0))
+    RejudgedMultiAttack([first, second], draws=SCRIPT_DRAWS)(images, labels)
+    assert len(first.seen) == 1 and second.seen == []
+    with pytest.raises(ValueError, match="draws"):
+        RejudgedMultiAttack([first, second], draws=0)
+
+
+class FirstPassRecorder(nn.Module):
+    """Records the predictions of every forward pass of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.predictions: list[torch.Tensor] = []
+
+    def forward(self, x):
+        logits = self.model(x)
+        self.predictions.append(logits.detach().argmax(dim=1))
+        return logits
+
+
+def test_autoattack_rand_attacks_the_images_one_draw_got_wrong(classifier, cifar10_test_batch):
+    """torchattacks' APGD judges the clean images with ONE draw and never attacks those it
+    got wrong (returned clean); EveryImageAPGD, which AutoAttack-rand uses when ``draws > 1``,
+    attacks every image, and returns an example within ε for each."""
+    images, labels = cifar10_test_batch[0][:16].contiguous(), cifar10_test_batch[1][:16]
+    eps = 8 / 255
+    recorder = FirstPassRecorder(NoisyMaskBlurDefense(classifier).eval())
+    spec = {
+        "name": "autoattack", "version": "rand", "norm": "Linf", "eps": eps, "steps": 2,
+        "seed": 0, "eot_iter": 2, "draws": 3,
+    }  # fmt: skip
+    attack = build_attack(recorder, spec, N_CLASSES)
+    apgd_ce = attack._autoattack.attacks[0]
+    assert type(apgd_ce) is EveryImageAPGD
+
+    # the case: torchattacks' APGD on the same model leaves the single-draw misses clean
+    plain = torchattacks.APGD(recorder, norm="Linf", eps=eps, steps=2, eot_iter=2, seed=0)
+    torch.manual_seed(0)
+    adv = plain(images, labels)
+    missed = recorder.predictions[0] != labels  # its first pass: the clean images, one draw
+    assert missed.any() and (~missed).any()
+    assert torch.equal(adv[missed], images[missed])
+
+    recorder.predictions.clear()
+    torch.manual_seed(0)
+    adv = apgd_ce(images, labels)
+    missed = recorder.predictions[0] != labels
+    assert missed.any(), "some image must be misclassified by the first draw"
+    moved = (adv - images).flatten(1).abs().amax(dim=1)
+    assert (moved[missed] > 0).all() and (moved > 0).all()  # every image attacked
+    assert moved.max() <= eps + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+    # the whole AutoAttack-rand: every output is a perturbed example within eps
+    torch.manual_seed(0)
+    adv = run_attack(attack, images, labels, batch_size=16, progress=False)
+    moved = (adv - images).flatten(1).abs().amax(dim=1)
+    assert (moved > 0).all() and moved.max() <= eps + 1e-6
+
+
+def test_every_image_apgd_returns_the_highest_loss_iterate(classifier, batch):
+    """``forward`` is ``perturb(best_loss=True)``: every image (broken or not) moves within
+    ε, to the iterate whose loss APGD reports as its best."""
+    images, labels = batch
+    eps = 8 / 255
+    attack = EveryImageAPGD(classifier, norm="Linf", eps=eps, steps=3, seed=0)
+    torch.manual_seed(0)
+    adv = attack(images, labels)
+    torch.manual_seed(0)
+    loss_best, best = attack.perturb(images, labels, best_loss=True)
+    assert torch.equal(adv, best)
+    moved = (adv - images).flatten(1).abs().amax(dim=1)
+    assert adv.shape == images.shape and (moved > 0).all() and moved.max() <= eps + 1e-6
+    with torch.no_grad():
+        loss = F.cross_entropy(classifier(adv), labels, reduction="none")
+    assert torch.allclose(loss, loss_best, atol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -431,9 +599,11 @@ def test_bad_inputs_raise_clear_errors(classifier, batch):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         run_attack(attack, images * 2, labels, 8)
     with pytest.raises(ValueError, match="labels must be int64"):
-        robust_correct(classifier, images, labels[:3], 2, 8)
+        draw_correct(classifier, images, labels[:3], 2, 8)
     with pytest.raises(ValueError, match="draws"):
-        robust_correct(classifier, images, labels, 0, 8)
+        draw_correct(classifier, images, labels, 0, 8)
+    with pytest.raises(ValueError, match="batch_size"):
+        draw_correct(classifier, images, labels, 2, 0)
     with pytest.raises(ValueError, match="n_classes"):
         build_attack(classifier, SMALL_SPECS["fgsm"], 0)
 
@@ -453,5 +623,5 @@ def test_works_on_the_project_defense(classifier, batch):
     assert defense.bpda is False
     assert (adv - images).abs().max() <= 8 / 255 + 1e-6 and adv.min() >= 0 and adv.max() <= 1
     counter = CallCounter(defense)
-    assert robust_correct(counter, adv, labels, draws=3, batch_size=2).shape == (2,)
-    assert counter.calls == 3
+    verdicts = draw_correct(counter, adv, labels, draws=3, batch_size=2)
+    assert verdicts.shape == (2, 3) and counter.calls == 3

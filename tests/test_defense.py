@@ -9,7 +9,14 @@ import torch
 from torch import nn
 
 from atop.attacks import bpda_mode
-from atop.defense import PurifiedClassifier, combine_purified, purify_draw
+from atop.defense import (
+    PurifiedClassifier,
+    combine_purified,
+    from_working,
+    purify_draw,
+    to_working,
+    working_side,
+)
 from atop.models.purifier import build_purifier
 from atop.transforms import RandomTransform
 
@@ -34,6 +41,7 @@ class RecordingPurifier(nn.Module):
     def __init__(self, purifier: nn.Module) -> None:
         super().__init__()
         self.inner = purifier
+        self.image_size = purifier.image_size  # the working side, as the wrapped purifier
         self.calls: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def purify(
@@ -288,3 +296,130 @@ def test_noisy_transforms_use_the_whole_generator_output(cifar10_test_batch):
         purified = defended.purify(x)
     known = (1 - draw.masks[0]).bool().expand_as(x)
     assert torch.equal(purified[known], x[known])
+
+
+# --------------------------------------------------------------------------- working side
+
+
+class ShapeRecorder(nn.Module):
+    """Identity "classifier" recording the shape of every batch it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(x.shape))
+        return x.flatten(1)[:, :10]
+
+
+def record_inputs(generator: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record the (images, masks) every forward pass of ``generator`` receives."""
+    calls: list[tuple[torch.Tensor, torch.Tensor]] = []
+    generator.register_forward_pre_hook(
+        lambda module, args: calls.append((args[0].detach().clone(), args[1].detach().clone()))
+    )
+    return calls
+
+
+def neighbour_correlation(noise: torch.Tensor) -> float:
+    """Correlation of horizontally and vertically neighbouring pixels of ``noise``."""
+    centred = noise - noise.mean()
+    horizontal = (centred[..., :, 1:] * centred[..., :, :-1]).mean()
+    vertical = (centred[..., 1:, :] * centred[..., :-1, :]).mean()
+    return ((horizontal + vertical) / (2 * centred.square().mean())).item()
+
+
+def away_from_clamp(images: torch.Tensor) -> torch.Tensor:
+    """Real images squeezed into [0.3, 0.7]: the noise below is (almost) never clamped."""
+    return 0.3 + 0.4 * images
+
+
+def test_working_side_helpers(images):
+    up = to_working(images, 64)
+    assert up.shape == (16, 3, 64, 64)
+    expected = nn.functional.interpolate(images, size=64, mode="bilinear", align_corners=False)
+    assert torch.equal(up, expected)
+    assert to_working(images, 32) is images and from_working(images, 32) is images
+    down = from_working(up, 32)
+    assert down.shape == images.shape
+    assert (down - images).abs().mean() < 0.03  # up then down: a mild blur of the original
+    grey = torch.full((2, 3, 32, 32), 0.5)
+    assert torch.allclose(from_working(to_working(grey, 64), 32), grey, atol=1e-6)
+    assert working_side(nn.Identity(), 32) == 32  # no image_size: the images' side
+    generator, _ = build_purifier({"generator": "unet", "cnum": 8, "variant": "upsample"})
+    assert working_side(generator, 32) == 256
+
+
+def test_upsample_variant_draws_t_at_the_working_side(cifar10_test_batch):
+    """The authors' order for the upsample variant: upsample x, then draw t there, so the
+    noise is i.i.d. per working pixel with std sigma_at(64), and the masks are P/8 blocks of
+    the working side; f gets g's output back at 32 px."""
+    torch.manual_seed(12)
+    x = away_from_clamp(cifar10_test_batch[0][:48])
+    generator, _ = build_purifier(
+        {"generator": "unet", "cnum": 4, "variant": "upsample", "upsample_size": 64}
+    )
+    generator.eval()
+    calls = record_inputs(generator)
+    transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
+    classifier = ShapeRecorder()
+    model = PurifiedClassifier(classifier, generator, transform, generator=_seeded(13))
+    with torch.no_grad():
+        purified = model.purify(x)
+        model(x)
+    assert purified.shape == x.shape and classifier.shapes == [tuple(x.shape)]
+    drawn, masks = calls[0]
+    assert drawn.shape == (48, 3, 64, 64) and masks.shape == (48, 1, 64, 64)
+    noise = drawn - to_working(x, 64)
+    assert transform.config.sigma_at(64) == 0.0625
+    assert noise.std().item() == pytest.approx(0.0625, rel=0.02)  # 590k samples
+    assert abs(neighbour_correlation(noise)) < 0.02  # drawn at 64 px, not upsampled
+    pooled = nn.functional.max_pool2d(masks, 8)  # 8-px blocks: P/8 of the working side
+    assert torch.equal(pooled.repeat_interleave(8, -1).repeat_interleave(8, -2), masks)
+    assert torch.equal(masks.mean(dim=(1, 2, 3)), torch.full((48,), 0.25))
+    # f sees g's output brought back to the image side (antialiased bilinear)
+    model.generator = _seeded(13)
+    with torch.no_grad():
+        again = model.purify(x)
+        expected = from_working(generator(drawn, masks, keep_known=False).purified, 32)
+    assert torch.allclose(again, expected, atol=1e-6)
+
+
+def test_native_variant_noise_has_the_authors_std_at_32_px(cifar10_test_batch):
+    """noise_resolution 256: sigma 0.25 at 256 px is a per-pixel std of 0.25 * 32 / 256 at
+    CIFAR's 32 px, where the native purifier draws t."""
+    x = away_from_clamp(cifar10_test_batch[0][:128])
+    generator, _ = build_purifier({"generator": "unet", "cnum": 4})
+    generator.eval()
+    calls = record_inputs(generator)
+    transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
+    model = PurifiedClassifier(ShapeRecorder(), generator, transform, generator=_seeded(14))
+    with torch.no_grad():
+        model.purify(x)
+    drawn, masks = calls[0]
+    assert drawn.shape == x.shape and masks.shape == (128, 1, 32, 32)
+    noise = drawn - x
+    assert (noise.abs() < 0.3).all()  # away from the clamp: the raw noise
+    assert noise.std().item() == pytest.approx(0.25 * 32 / 256, rel=0.02)  # 393k samples
+    assert abs(neighbour_correlation(noise)) < 0.02
+
+
+def test_bpda_at_the_working_side_keeps_the_forward_pass(classifier, cifar10_test_batch):
+    """BPDA on the upsample variant: same forward value, gradient = d(down o up) / dx."""
+    x = cifar10_test_batch[0][:4]
+    generator, _ = build_purifier(
+        {"generator": "unet", "cnum": 4, "variant": "upsample", "upsample_size": 64}
+    )
+    model = PurifiedClassifier(classifier, generator.eval(), RandomTransform("rt1"))
+    model.generator = _seeded(15)
+    exact = model.purify(x)
+    model.generator = _seeded(15)
+    with bpda_mode(model):
+        x_req = x.clone().requires_grad_(True)
+        bpda = model.purify(x_req)
+    assert torch.equal(exact, bpda.detach())
+    bpda.sum().backward()
+    reference = x.clone().requires_grad_(True)
+    from_working(to_working(reference, 64), 32).sum().backward()
+    assert torch.allclose(x_req.grad, reference.grad, atol=1e-5)

@@ -13,7 +13,7 @@ import pytest
 from kedro.validation.exceptions import ParameterValidationError
 
 from atop.dvc_params import typed_parameters
-from atop.params import ParameterError, fraction
+from atop.params import ParameterError, Params, fraction
 from atop.trainers.classifier import ClassifierParams
 from atop.trainers.common import OptimizerParams, ScheduleParams
 from atop.trainers.pgd_at import PGDATParams, PGDTrainAttackParams
@@ -162,6 +162,24 @@ def test_a_bad_override_is_refused_before_any_stage_runs():
         typed_parameters(PROJECT_ROOT, "smoke", {"classifier_pretraining.epoch": 3})
     params = typed_parameters(PROJECT_ROOT, "smoke", {"adversarial_training.attack.eps": "4/255"})
     assert params["adversarial_training"].attack.eps == 4 / 255
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "paper"])
+def test_every_profile_builds_a_typed_block_for_every_stage(env):
+    """Each profile's parameters validate (a broken paper profile fails here, not hours into a
+    run), one typed block per ``params:<key>`` a registered pipeline takes."""
+    from atop.pipeline_registry import register_pipelines
+
+    taken = {
+        name.split(":", 1)[1]
+        for pipeline in register_pipelines().values()
+        for name in pipeline.inputs()
+        if name.startswith("params:")
+    }
+    params = typed_parameters(PROJECT_ROOT, env)
+    assert set(params) == taken
+    for key, block in params.items():
+        assert isinstance(block, Params) and block.KEY == key, key
 
 
 def test_the_makefile_switches_off_the_same_telemetry_as_the_hook():

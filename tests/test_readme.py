@@ -19,6 +19,8 @@ def test_snippet_is_short_and_uses_the_library():
     code = readme_snippet()
     assert len(code.strip().splitlines()) <= 10
     assert "from atop import evaluate, load_defense" in code and "torchattacks" in code
+    assert "purifier_atop.pt" in code  # the AToP arm's checkpoint (data/06_models/<dataset>/)
+    assert ".accuracy()" in code  # single-draw, the default rule
 
 
 def test_snippet_loads_and_attacks_the_atop_defense(atop_project):
@@ -35,6 +37,8 @@ def test_snippet_loads_and_attacks_the_atop_defense(atop_project):
     )
     assert result.returncode == 0, result.stderr
     accuracy = eval(result.stdout.strip().splitlines()[-1])  # the printed dict
-    assert set(accuracy) >= {"clean", "pgd_eot", "worst_case_all", "worst_case_Linf"}
+    # clean, the attack's label, and the per-image worst cases (one l-inf attack: no L2 key)
+    assert set(accuracy) == {"clean", "pgd_eot", "worst_case_all", "worst_case_Linf"}
     assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    assert accuracy["worst_case_all"] == accuracy["worst_case_Linf"]
     assert accuracy["worst_case_all"] <= min(accuracy["clean"], accuracy["pgd_eot"])

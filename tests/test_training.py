@@ -1,20 +1,28 @@
-"""Tests of the shared training loop (atop.training) on real CIFAR-10 images."""
+"""Tests of the shared training loop (atop.training) on real CIFAR-10 images, bf16 autocast
+and the progress bars (atop.progress)."""
 
 from __future__ import annotations
 
+import inspect
+import io
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atop import training
 from atop.checkpoint import CheckpointError, load_safe
+from atop.progress import progress
 from atop.training import (
     Batches,
     LoopConfig,
     NonFiniteLossError,
+    accuracy,
     autocast,
+    bf16_available,
     fit,
     resolve_device,
     seed_everything,
@@ -262,7 +270,7 @@ def test_train_step_without_loss_is_rejected(real_uint8):
         )
 
 
-def test_resolve_device_and_autocast():
+def test_resolve_device():
     assert resolve_device("cpu") == torch.device("cpu")
     expected = "cuda" if torch.cuda.is_available() else "cpu"
     assert resolve_device("auto").type == expected
@@ -271,5 +279,72 @@ def test_resolve_device_and_autocast():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def _conv_output_dtype(**autocast_kwargs) -> torch.dtype:
+    torch.manual_seed(0)
+    conv, x = nn.Conv2d(3, 4, 3), torch.rand(2, 3, 8, 8)
+    with autocast("cpu", **autocast_kwargs):
+        return conv(x).dtype
+
+
+@pytest.mark.skipif(not bf16_available("cpu"), reason="this CPU has no bf16 units")
+def test_cpu_autocast_is_bf16_on_a_cpu_with_bf16_units():
+    assert _conv_output_dtype() == torch.bfloat16
+    assert _conv_output_dtype(enabled=False) == torch.float32
+    # a torch.device works as well as its type name, and nothing leaks out of the block
     with autocast(torch.device("cpu")):
-        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+        assert nn.Linear(4, 2)(torch.rand(3, 4)).dtype == torch.bfloat16
+    assert nn.Linear(4, 2)(torch.rand(3, 4)).dtype == torch.float32
+
+
+def test_cpu_autocast_is_float32_without_bf16_units(monkeypatch):
+    monkeypatch.setattr(training, "bf16_available", lambda device_type: False)
+    assert _conv_output_dtype() == torch.float32
+    assert not bf16_available("meta")  # neither CUDA nor CPU: never
+
+
+def test_accuracy_judges_in_float32(real_uint8):
+    """No ``amp`` switch: the judging forward pass is float32 even where bf16 autocast is on."""
+    assert "amp" not in inspect.signature(accuracy).parameters
+    seen: list[torch.dtype] = []
+
+    class Probe(TinyNet):
+        def forward(self, x):
+            logits = super().forward(x)
+            seen.append(logits.dtype)
+            return logits
+
+    torch.manual_seed(0)
+    model = Probe().eval()
+    images, labels = real_uint8
+    acc = accuracy(model, images, labels, batch_size=32)
+    assert seen == [torch.float32, torch.float32]
+    with torch.no_grad():
+        expected = (model(images.float() / 255).argmax(1) == labels).float().mean().item()
+    assert acc == pytest.approx(expected)
+
+
+class FakeTerminal(io.StringIO):
+    """A standard error that says it is an interactive terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_draw_nothing_off_a_terminal(capsys):
+    assert not sys.stderr.isatty()  # pytest captures it
+    bar = progress(range(5), True, desc="epochs")
+    assert bar.disable and list(bar) == [0, 1, 2, 3, 4]
+    bar.close()
+    assert capsys.readouterr().err == ""
+
+
+def test_progress_bars_are_drawn_on_a_terminal_when_asked(monkeypatch):
+    terminal = FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert list(progress(range(3), True, desc="epochs")) == [0, 1, 2]
+    assert "epochs" in terminal.getvalue()
+    drawn = terminal.getvalue()
+    assert list(progress(range(3), False, desc="quiet")) == [0, 1, 2]  # not asked for
+    assert terminal.getvalue() == drawn

@@ -71,6 +71,57 @@ def test_noise_has_std_sigma_on_real_images(cifar10_test_batch):
     assert (clamped == 0.0).any() and (clamped == 1.0).any()
 
 
+def _away_from_clamp(images: torch.Tensor) -> torch.Tensor:
+    """Real images squeezed into [0.3, 0.7]: noise of std <= 0.07 is (almost) never clamped."""
+    return 0.3 + 0.4 * images
+
+
+def test_sigma_at_scales_with_the_side_relative_to_noise_resolution():
+    authors = TransformConfig("rt2", sigma=0.25, noise_resolution=256)
+    assert authors.sigma_at(256) == 0.25
+    assert authors.sigma_at(32) == pytest.approx(0.03125)  # 8x less at 32 px
+    assert authors.sigma_at(64) == pytest.approx(0.0625)
+    at_drawn_side = TransformConfig("rt2", sigma=0.25)
+    assert at_drawn_side.sigma_at(32) == at_drawn_side.sigma_at(256) == 0.25
+    assert TransformConfig("rt1", noise_resolution=256).uses_noise is False
+
+
+@pytest.mark.parametrize(
+    ("side", "sigma", "noise_resolution", "expected"),
+    [
+        (32, 0.25, 256, 0.03125),  # the authors' noise seen at CIFAR's side
+        (64, 0.25, 256, 0.0625),
+        (32, 0.1, 64, 0.05),
+        (32, 0.05, None, 0.05),  # None: sigma at the drawn side
+    ],
+)
+def test_noise_std_at_the_drawn_side_on_real_images(
+    side, sigma, noise_resolution, expected, cifar10_test_batch
+):
+    """The per-pixel std of t's noise on images of side S is sigma * S / noise_resolution
+    (sigma itself without noise_resolution), measured on real images away from the clamp."""
+    images = _away_from_clamp(cifar10_test_batch[0][:64])
+    if side != 32:
+        images = torch.nn.functional.interpolate(images, size=side, mode="bilinear")
+    transform = RandomTransform("rt2", sigma=sigma, noise_resolution=noise_resolution)
+    assert transform.config.sigma_at(side) == pytest.approx(expected)
+    noise = transform(images, generator=_seeded(11)).image - images
+    assert (noise.abs() < 0.3 - 1e-6).float().mean() > 0.9999  # (almost) nothing clamped
+    n = noise.numel()  # >= 196k samples: std error of the std ~0.16 %
+    assert noise.std().item() == pytest.approx(expected, rel=0.01)
+    assert abs(noise.mean().item()) < 5 * expected / n**0.5
+    # i.i.d. per pixel at the drawn side: neighbouring pixels are uncorrelated
+    assert abs(_neighbour_correlation(noise)) < 0.02
+
+
+def _neighbour_correlation(noise: torch.Tensor) -> float:
+    """Correlation of horizontally and vertically neighbouring pixels of ``noise``."""
+    centred = noise - noise.mean()
+    horizontal = (centred[..., :, 1:] * centred[..., :, :-1]).mean()
+    vertical = (centred[..., 1:, :] * centred[..., :-1, :]).mean()
+    return ((horizontal + vertical) / (2 * centred.square().mean())).item()
+
+
 def test_rt2_is_noise_clamped_then_masked(cifar10_test_batch):
     images, _ = cifar10_test_batch
     draw = RandomTransform("rt2", sigma=0.25)(images, generator=_seeded(3))
@@ -139,6 +190,17 @@ def test_transform_is_differentiable(cifar10_test_batch):
 def test_build_transform_from_parameters():
     transform = build_transform({"kind": "rt3", "sigma": 0.1, "mask_number": 2})
     assert transform.config == TransformConfig("rt3", 0.1, 0.25, None, 2)
+    assert transform.config.noise_resolution is None  # default: sigma at the drawn side
+    assert transform.config.to_dict() == {
+        "kind": "rt3",
+        "sigma": 0.1,
+        "missing_rate": 0.25,
+        "mask_block": None,
+        "mask_number": 2,
+        "noise_resolution": None,
+    }
+    authors = build_transform({"kind": "rt2", "sigma": 0.25, "noise_resolution": 256})
+    assert authors.config == RandomTransform("rt2", 0.25, noise_resolution=256).config
     assert transform.config.n_masks == 2 and transform.config.uses_noise
     assert RandomTransform("rt2").config.n_masks == 1
     assert not RandomTransform("rt1").config.uses_noise
@@ -156,6 +218,9 @@ def test_build_transform_from_parameters():
         ({"mask_block": 0}, "mask_block"),
         ({"mask_block": 2.5}, "mask_block"),
         ({"mask_number": 0}, "mask_number"),
+        ({"noise_resolution": 0}, "noise_resolution"),
+        ({"noise_resolution": 25.6}, "noise_resolution"),
+        ({"noise_resolution": True}, "noise_resolution"),
         ({"kind": "rt3", "missing_rate": 0.3, "mask_number": 4}, "mask_number \\* missing_rate"),
     ],
 )

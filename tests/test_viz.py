@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from atop.pipeline_registry import ATOP_STAGES, BASELINE_STAGES, register_pipelines
+from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES, register_pipelines
 from tests.conftest import make_project_copy
 
 
@@ -27,7 +27,7 @@ def test_kedro_viz_build_lists_the_atop_pipeline_its_stages_and_layers(tmp_path)
     api = project / "build" / "api"
     main = json.loads((api / "main").read_text())
     pipeline_ids = {p["id"] for p in main["pipelines"]}
-    assert {"atop", "__default__", *ATOP_STAGES, *BASELINE_STAGES} <= pipeline_ids
+    assert {"atop", "__default__", *ATOP_STAGES, *COMPARISON_STAGES} <= pipeline_ids
     assert main["layers"] == [
         "raw",
         "intermediate",
@@ -43,9 +43,14 @@ def test_kedro_viz_build_lists_the_atop_pipeline_its_stages_and_layers(tmp_path)
     registered = register_pipelines()
     for stage in ATOP_STAGES:  # every node of every stage is in the built atop DAG
         assert {node.name for node in registered[stage].nodes} <= built_tasks, stage
-    assert not {node.name for node in registered["rvs"].nodes} & built_tasks
+    for stage in COMPARISON_STAGES:  # the full comparison's stages are not in the main job
+        assert not {node.name for node in registered[stage].nodes} & built_tasks, stage
     layers = {n["name"]: n.get("layer") for n in atop["nodes"] if n["type"] == "data"}
     assert layers["raw_dataset"] == "raw"
-    assert layers["classifier"] == "models"
-    assert layers["atop_purifier"] == "models"
-    assert layers["robustness"] == "reporting"
+    assert layers["monitor_indices"] == layers["eval_indices"] == "model_input"
+    assert layers["classifier"] == layers["purifier"] == "models"
+    for arm in ("ap_continued", "ap_classifier_aware", "atop"):
+        assert layers[f"purifier_{arm}"] == "models"  # a dataset factory entry
+        assert layers[f"finetuning_metrics_{arm}"] == "reporting"
+    assert layers["evaluation_atop"] == layers["robustness_verdicts"] == "model_output"
+    assert layers["robustness"] == layers["robustness_accuracy_vs_eps"] == "reporting"

@@ -6,9 +6,9 @@ A thin layer over torchattacks (method.md §4, "Evaluating stochastic defenses h
   into a torchattacks ``Attack``: FGSM, PGD ℓ∞ / ℓ2 with exact gradients and EOT, BPDA+EOT,
   C&W ℓ2 and AutoAttack ``standard`` / ``rand`` with the number of steps set explicitly.
 * :func:`run_attack` runs an attack batch by batch with a progress bar.
-* :func:`robust_correct` judges a (possibly stochastic) model with fresh draws of its
-  randomness and a majority vote; :func:`worst_case_correct` is the per-sample worst case
-  over attacks, the headline number.
+* :func:`draw_correct` judges a (possibly stochastic) model with fresh draws of its
+  randomness, per image and per draw (the N-evaluation; the rules built on it are in
+  :mod:`atop.evaluation.protocol`).
 
 Every model here maps float32 images in ``[0, 1]``, NCHW, to logits ``[N, n_classes]``; any
 ``nn.Module`` does (e.g. :class:`atop.defense.PurifiedClassifier`, ``f(g(t(x)))``).
@@ -32,9 +32,12 @@ Facts about torchattacks 3.5.1 this module relies on (checked in its source):
 * ``MultiAttack`` (inside AutoAttack) decides "attack succeeded" from ONE forward pass and
   then stops attacking that image; for a random defense a lucky draw flatters it. We replace
   it by :class:`RejudgedMultiAttack`, which judges with several fresh draws.
-* ``APGD.perturb`` calls ``torch.random.manual_seed(seed)`` (global RNG) at every call, and
-  APGD still picks its returned example from single-draw predictions; the final verdict is
-  always :func:`robust_correct` with fresh draws.
+* ``APGD.perturb`` calls ``torch.random.manual_seed(seed)`` (global RNG) at every call of its
+  default mode and picks its returned example from single-draw predictions;
+  :class:`EveryImageAPGD` (AutoAttack-rand on random defenses) uses its ``best_loss`` mode
+  instead (no reseeding there: the evaluation seeds every attack run), which keeps the
+  iterate with the highest loss of one draw. The final verdict is always
+  :func:`draw_correct` with fresh draws, in float32.
 
 Core module: imports only torch, torchattacks, tqdm and the standard library.
 """
@@ -52,7 +55,8 @@ import torch.nn.functional as F
 import torchattacks
 from torch import Tensor, nn
 from torchattacks.attack import Attack
-from tqdm.auto import tqdm
+
+from atop.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -191,17 +195,17 @@ class BPDA(Attack):
 
 
 class RejudgedMultiAttack(torchattacks.MultiAttack):
-    """torchattacks' ``MultiAttack``, with success judged by :func:`robust_correct`.
+    """torchattacks' ``MultiAttack``, with success judged by fresh draws.
 
-    The attacks run in turn on the images not yet broken. An image counts as broken when the
-    majority vote of ``draws`` fresh forward passes is wrong (not one pass, which a lucky
-    draw of a random defense passes or fails by chance). For every image the returned
-    example is the one, over the attacks run on it, with the fewest correct votes (the clean
-    image when no attack lowered them), so nothing an attack found is thrown away.
+    The attacks run in turn on the images not yet broken. An image counts as broken only
+    when none of ``draws`` fresh forward passes is right (not one pass, which a lucky draw
+    of a random defense passes or fails by chance). For every image the returned example is
+    the one, over the attacks run on it, with the fewest right passes (the first attack's on
+    a tie), so nothing an attack found is thrown away.
 
     Args:
         attacks: two or more attacks on the same model.
-        draws: forward passes per judgement (1 reproduces a single-pass check).
+        draws: forward passes per judgement (1 for a deterministic model).
 
     Raises:
         ValueError: fewer than two attacks, attacks on different models, or ``draws < 1``.
@@ -222,13 +226,14 @@ class RejudgedMultiAttack(torchattacks.MultiAttack):
         remaining = torch.arange(len(images), device=images.device)
         for attack in self.attacks:
             adv_images = attack(images[remaining], labels[remaining])
-            votes = draw_votes(self.model, adv_images, self.draws, len(adv_images), False)
-            votes = votes.to(images.device)
-            true_votes = votes.gather(1, labels[remaining, None]).squeeze(1)
+            verdicts = draw_correct(
+                self.model, adv_images, labels[remaining], self.draws, len(adv_images)
+            )
+            true_votes = verdicts.sum(dim=1).to(images.device)
             better = true_votes < best_votes[remaining]
             final_images[remaining[better]] = adv_images[better]
             best_votes[remaining[better]] = true_votes[better]
-            remaining = remaining[_majority_correct(votes, labels[remaining])]
+            remaining = remaining[best_votes[remaining] > 0]
             if len(remaining) == 0:
                 break
         return final_images
@@ -273,6 +278,14 @@ def check_spec(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     for key in ("eps", "alpha", "c", "lr"):
         if key in params:
             _check_positive(f"{name}.{key}", params[key])
+    if params.get("norm", "Linf") == "Linf":
+        for key in ("eps", "alpha"):
+            if key in params and params[key] > 1:
+                raise ValueError(
+                    f"{name}.{key}={params[key]!r}: an l-inf budget is on the [0, 1] pixel scale "
+                    f"(8/255 = 0.0314), so it must be <= 1; write ${{frac:{params[key]:g}/255}} "
+                    "for a value on the 0-255 scale."
+                )
     if "kappa" in params:
         _check_positive(f"{name}.kappa", params["kappa"], allow_zero=True)
     for key in ("steps", "eot_iter", "n_queries", "draws"):
@@ -365,8 +378,30 @@ def _build_autoattack(model: nn.Module, p: dict[str, Any], n_classes: int) -> At
             sub.steps = p["steps"]
         if p["version"] == "rand":
             sub.eot_iter = p["eot_iter"]
+            if isinstance(sub, torchattacks.APGD) and p["draws"] > 1:
+                sub.__class__ = EveryImageAPGD  # same state, fair selection (see its doc)
     attack._autoattack = RejudgedMultiAttack(sub_attacks, draws=p["draws"])
     return attack
+
+
+class EveryImageAPGD(torchattacks.APGD):
+    """APGD that attacks every image and returns its highest-loss iterate.
+
+    torchattacks' ``APGD.forward`` computes the initial accuracy from ONE forward pass and
+    never attacks an image that this one draw got wrong, returns the clean image for every
+    image no single draw misclassified during the run, and otherwise the first iterate one
+    draw got wrong (method.md §5.2). On a random defense that flatters it. This subclass runs
+    ``perturb(best_loss=True)``: every image is attacked, and the iterate with the highest
+    loss is returned whatever one draw said; the success judge is then
+    :class:`RejudgedMultiAttack`'s fresh draws. Same constructor and state as ``APGD``.
+    """
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Return float32 ``[N, C, H, W]`` adversarial images in ``[0, 1]``."""
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        _, adv_images = self.perturb(images, labels, best_loss=True)
+        return adv_images
 
 
 def _check_batch(images: Tensor, labels: Tensor | None, batch_size: int) -> None:
@@ -420,11 +455,11 @@ def run_attack(
     device = attack.device if attack.device is not None else images.device
     log.info("Running %r on %d images (batch %d) on %s", attack, len(images), batch_size, device)
     outputs = []
-    for start in tqdm(
+    for start in progress_bar(
         range(0, len(images), batch_size),
+        progress,
         desc=f"{attack.attack} attack",
         unit="batch",
-        disable=not progress,
         leave=False,
     ):
         # contiguous: torchattacks' FAB calls .view() on input gradients, which fails for
@@ -443,130 +478,53 @@ def _model_device(model: nn.Module, fallback: torch.device) -> torch.device:
 
 
 @torch.no_grad()
-def draw_votes(
+def draw_correct(
     model: nn.Module,
     images: Tensor,
+    labels: Tensor,
     draws: int,
     batch_size: int,
-    progress: bool = True,
+    progress: bool = False,
 ) -> Tensor:
-    """Count the model's predicted classes over ``draws`` independent forward passes.
+    """Per-image, per-draw correctness: ``draws`` fresh forward passes of a (random) model.
 
-    Each pass is a fresh draw of the model's randomness (nothing is reseeded); the model is
-    in eval mode during the passes and its mode is restored afterwards.
+    The N-evaluation of DiffHammer (method.md §5.2): each pass is a fresh draw of the model's
+    randomness (nothing reseeded), in eval mode and float32. ``.float().mean()`` is the
+    single-draw accuracy (what one query sees, the paper's convention);
+    ``.all(dim=1).float().mean()`` the worst-of-N accuracy (an attacker who can resubmit).
 
     Args:
-        model: maps float32 ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, K]``.
-        images: float32 ``[N, C, H, W]`` in ``[0, 1]``.
-        draws: forward passes per image.
-        batch_size: images per forward pass.
-        progress: show a tqdm progress bar.
+        model: float32 ``[N, C, H, W]`` in ``[0, 1]`` -> logits ``[N, K]``.
+        images: float32 ``[N, C, H, W]`` in ``[0, 1]``; labels: int64 ``[N]``.
+        draws: passes per image (1 for a deterministic model).
+        batch_size: images per pass.
+        progress: a tqdm bar.
 
     Returns:
-        int64 ``[N, K]`` on the CPU: ``votes[i, k]`` = number of passes predicting class k
-        for image i; each row sums to ``draws``.
+        bool ``[N, draws]`` on the CPU.
 
     Raises:
-        ValueError: bad images, ``draws``/``batch_size`` not positive integers, or the model
-            does not return ``[batch, K]`` logits.
+        ValueError: bad images or labels, non-positive ``draws`` / ``batch_size``.
     """
-    _check_batch(images, None, batch_size)
+    _check_batch(images, labels, batch_size)
     _check_positive_int("draws", draws)
     device = _model_device(model, images.device)
     was_training = model.training
     model.eval()
     rows = []
     try:
-        for start in tqdm(
+        for start in progress_bar(
             range(0, len(images), batch_size),
+            progress,
             desc=f"judging ({draws} draws)",
             unit="batch",
-            disable=not progress,
             leave=False,
         ):
             x = images[start : start + batch_size].to(device)
-            counts = None
-            for _ in range(draws):
-                logits = model(x)
-                if logits.dim() != 2 or len(logits) != len(x):
-                    raise ValueError(
-                        f"the model must return logits [batch, n_classes], got {tuple(logits.shape)}"
-                    )
-                one_hot = F.one_hot(logits.argmax(dim=1), logits.shape[1])
-                counts = one_hot if counts is None else counts + one_hot
-            rows.append(counts.cpu())
+            y = labels[start : start + batch_size].to(device)
+            with torch.autocast(device.type, enabled=False):  # judging is float32
+                hits = [model(x).argmax(dim=1) == y for _ in range(draws)]
+            rows.append(torch.stack(hits, dim=1).cpu())
     finally:
         model.train(was_training)
-    return torch.cat(rows) if rows else torch.zeros(0, 0, dtype=torch.int64)
-
-
-def _majority_correct(votes: Tensor, labels: Tensor) -> Tensor:
-    """True where the true class has strictly more votes than every other class."""
-    true_votes = votes.gather(1, labels[:, None].to(votes.device))
-    others = votes.scatter(1, labels[:, None].to(votes.device), -1)
-    return (true_votes.squeeze(1) > others.max(dim=1).values).to(labels.device)
-
-
-def robust_correct(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    draws: int,
-    batch_size: int,
-    progress: bool = True,
-) -> Tensor:
-    """Per-image correctness of a (stochastic) model, judged with fresh draws (method.md §4).
-
-    Rule (strict majority vote): the model is run ``draws`` times with fresh randomness; an
-    image counts as correct iff its true class gets strictly more votes than every other
-    class (a tie with another class counts as WRONG). This is the prediction of the
-    deployed voting classifier, never the single pass an attack happened to use. With a
-    deterministic model (or ``draws=1``) it is plain ``argmax == label``. Clean accuracy uses
-    the same function on clean images, so clean and robust accuracy are comparable.
-
-    Args:
-        model: maps float32 ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, K]``.
-        images: float32 ``[N, C, H, W]`` in ``[0, 1]`` (clean or adversarial).
-        labels: int64 ``[N]`` true classes.
-        draws: forward passes per image (e.g. 10).
-        batch_size: images per forward pass.
-        progress: show a tqdm progress bar.
-
-    Returns:
-        bool ``[N]`` on the CPU; ``.float().mean()`` is the accuracy.
-
-    Raises:
-        ValueError: bad images/labels, or ``draws``/``batch_size`` not positive integers.
-    """
-    _check_batch(images, labels, batch_size)
-    votes = draw_votes(model, images, draws, batch_size, progress)
-    return _majority_correct(votes, labels.cpu())
-
-
-def worst_case_correct(per_attack: Mapping[str, Tensor]) -> Tensor:
-    """Per-sample worst case over attacks: robust only if correct under EVERY attack.
-
-    Put the clean result in the mapping too (e.g. ``{"clean": ..., "pgd": ...}``) to count
-    clean mistakes as non-robust. method.md §4: this is the headline robust accuracy.
-
-    Args:
-        per_attack: attack name -> bool ``[N]`` from :func:`robust_correct`, same images
-            in the same order for every attack.
-
-    Returns:
-        bool ``[N]``, the logical AND over attacks.
-
-    Raises:
-        ValueError: empty mapping, or tensors that are not bool ``[N]`` of one length.
-    """
-    if not per_attack:
-        raise ValueError("worst_case_correct needs at least one attack's results")
-    shapes = {name: (tuple(t.shape), t.dtype) for name, t in per_attack.items()}
-    first = next(iter(per_attack.values()))
-    if any(
-        t.dtype != torch.bool or t.dim() != 1 or t.shape != first.shape for t in per_attack.values()
-    ):
-        raise ValueError(
-            f"every attack's result must be a bool tensor [N] over the same images, got {shapes}"
-        )
-    return torch.stack([t.cpu() for t in per_attack.values()]).all(dim=0)
+    return torch.cat(rows) if rows else torch.zeros(0, draws, dtype=torch.bool)

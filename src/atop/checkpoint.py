@@ -14,6 +14,7 @@ dataset :class:`atop.datasets.TorchDataset` wraps it for the catalog.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -82,3 +83,54 @@ def load_safe(path: str | os.PathLike, map_location: str | torch.device = "cpu")
             f"The file is truncated, corrupted or not a safe torch checkpoint. Delete it and "
             f"rerun the stage that writes it (or `dvc pull` to restore it)."
         ) from exc
+
+
+#: The largest value an integer architecture setting of a checkpoint may request (widths,
+#: depths, sides): a safe file cannot make the loader allocate an absurd model.
+MAX_ARCH_VALUE = 4096
+
+
+def check_values(
+    state: dict[str, Any], config: dict[str, Any], what: str, limits: dict[str, int] | None = None
+) -> None:
+    """Validate a checkpoint's values, not only its types: every floating tensor of ``state``
+    (nested dicts allowed) is finite, and every integer of ``config`` is at most its limit
+    (``limits[key]``, else :data:`MAX_ARCH_VALUE`).
+
+    Raises:
+        CheckpointError: NaN / inf weights (named), or an absurd architecture setting.
+    """
+    limits = limits or {}
+    for key, value in config.items():
+        if isinstance(value, int) and not isinstance(value, bool):
+            limit = limits.get(key, MAX_ARCH_VALUE)
+            if not 0 <= value <= limit:
+                raise CheckpointError(
+                    f"The {what} checkpoint asks for {key}={value} (allowed 0..{limit}): the file "
+                    "is corrupted or not from this project. Retrain it or restore it (dvc pull)."
+                )
+    stack = [("", state)]
+    while stack:
+        prefix, node = stack.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                stack.append((f"{prefix}{key}.", value))
+            elif torch.is_tensor(value) and value.is_floating_point():
+                if not torch.isfinite(value).all():
+                    raise CheckpointError(
+                        f"The {what} checkpoint holds NaN or infinite weights ({prefix}{key}): "
+                        "the training diverged or the file is corrupted. Retrain it (lower the "
+                        "learning rate) or restore it (dvc pull)."
+                    )
+
+
+def state_hash(state_dict: dict[str, Any]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values (hex, 64 characters): the
+    identity of a set of weights, e.g. the classifier an AToP purifier was fine-tuned against.
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        tensor = state_dict[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -14,6 +14,9 @@ Guarantees (each tested in ``tests/test_defense.py``):
 * ``bpda=True`` replaces the backward pass of ``g`` by the identity (BPDA, Athalye et al.
   2018) for the BPDA attack (switched by :func:`atop.attacks.bpda_mode`); the forward pass is
   unchanged (bit-identical for the same draw).
+* ``t`` is drawn at the purifier's working side (:func:`to_working`): for the authors'
+  "upsample" variant after upsampling (method.md §5.1), and ``g``'s output is brought back
+  to the image side (:func:`from_working`) before ``f``.
 * ``n_draws = K > 1`` averages the logits of K independent draws (prediction with less
   variance); :meth:`PurifiedClassifier.predict` does it without gradients.
 """
@@ -21,6 +24,7 @@ Guarantees (each tested in ``tests/test_defense.py``):
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from atop.models.purifier import InpaintResult
@@ -46,6 +50,27 @@ def combine_purified(draw: TransformDraw, purified: torch.Tensor) -> torch.Tenso
         return purified[0]
     masks = draw.masks
     return (masks * purified).sum(dim=0) + (1.0 - masks.sum(dim=0)) * draw.image
+
+
+def to_working(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Images ``[B, C, P, P]`` resized to the purifier's working side (bilinear; identity when
+    ``side == P``): where the authors upsample CIFAR before the transform (method.md §5.1)."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=side, mode="bilinear", align_corners=False)
+
+
+def from_working(x: torch.Tensor, side: int) -> torch.Tensor:
+    """Images at the working side brought back to side ``side`` (bilinear, antialiased;
+    identity when equal). Differentiable."""
+    if x.shape[-1] == side and x.shape[-2] == side:
+        return x
+    return F.interpolate(x, size=side, mode="bilinear", align_corners=False, antialias=True)
+
+
+def working_side(purifier: nn.Module, default: int) -> int:
+    """The side the purifier's networks run at (its ``image_size``; ``default`` without one)."""
+    return int(getattr(purifier, "image_size", default))
 
 
 def keeps_known_pixels(config: TransformConfig) -> bool:
@@ -177,7 +202,8 @@ class PurifiedClassifier(nn.Module):
             ValueError: ``x`` is not a float ``[B, 3, H, W]`` tensor in [0, 1].
         """
         _check_images(x)
-        draw = self.transform(x, generator=self.generator)
+        work = working_side(self.purifier, x.shape[-1])
+        draw = self.transform(to_working(x, work), generator=self.generator)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.bpda):
             purified = self.purifier.purify(
                 *_stack_copies(draw), keep_known=keeps_known_pixels(self.transform.config)
@@ -185,8 +211,8 @@ class PurifiedClassifier(nn.Module):
         combined = combine_purified(draw, purified.unflatten(0, draw.masks.shape[:2]))
         if self.bpda:
             # Forward value: exactly `combined` (v - v == 0); backward: identity to draw.image.
-            return combined.detach() + (draw.image - draw.image.detach())
-        return combined
+            combined = combined.detach() + (draw.image - draw.image.detach())
+        return from_working(combined, x.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits ``f(g(t(x)))``, averaged over ``n_draws`` fresh draws.

@@ -1,9 +1,10 @@
 """Project pipelines.
 
 Each stage is registered under its own name (``data_ingestion``, ``classifier_pretraining``,
-...). ``atop`` is the paper's method end to end: ingestion -> classifier pretraining ->
-purifier pretraining -> AToP fine-tuning -> evaluation. ``__default__`` is every stage: AToP
-plus the baselines.
+...). ``atop`` is the main job, the paper's method end to end with its controls: ingestion ->
+classifier pretraining -> purifier pretraining -> fine-tuning arms -> evaluation.
+``__default__`` is the full comparison: the main job plus AToP with PGD, the robust-training
+baselines, the sigma ablation, their comparison report and the attack-convergence study.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ from atop.pipelines import (
     adversarial_training,
     atop_finetuning,
     classifier_pretraining,
+    convergence,
     data_ingestion,
     evaluation,
     purifier_pretraining,
     rvs,
+    sigma_ablation,
 )
+from atop.pipelines.atop_finetuning.pipeline import create_pgd_pipeline
+from atop.pipelines.evaluation.pipeline import create_comparison_pipeline
 
 #: The stages of the paper's method, in DAG order.
 ATOP_STAGES = (
@@ -28,25 +33,36 @@ ATOP_STAGES = (
     "atop_finetuning",
     "evaluation",
 )
-#: The baselines' training stages (evaluated by ``evaluation``).
-BASELINE_STAGES = ("adversarial_training", "rvs")
+#: The full comparison's extra stages (the comparison report reads every defense).
+COMPARISON_STAGES = (
+    "atop_pgd",
+    "adversarial_training",
+    "rvs",
+    "sigma_ablation",
+    "convergence",
+    "comparison",
+)
 
-_MODULES = {
-    "data_ingestion": data_ingestion,
-    "classifier_pretraining": classifier_pretraining,
-    "purifier_pretraining": purifier_pretraining,
-    "atop_finetuning": atop_finetuning,
-    "evaluation": evaluation,
-    "adversarial_training": adversarial_training,
-    "rvs": rvs,
+_STAGES = {
+    "data_ingestion": data_ingestion.create_pipeline,
+    "classifier_pretraining": classifier_pretraining.create_pipeline,
+    "purifier_pretraining": purifier_pretraining.create_pipeline,
+    "atop_finetuning": atop_finetuning.create_pipeline,
+    "evaluation": evaluation.create_pipeline,
+    "atop_pgd": create_pgd_pipeline,
+    "adversarial_training": adversarial_training.create_pipeline,
+    "rvs": rvs.create_pipeline,
+    "sigma_ablation": sigma_ablation.create_pipeline,
+    "convergence": convergence.create_pipeline,
+    "comparison": create_comparison_pipeline,
 }
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Register every stage, the ``atop`` DAG and ``__default__`` (all stages)."""
-    pipelines = {name: module.create_pipeline() for name, module in _MODULES.items()}
+    """Register every stage, the ``atop`` main job and ``__default__`` (every stage)."""
+    pipelines = {name: create() for name, create in _STAGES.items()}
     pipelines["atop"] = sum((pipelines[n] for n in ATOP_STAGES), Pipeline([]))
     pipelines["__default__"] = sum(
-        (pipelines[n] for n in ATOP_STAGES + BASELINE_STAGES), Pipeline([])
+        (pipelines[n] for n in ATOP_STAGES + COMPARISON_STAGES), Pipeline([])
     )
     return pipelines

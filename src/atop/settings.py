@@ -1,9 +1,9 @@
 """Kedro project settings."""
 
-from atop.hooks import TelemetryOffHooks
+from atop.hooks import RunGuardHooks, TelemetryOffHooks
 from atop.params import fraction
 
-HOOKS = (TelemetryOffHooks(),)
+HOOKS = (TelemetryOffHooks(), RunGuardHooks())
 
 CONFIG_LOADER_ARGS = {
     "base_env": "base",

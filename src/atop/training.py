@@ -5,7 +5,7 @@ Algorithm 1), PGD adversarial training and RvS all train through :func:`fit`. Th
 what every trainer needs and nothing model-specific:
 
 * device selection (:func:`resolve_device`), seeding (:func:`seed_everything`) and bf16
-  autocast on CUDA (:func:`autocast`);
+  autocast on CUDA and on CPUs with bf16 units (:func:`autocast`);
 * in-memory batches of uint8 images converted per batch to float32 in ``[0, 1]`` with the
   standard CIFAR augmentation (:class:`Batches`);
 * tqdm progress bars, ``logging`` of every epoch, per-epoch history rows;
@@ -23,6 +23,7 @@ Core module: imports only torch, numpy, tqdm and the standard library.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -37,10 +38,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from atop.checkpoint import load_safe, save_atomic
 from atop.data import to_unit
+from atop.progress import progress as progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +102,30 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def autocast(device: torch.device, enabled: bool = True) -> contextlib.AbstractContextManager:
-    """Mixed precision for a forward pass: bf16 autocast on CUDA, a no-op elsewhere.
+@functools.cache
+def bf16_available(device_type: str) -> bool:
+    """Whether bf16 autocast pays on this device type: CUDA with bf16 support, or a CPU whose
+    oneDNN has bf16 kernels (AVX-512 BF16 / AMX; most current server CPUs)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
 
-    bf16 keeps float32's exponent range, so no gradient scaler is needed.
 
-    Args:
-        device: where the model runs.
-        enabled: ``False`` turns autocast off (full float32) on every device.
+def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.AbstractContextManager:
+    """Mixed precision for a forward pass: bf16 autocast where :func:`bf16_available` (CUDA,
+    or a CPU with bf16 units), a no-op elsewhere or when ``enabled`` is false (float32).
 
-    Returns:
-        A context manager.
+    bf16 keeps float32's exponent range, so no gradient scaler is needed. Each stage switches
+    it with its ``amp`` parameter; accuracy parity is measured in docs/benchmarks.md.
     """
-    if enabled and device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    device = torch.device(device)
+    if enabled and bf16_available(device.type):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -344,13 +355,13 @@ def fit(
             start = int(state["epoch"]) + 1
             log.info("%s: resuming from %s at epoch %d", config.desc, config.resume_path, start)
 
-    epoch_bar = tqdm(
+    epoch_bar = progress_bar(
         range(start, config.epochs + 1),
+        config.progress,
         desc=config.desc,
         unit="epoch",
         initial=start - 1,
         total=config.epochs,
-        disable=not config.progress,
     )
     for epoch in epoch_bar:
         for module in modules.values():
@@ -412,21 +423,23 @@ def _train_epoch(
                     raise NonFiniteLossError(
                         f"{config.desc}: term '{name}' is {value} at epoch {epoch}, batch "
                         f"{batch_index + 1}. Training stopped; the resume checkpoint of the "
-                        f"last good epoch ({config.resume_path}) is kept. Lower the learning "
-                        "rate or check the inputs, then rerun to resume."
+                        f"last good epoch ({config.resume_path}) is kept. Check the inputs, "
+                        "or lower the learning rate: rerunning with unchanged settings resumes "
+                        "from that epoch (and diverges again), while any changed training "
+                        "setting, such as the learning rate, starts over from epoch 1."
                     )
                 sums[name] = sums.get(name, 0.0) + value
         if pending:
             bar.set_postfix(loss=f"{sums['loss'] / (pending[-1][0] + 1):.4f}", refresh=False)
         pending.clear()
 
-    bar = tqdm(
+    bar = progress_bar(
         itertools.islice(batches, steps),
+        config.progress,
         total=steps,
         desc=f"{config.desc} {epoch}/{config.epochs}",
         unit="batch",
         leave=False,
-        disable=not config.progress,
     )
     for x, y in bar:
         lr = float(first_optimizer.param_groups[0]["lr"])
@@ -566,11 +579,11 @@ def accuracy(
     labels: Tensor,
     batch_size: int = 512,
     device: torch.device | str = "cpu",
-    amp: bool = True,
     channels_last: bool = False,
     progress: bool = False,
 ) -> float:
-    """Top-1 accuracy of ``model`` on uint8 images, in eval mode without gradients.
+    """Top-1 accuracy of ``model`` on uint8 images, in eval mode without gradients, in float32
+    (judging is never done in bf16).
 
     Args:
         model: maps float32 ``[B, 3, H, W]`` in [0, 1] to logits ``[B, C]``.
@@ -578,7 +591,6 @@ def accuracy(
         labels: int64 ``[N]``.
         batch_size: images per forward pass.
         device: where to run (the model must already be there).
-        amp: bf16 autocast on CUDA (see :func:`autocast`).
         channels_last: feed channels-last batches.
         progress: show a tqdm bar.
 
@@ -595,8 +607,8 @@ def accuracy(
     was_training = model.training
     model.eval()
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    with torch.no_grad(), autocast(device, amp):
-        for x, y in tqdm(batches, desc="accuracy", leave=False, disable=not progress):
+    with torch.inference_mode():
+        for x, y in progress_bar(batches, progress, desc="accuracy", leave=False):
             correct += (model(x).argmax(dim=1) == y).sum()
     model.train(was_training)
     return correct.item() / max(len(labels), 1)

@@ -53,6 +53,12 @@ class TransformConfig:
             divisible by it.
         mask_number: N, the number of disjoint masks of RT3 (ignored by RT1 / RT2); needs
             ``mask_number * missing_rate <= 1``.
+        noise_resolution: the side (px) at which ``sigma`` is the per-pixel std; ``None`` =
+            the side of the images the transform is drawn on. At side ``S`` the noise's std
+            is ``sigma * S / noise_resolution``: i.i.d. noise of std ``sigma`` at
+            ``noise_resolution`` px, averaged down to ``S`` px. The authors add sigma = 0.25
+            at 256 px (method.md §5.1): ``noise_resolution: 256`` reproduces that noise at any
+            working side (0.03125 at 32 px).
 
     Raises:
         ValueError: a parameter is out of range (the message names it and the valid range).
@@ -63,18 +69,22 @@ class TransformConfig:
     missing_rate: float = 0.25
     mask_block: int | None = None
     mask_number: int = 4
+    noise_resolution: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"Unknown transform kind {self.kind!r}: use one of {KINDS}.")
-        if not float(self.sigma) >= 0.0:
+        if not 0.0 <= float(self.sigma) <= 1.0:
             raise ValueError(
-                f"sigma must be >= 0 (std of the noise on the [0,1] scale), got {self.sigma}."
+                f"sigma must be in [0, 1] (std of the noise on the [0, 1] pixel scale), got "
+                f"{self.sigma}; a value on the 0-255 scale is sigma / 255."
             )
         _check_missing_rate(self.missing_rate)
         if self.mask_block is not None:
             _check_positive_int("mask_block", self.mask_block)
         _check_positive_int("mask_number", self.mask_number)
+        if self.noise_resolution is not None:
+            _check_positive_int("noise_resolution", self.noise_resolution)
         if self.kind == "rt3" and self.mask_number * self.missing_rate > 1.0 + 1e-9:
             raise ValueError(
                 f"RT3 needs mask_number * missing_rate <= 1 for disjoint masks, got "
@@ -85,6 +95,12 @@ class TransformConfig:
     def uses_noise(self) -> bool:
         """Whether Gaussian noise is added (RT2, RT3)."""
         return self.kind in ("rt2", "rt3")
+
+    def sigma_at(self, side: int) -> float:
+        """The noise's per-pixel std on images of side ``side`` px (see ``noise_resolution``)."""
+        if self.noise_resolution is None:
+            return float(self.sigma)
+        return float(self.sigma) * side / self.noise_resolution
 
     @property
     def n_masks(self) -> int:
@@ -302,8 +318,8 @@ class RandomTransform(nn.Module):
     libraries switch models to eval). It has no parameters.
 
     Args:
-        kind, sigma, missing_rate, mask_block, mask_number: see :class:`TransformConfig`
-            (defaults: the paper's RT2).
+        kind, sigma, missing_rate, mask_block, mask_number, noise_resolution: see
+            :class:`TransformConfig` (defaults: the paper's RT2, sigma at the drawn side).
 
     Raises:
         ValueError: bad parameters (see :class:`TransformConfig`).
@@ -320,9 +336,12 @@ class RandomTransform(nn.Module):
         missing_rate: float = 0.25,
         mask_block: int | None = None,
         mask_number: int = 4,
+        noise_resolution: int | None = None,
     ) -> None:
         super().__init__()
-        self.config = TransformConfig(kind, sigma, missing_rate, mask_block, mask_number)
+        self.config = TransformConfig(
+            kind, sigma, missing_rate, mask_block, mask_number, noise_resolution
+        )
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | TransformConfig) -> RandomTransform:
@@ -351,7 +370,8 @@ class RandomTransform(nn.Module):
                 f"{x.dtype} of shape {tuple(x.shape)}."
             )
         cfg = self.config
-        image = add_gaussian_noise(x, cfg.sigma, generator=generator) if cfg.uses_noise else x
+        sigma = cfg.sigma_at(x.shape[-1])
+        image = add_gaussian_noise(x, sigma, generator=generator) if cfg.uses_noise else x
         masks = sample_disjoint_block_masks(
             x.shape[0],
             (x.shape[-2], x.shape[-1]),

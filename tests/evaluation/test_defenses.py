@@ -11,6 +11,8 @@ from atop.evaluation import load_defense
 from atop.evaluation.defenses import (
     DEFENSES,
     DESCRIPTIONS,
+    EXTRA,
+    MAIN,
     NEEDS,
     PURIFIED,
     Defense,
@@ -19,6 +21,7 @@ from atop.evaluation.defenses import (
     unseen_attacks,
 )
 from atop.models.classifiers import ImageClassifier
+from atop.transforms import build_transform
 from tests.evaluation.conftest import TRANSFORM, classifier_dict, purifier_dict
 
 CPU = torch.device("cpu")
@@ -35,7 +38,7 @@ def test_load_defense_builds_the_purified_classifier_from_checkpoint_files(
     model = load_defense(checkpoint_files["classifier"], checkpoint_files["purifier"])
     assert isinstance(model, PurifiedClassifier)
     assert _frozen(model) and all(not m.training for m in model.modules())
-    assert model.transform.config.to_dict() == TRANSFORM
+    assert model.transform.config.to_dict() == build_transform(TRANSFORM).config.to_dict()
     # the saved weights, not a fresh initialisation
     saved = load_safe(checkpoint_files["classifier"])["state_dict"]
     for name, value in model.classifier.state_dict().items():
@@ -78,16 +81,32 @@ def test_load_defense_refuses_a_missing_file_and_a_purifier_without_its_transfor
 
 def test_every_defense_has_a_description_and_its_checkpoints():
     assert set(DESCRIPTIONS) == set(NEEDS) == set(DEFENSES)
+    assert len(DEFENSES) == 10 and DEFENSES == MAIN + EXTRA and not set(MAIN) & set(EXTRA)
+    # the main job: the standard classifier, AP and the compute-matched fine-tuning arms
+    assert MAIN == ("standard", "ap", "ap_continued", "ap_classifier_aware", "atop")
     assert set(PURIFIED) <= set(DEFENSES)
+    assert set(DEFENSES) - set(PURIFIED) == {"standard", "pgd_at", "rvs"}
     assert all(NEEDS[name][0].endswith("classifier") for name in DEFENSES)
+    # a purified defense: the classifier and a purifier checkpoint (catalog names)
+    purifiers = {name: NEEDS[name][1] for name in PURIFIED}
+    assert purifiers == {
+        "ap": "purifier",
+        "ap_continued": "purifier_ap_continued",
+        "ap_classifier_aware": "purifier_ap_classifier_aware",
+        "atop": "purifier_atop",
+        "atop_pgd": "purifier_atop_pgd",
+        "ap_sigma025": "purifier_sigma025",
+        "atop_sigma025": "purifier_atop_sigma025",
+    }
+    assert all(NEEDS[name][0] == "classifier" for name in PURIFIED)
 
 
 def test_build_defense_records_stochasticity_transform_and_training_time():
     checkpoints = {
         "classifier": classifier_dict(meta={"train_seconds": 3.0}),
         "purifier": purifier_dict(meta={"transform": TRANSFORM, "train_seconds": 7.0}),
-        "atop_purifier": purifier_dict(
-            1, meta={"transform": TRANSFORM, "atop": {"train_seconds": 5.0}}
+        "purifier_atop": purifier_dict(
+            1, meta={"transform": TRANSFORM, "train_seconds": 7.0, "atop": {"train_seconds": 5.0}}
         ),
         "pgd_at_classifier": classifier_dict(2, meta={}),
     }
@@ -95,11 +114,15 @@ def test_build_defense_records_stochasticity_transform_and_training_time():
     assert not standard.stochastic and standard.transform is None
     assert standard.train_seconds == {"classifier": 3.0} and standard.total_train_seconds == 3.0
     atop = build_defense("atop", checkpoints, CPU)
-    assert atop.stochastic and atop.transform == TRANSFORM and _frozen(atop.model)
-    assert atop.train_seconds == {"classifier": 3.0, "purifier": 7.0, "atop_purifier": 5.0}
+    assert atop.stochastic and _frozen(atop.model)
+    assert atop.transform == build_transform(TRANSFORM).config.to_dict()  # with its defaults
+    # the fine-tuned checkpoint carries the pretraining's meta and its own fine-tuning time
+    assert atop.train_seconds == {"classifier": 3.0, "purifier": 7.0, "finetuning": 5.0}
     assert atop.total_train_seconds == 15.0
     # AP uses the pretrained purifier: different weights from AToP's
     ap = build_defense("ap", checkpoints, CPU)
+    assert ap.train_seconds == {"classifier": 3.0, "purifier": 7.0}  # no fine-tuning stage
+    assert ap.total_train_seconds == 10.0
     assert not torch.equal(
         next(iter(ap.model.purifier.parameters())), next(iter(atop.model.purifier.parameters()))
     )
@@ -112,8 +135,8 @@ def test_build_defense_records_stochasticity_transform_and_training_time():
 def test_build_defense_refuses_unknown_names_and_missing_checkpoints():
     with pytest.raises(ValueError, match="Unknown defense 'madry'"):
         build_defense("madry", {}, CPU)
-    with pytest.raises(ValueError, match="atop_purifier"):
-        build_defense("atop", {"classifier": classifier_dict(), "atop_purifier": None}, CPU)
+    with pytest.raises(ValueError, match="purifier_atop"):
+        build_defense("atop", {"classifier": classifier_dict(), "purifier_atop": None}, CPU)
     no_transform = {"classifier": classifier_dict(), "purifier": purifier_dict(meta={})}
     with pytest.raises(ValueError, match="meta.transform"):
         build_defense("ap", no_transform, CPU)
@@ -123,13 +146,13 @@ def test_build_defenses_skips_the_defenses_whose_checkpoints_are_missing():
     checkpoints = {
         "classifier": classifier_dict(),
         "purifier": purifier_dict(meta={"transform": TRANSFORM}),
-        "atop_purifier": None,
+        "purifier_atop": None,
         "pgd_at_classifier": None,
     }
     defenses, skipped = build_defenses(checkpoints, ["pgd_at", "ap", "standard", "atop"], CPU)
     assert list(defenses) == ["standard", "ap"]  # report order, not the order asked
     assert set(skipped) == {"atop", "pgd_at"}
-    assert "atop_purifier" in skipped["atop"] and "pgd_at_classifier" in skipped["pgd_at"]
+    assert "purifier_atop" in skipped["atop"] and "pgd_at_classifier" in skipped["pgd_at"]
     with pytest.raises(ValueError, match="Unknown defense"):
         build_defenses(checkpoints, ["standard", "madry"], CPU)
 

@@ -1,7 +1,8 @@
 """The evaluation protocol as a library (:mod:`atop.evaluation.protocol`), without Kedro.
 
 Real CIFAR-10 test images, a tiny classifier and purifier (``tests/evaluation/conftest.py``),
-1-2 attack steps.
+1-2 attack steps. Verdicts are bool ``[N, D]`` (image, fresh draw); the judging rules
+(single-draw, worst-of-N) are computed from them.
 """
 
 from __future__ import annotations
@@ -15,8 +16,11 @@ import torch
 import torchattacks
 
 from atop import EvalSettings, evaluate, load_defense
+from atop.checkpoint import load_safe, save_atomic
+from atop.evaluation import protocol
 from atop.evaluation.defenses import Defense
 from atop.evaluation.protocol import (
+    RULES,
     AttackEntry,
     AttackRun,
     EvalData,
@@ -29,8 +33,10 @@ from atop.evaluation.protocol import (
     judge,
     max_perturbation,
     parse_attacks,
+    per_image,
     run_one,
     select_images,
+    worst_case,
     worst_cases,
 )
 from atop.params import ParameterError, fraction
@@ -55,7 +61,13 @@ def data(cifar10_test_batch) -> EvalData:
 
 
 def _bools(*values: int) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.bool)
+    """One-draw verdicts ``[N, 1]``."""
+    return torch.tensor(values, dtype=torch.bool)[:, None]
+
+
+def verdicts(*rows: str) -> torch.Tensor:
+    """``verdicts("11", "10")``: per-draw verdicts ``[N, D]``, one 0/1 string per image."""
+    return torch.tensor([[c == "1" for c in row] for row in rows])
 
 
 # --- budgets and attack entries ---------------------------------------------------------
@@ -94,6 +106,22 @@ def test_parse_attacks_reads_labels_budgets_and_threat_models():
     # C&W is an ℓ2 attack; its eps bounds the threat model, it is no attack parameter
     assert (cw.norm, cw.eps, "eps" in cw.spec) == ("L2", 0.5, False)
     assert (free.norm, free.eps) == ("L2", None)
+    assert {e.applies_to for e in entries} == {"all"}  # the default
+
+
+def test_parse_attacks_reads_which_defenses_an_entry_applies_to():
+    entries = parse_attacks(
+        [
+            {"label": "aa_std", "name": "autoattack", "version": "standard", "norm": "Linf",
+             "eps": "8/255", "steps": 2, "applies_to": "deterministic"},
+            {"label": "aa_rand", "name": "autoattack", "version": "rand", "norm": "Linf",
+             "eps": "8/255", "steps": 2, "applies_to": "stochastic"},
+        ]
+    )  # fmt: skip
+    assert [e.applies_to for e in entries] == ["deterministic", "stochastic"]
+    assert all("applies_to" not in e.spec and "label" not in e.spec for e in entries)
+    with pytest.raises(ValueError, match="applies_to must be one of"):
+        parse_attacks([{"label": "x", "name": "fgsm", "eps": EPS, "applies_to": "random"}])
 
 
 @pytest.mark.parametrize(
@@ -176,7 +204,30 @@ def test_defense_spec_adapts_each_entry_to_the_defense(bare, purified):
     assert pgd.spec["eot_iter"] == 4 and "seed" not in auto.spec  # entries are not modified
 
 
+def test_defense_spec_honours_applies_to(bare, purified):
+    standard, atop = Defense("standard", bare, False), Defense("atop", purified, True)
+    fgsm = {"label": "fgsm", "name": "fgsm", "eps": EPS}
+    only_det, only_stoch, every = parse_attacks(
+        [
+            {**fgsm, "label": "det", "applies_to": "deterministic"},
+            {**fgsm, "label": "stoch", "applies_to": "stochastic"},
+            {**fgsm, "label": "all", "applies_to": "all"},
+        ]
+    )
+    assert defense_spec(only_det, standard, 5, 0) == only_det.spec
+    assert defense_spec(only_det, atop, 5, 0) is None
+    assert defense_spec(only_stoch, standard, 5, 0) is None
+    assert defense_spec(only_stoch, atop, 5, 0) == only_stoch.spec
+    assert defense_spec(every, standard, 5, 0) == defense_spec(every, atop, 5, 0) == every.spec
+
+
 # --- judging, running, worst cases --------------------------------------------------------
+
+
+def test_eval_settings_defaults():
+    assert EvalSettings() == EvalSettings(
+        batch_size=64, draws=10, seed=0, progress=False, attack_amp=False
+    )
 
 
 def test_judge_uses_fresh_draws_for_stochastic_models_and_one_pass_otherwise(bare, purified, data):
@@ -184,14 +235,39 @@ def test_judge_uses_fresh_draws_for_stochastic_models_and_one_pass_otherwise(bar
     with torch.no_grad():
         expected = (bare(data.images).argmax(1) == data.labels).cpu()
     correct = judge(Defense("standard", bare, False), data.images, data.labels, settings)
-    assert correct.dtype == torch.bool and torch.equal(correct, expected)
+    assert correct.dtype == torch.bool and correct.shape == (8, 1)
+    assert torch.equal(correct[:, 0], expected)
     calls = []
     hook = purified.classifier.register_forward_hook(lambda *args: calls.append(1))
     try:
-        judge(Defense("atop", purified, True), data.images, data.labels, settings)
+        draws = judge(Defense("atop", purified, True), data.images, data.labels, settings)
     finally:
         hook.remove()
     assert len(calls) == 3 * 2  # 3 draws of each of the 2 batches
+    assert draws.dtype == torch.bool and draws.shape == (8, 3)
+
+
+def test_the_rules_score_each_image_from_its_draws():
+    draws = verdicts("111", "110", "011", "000")
+    assert RULES == ("single", "worst_of_n", "first")
+    assert torch.allclose(per_image(draws, "single"), torch.tensor([1, 2 / 3, 2 / 3, 0]))
+    assert per_image(draws, "worst_of_n").tolist() == [True, False, False, False]
+    assert per_image(draws, "first").tolist() == [True, True, False, False]
+    with pytest.raises(ValueError, match="Unknown rule 'majority'"):
+        per_image(draws, "majority")
+    run = AttackRun(draws, torch.zeros(4, 3, 2, 2), 0.0, 0.0)
+    assert run.accuracy() == run.accuracy("single") == pytest.approx((1 + 4 / 3) / 4)
+    assert run.accuracy("worst_of_n") == 0.25 and run.accuracy("first") == 0.5
+
+
+def test_worst_case_takes_each_images_lowest_score():
+    a = verdicts("11", "10", "11", "00")
+    b = verdicts("10", "11", "01", "11")
+    # single-draw: per image the lower fraction (not the fraction of the AND)
+    assert worst_case([a, b], "single").tolist() == [0.5, 0.5, 0.5, 0.0]
+    assert worst_case([a, b], "worst_of_n").tolist() == [False, False, False, False]
+    assert worst_case([a, b], "first").tolist() == [True, True, False, False]
+    assert torch.equal(worst_case([a], "worst_of_n"), per_image(a, "worst_of_n"))
 
 
 def test_worst_cases_keep_bounded_attacks_and_split_by_threat_model():
@@ -203,29 +279,51 @@ def test_worst_cases_keep_bounded_attacks_and_split_by_threat_model():
             {"label": "bpda", "name": "bpda", "eps": EPS},  # did not run (no purifier)
         ]
     )
-    clean = _bools(1, 1, 1, 1, 0)
+    clean = verdicts("11", "11", "11", "11", "00")
 
-    def run(*values: int) -> AttackRun:
-        return AttackRun(_bools(*values), torch.zeros(5, 3, 2, 2), 0.0, 0.0)
+    def run(*rows: str) -> AttackRun:
+        return AttackRun(verdicts(*rows), torch.zeros(5, 3, 2, 2), 0.0, 0.0)
 
-    runs = {"fgsm": run(1, 0, 1, 1, 1), "pgd_l2": run(1, 1, 0, 1, 1), "cw": run(0, 0, 0, 0, 0)}
-    worst = worst_cases(clean, runs, entries)
+    runs = {
+        "fgsm": run("11", "00", "11", "10", "11"),
+        "pgd_l2": run("11", "11", "01", "11", "11"),
+        "cw": run("00", "00", "00", "00", "00"),
+    }
+    worst = worst_cases(clean, runs, entries, "worst_of_n")
     assert set(worst) == {"all", "Linf", "L2"}
-    assert torch.equal(worst["all"], _bools(1, 0, 0, 1, 0))
-    assert torch.equal(worst["Linf"], _bools(1, 0, 1, 1, 0))
-    assert torch.equal(worst["L2"], _bools(1, 1, 0, 1, 0))
-    result = EvalResult(clean, runs, worst)
-    assert result.accuracy() == pytest.approx(
+    assert worst["all"].tolist() == [True, False, False, False, False]
+    assert worst["Linf"].tolist() == [True, False, True, False, False]
+    assert worst["L2"].tolist() == [True, True, False, True, False]
+    single = worst_cases(clean, runs, entries, "single")
+    assert single["all"].tolist() == [1.0, 0.0, 0.5, 0.5, 0.0]
+    assert single["Linf"].tolist() == [1.0, 0.0, 1.0, 0.5, 0.0]
+    assert single["L2"].tolist() == [1.0, 1.0, 0.5, 1.0, 0.0]
+    result = EvalResult(clean, runs, entries)
+    assert result.accuracy() == result.accuracy("single")
+    assert result.accuracy("single") == pytest.approx(
         {
             "clean": 0.8,
-            "fgsm": 0.8,
-            "pgd_l2": 0.8,
+            "fgsm": 0.7,
+            "pgd_l2": 0.9,
             "cw": 0.0,
             "worst_case_all": 0.4,
-            "worst_case_Linf": 0.6,
+            "worst_case_Linf": 0.5,
+            "worst_case_L2": 0.7,
+        }
+    )
+    assert result.accuracy("worst_of_n") == pytest.approx(
+        {
+            "clean": 0.8,
+            "fgsm": 0.6,
+            "pgd_l2": 0.8,
+            "cw": 0.0,
+            "worst_case_all": 0.2,
+            "worst_case_Linf": 0.4,
             "worst_case_L2": 0.6,
         }
     )
+    # only ℓ∞ attacks ran: no ℓ2 worst case
+    assert set(worst_cases(clean, {"fgsm": runs["fgsm"]}, entries, "single")) == {"all", "Linf"}
 
 
 def test_run_one_cuts_cw_to_its_eps_and_validates_before_judging(bare, data):
@@ -238,7 +336,7 @@ def test_run_one_cuts_cw_to_its_eps_and_validates_before_judging(bare, data):
     spec = {"name": "cw", "c": 10.0, "kappa": 0.0, "steps": 2, "lr": 0.1}
     run = run_one(defense, "cw_l2", spec, "L2", 0.05, data, EvalSettings(8, 1), validate)
     assert run.max_perturbation <= 0.05 + 1e-6 and run.spec == spec
-    assert run.correct.dtype == torch.bool and run.correct.shape == (8,)
+    assert run.draws.dtype == torch.bool and run.draws.shape == (8, 1)
     assert seen == [("standard_cw_l2", 0.05, "L2", list(range(8)), run.max_perturbation)]
 
     def refuse(*args):
@@ -249,31 +347,79 @@ def test_run_one_cuts_cw_to_its_eps_and_validates_before_judging(bare, data):
                 EvalSettings(8, 1), refuse)  # fmt: skip
 
 
-def test_attack_defense_skips_what_does_not_apply_and_results_are_plain(bare, data):
+def test_attack_amp_computes_the_attack_under_autocast_and_judges_in_float32(
+    bare, data, monkeypatch
+):
+    defense = Defense("standard", bare, False)
+    spec = {"name": "pgd", "norm": "Linf", "eps": EPS, "alpha": 2 / 255, "steps": 2,
+            "eot_iter": 1}  # fmt: skip
+    state = {"inside": False, "enabled": [], "judged_inside": []}
+    real_autocast, real_draw_correct = protocol.autocast, protocol.draw_correct
+
+    class Recording:
+        def __init__(self, device, enabled):
+            state["enabled"].append(enabled)
+            self.inner = real_autocast(device, enabled)
+
+        def __enter__(self):
+            state["inside"] = True
+            return self.inner.__enter__()
+
+        def __exit__(self, *exc):
+            state["inside"] = False
+            return self.inner.__exit__(*exc)
+
+    def draw_correct(*args, **kwargs):
+        state["judged_inside"].append(state["inside"])
+        return real_draw_correct(*args, **kwargs)
+
+    monkeypatch.setattr(protocol, "autocast", Recording)
+    monkeypatch.setattr(protocol, "draw_correct", draw_correct)
+    amp = run_one(defense, "pgd", spec, "Linf", EPS, data, EvalSettings(8, 1, attack_amp=True))
+    full = run_one(defense, "pgd", spec, "Linf", EPS, data, EvalSettings(8, 1))
+    assert state["enabled"] == [True, False] and state["judged_inside"] == [False, False]
+    for run in (amp, full):
+        assert run.adversarial.dtype == torch.float32 and run.draws.shape == (8, 1)
+        assert run.max_perturbation <= EPS + 1e-6
+
+
+def test_attack_defense_skips_what_does_not_apply_and_results_are_a_torch_file(
+    bare, data, tmp_path
+):
     defense = Defense("standard", bare, False, {"classifier": 3.0})
     entries = parse_attacks(
         [
             {"label": "fgsm", "name": "fgsm", "eps": EPS},
             {"label": "bpda", "name": "bpda", "eps": EPS, "alpha": 2 / 255, "steps": 1},
+            {"label": "fgsm_rand", "name": "fgsm", "eps": EPS, "applies_to": "stochastic"},
         ]
     )
     runs = attack_defense(defense, entries, data, EvalSettings(batch_size=8, draws=2))
-    assert list(runs) == ["clean", "fgsm"]  # no purifier: no BPDA
+    assert list(runs) == ["clean", "fgsm"]  # no purifier: no BPDA; not stochastic
     assert torch.equal(runs["clean"].adversarial, data.images)
     assert runs["fgsm"].max_perturbation <= EPS + 1e-6
-    clean = runs.pop("clean").correct
-    sweep = [(0.0, clean), (EPS, runs["fgsm"].correct)]
-    result = defense_results(defense, clean, runs, entries, sweep, {"check": {"status": "pass"}})
-    json.dumps(result)  # plain values only (the catalog writes them, the report reads them)
-    assert result["clean"] == clean.tolist() and list(result["attacks"]) == ["fgsm"]
-    assert result["attacks"]["fgsm"]["correct"] == runs["fgsm"].correct.tolist()
-    assert result["worst_case"]["all"] == (clean & runs["fgsm"].correct).tolist()
-    assert result["sweep"][0] == {"eps": 0.0, "acc": clean.float().mean().item()}
-    assert (result["stochastic"], result["transform"], result["total_train_seconds"]) == (
+    clean = runs.pop("clean").draws
+    assert clean.shape == (8, 1)  # deterministic: one pass
+    sweep = [(0.0, clean), (EPS, runs["fgsm"].draws)]
+    result = defense_results(defense, clean, runs, sweep, {"check": {"status": "pass"}})
+    # tensors and primitives only: the catalog writes a torch file read with weights_only
+    save_atomic(result, tmp_path / "standard.pt")
+    saved = load_safe(tmp_path / "standard.pt")
+    assert torch.equal(saved["clean"], clean) and list(saved["attacks"]) == ["fgsm"]
+    fgsm = saved["attacks"]["fgsm"]
+    assert torch.equal(fgsm["draws"], runs["fgsm"].draws) and fgsm["draws"].dtype == torch.bool
+    assert fgsm["max_perturbation"] == runs["fgsm"].max_perturbation
+    assert fgsm["steps"] is None and fgsm["eot_iter"] is None  # FGSM has neither
+    assert [p["eps"] for p in saved["sweep"]] == [0.0, EPS]
+    assert torch.equal(saved["sweep"][1]["draws"], runs["fgsm"].draws)
+    assert saved["sanity"] == {"check": {"status": "pass"}}
+    assert saved["description"] == "bare classifier f (no defense)"
+    assert (saved["stochastic"], saved["transform"], saved["total_train_seconds"]) == (
         False,
         None,
         3.0,
     )
+    assert saved["train_seconds"] == {"classifier": 3.0}
 
 
 def test_select_images_takes_the_first_images_of_the_fixed_subset(cifar10_test_batch):
@@ -311,28 +457,36 @@ def _evaluate_twice(model, images, labels):
     return results
 
 
-def test_evaluate_judges_every_attack_and_is_seeded(purified, eval_batch):
+def test_evaluate_judges_every_attack_with_fresh_draws_and_is_seeded(purified, eval_batch):
     images, labels = eval_batch
     first, second = _evaluate_twice(purified, images, labels)
-    assert first.clean.dtype == torch.bool and first.clean.shape == (16,)
+    assert first.clean.dtype == torch.bool and first.clean.shape == (16, 3)
     assert list(first.runs) == ["pgd", "fgsm"]
     for label, run in first.runs.items():
-        assert run.correct.dtype == torch.bool and run.correct.shape == (16,), label
+        assert run.draws.dtype == torch.bool and run.draws.shape == (16, 3), label
         assert run.max_perturbation <= EPS + 1e-6, label
         assert 0 <= run.adversarial.min() and run.adversarial.max() <= 1
-    accuracy = first.accuracy()
-    assert set(accuracy) == {"clean", "pgd", "fgsm", "worst_case_all", "worst_case_Linf"}
-    assert all(0 <= value <= 1 for value in accuracy.values())
-    assert accuracy["worst_case_all"] <= min(accuracy["clean"], accuracy["pgd"], accuracy["fgsm"])
-    assert torch.equal(
-        first.worst_case["all"],
-        first.clean & first.runs["pgd"].correct & first.runs["fgsm"].correct,
-    )
+    single, worst_of_n = first.accuracy("single"), first.accuracy("worst_of_n")
+    keys = {"clean", "pgd", "fgsm", "worst_case_all", "worst_case_Linf"}
+    assert set(single) == set(worst_of_n) == keys
+    assert first.accuracy() == single  # single-draw is the headline
+    for key in keys:
+        assert 0 <= worst_of_n[key] <= single[key] <= 1, key
+    # single-draw: the mean over images and draws; worst-of-N: every draw right
+    assert single["clean"] == pytest.approx(first.clean.float().mean().item())
+    assert worst_of_n["pgd"] == first.runs["pgd"].draws.all(dim=1).float().mean().item()
+    everything = [first.clean, first.runs["pgd"].draws, first.runs["fgsm"].draws]
+    per_image_single = torch.stack([d.float().mean(dim=1) for d in everything]).min(dim=0).values
+    assert single["worst_case_all"] == pytest.approx(per_image_single.mean().item())
+    assert single["worst_case_all"] <= min(single["clean"], single["pgd"], single["fgsm"])
+    all_right = torch.stack([d.all(dim=1) for d in everything]).all(dim=0)
+    assert worst_of_n["worst_case_all"] == all_right.float().mean().item()
+    assert single["worst_case_Linf"] == single["worst_case_all"]  # every attack is ℓ∞
     # seeded: the same numbers, verdicts and adversarial images on a second run
-    assert second.accuracy() == accuracy
+    assert second.accuracy() == single and second.accuracy("worst_of_n") == worst_of_n
     assert torch.equal(second.clean, first.clean)
     for label in first.runs:
-        assert torch.equal(second.runs[label].correct, first.runs[label].correct), label
+        assert torch.equal(second.runs[label].draws, first.runs[label].draws), label
         assert torch.equal(second.runs[label].adversarial, first.runs[label].adversarial), label
 
 
@@ -341,14 +495,29 @@ def test_evaluate_judges_a_deterministic_model_with_one_pass(bare, eval_batch):
     first, second = _evaluate_twice(bare, images, labels)
     accuracy = first.accuracy()
     with torch.no_grad():
-        assert torch.equal(first.clean, bare(images).argmax(1) == labels)
+        assert torch.equal(first.clean[:, 0], bare(images).argmax(1) == labels)
+    assert first.clean.shape == (16, 1)
     assert accuracy["clean"] == 12 / 16  # the batch: 12 images it gets right, 4 wrong
+    # one pass: both rules agree
+    assert first.accuracy("worst_of_n") == accuracy
     # an undefended classifier: both attacks break some of them, the worst case is the minimum
     assert accuracy["pgd"] < accuracy["clean"] and accuracy["fgsm"] < accuracy["clean"]
     assert accuracy["worst_case_all"] == accuracy["worst_case_Linf"] <= min(accuracy.values())
     assert second.accuracy() == accuracy
     # FGSM on a deterministic model: every image moved by exactly eps (or clipped)
     assert first.runs["fgsm"].max_perturbation == pytest.approx(EPS, abs=1e-6)
+
+
+def test_evaluate_skips_specs_that_do_not_apply(bare, eval_batch):
+    images, labels = eval_batch[0][:4], eval_batch[1][:4]
+    attacks = {
+        "fgsm": {"name": "fgsm", "eps": EPS},
+        "only_random": {"name": "fgsm", "eps": EPS, "applies_to": "stochastic"},
+        "bpda": {"name": "bpda", "eps": EPS, "alpha": 2 / 255, "steps": 1, "eot_iter": 1},
+    }
+    result = evaluate(bare, images, labels, attacks, EvalSettings(batch_size=4, draws=2))
+    assert list(result.runs) == ["fgsm"]
+    assert set(result.accuracy()) == {"clean", "fgsm", "worst_case_all", "worst_case_Linf"}
 
 
 def test_evaluate_refuses_a_bad_spec(bare, eval_batch):
@@ -373,7 +542,8 @@ attacks = {
 }
 result = evaluate(model, images, labels, attacks, EvalSettings(batch_size=8, draws=2))
 heavy = [m for m in ("kedro", "great_expectations", "dvc", "pandas") if m in sys.modules]
-print(json.dumps({"accuracy": result.accuracy(), "heavy": heavy}))
+print(json.dumps({"accuracy": result.accuracy(), "worst_of_n": result.accuracy("worst_of_n"),
+                  "shape": list(result.clean.shape), "heavy": heavy}))
 """
 
 
@@ -396,6 +566,8 @@ def test_the_library_works_in_a_fresh_process_without_kedro(checkpoint_files, ev
     assert set(out["accuracy"]) == {"clean", "pgd", "fgsm", "worst_case_all", "worst_case_Linf"}
     assert all(0 <= v <= 1 for v in out["accuracy"].values())
     assert out["accuracy"]["worst_case_all"] <= min(out["accuracy"].values())
+    assert out["shape"] == [8, 2]  # 2 fresh draws per image of the purified defense
+    assert all(out["worst_of_n"][k] <= v for k, v in out["accuracy"].items())
     # `import atop` alone (what Kedro's settings do) does not even load torch
     light = "import sys, atop; print(sorted({'torch', 'kedro'} & set(sys.modules)))"
     assert _python(tmp_path, "-c", light) == "[]"

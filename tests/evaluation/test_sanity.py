@@ -1,15 +1,17 @@
-"""The gradient-masking sanity checks (:mod:`atop.evaluation.sanity`), without Kedro."""
+"""The gradient-masking sanity checks (:mod:`atop.evaluation.sanity`), without Kedro:
+paired one-sided exact McNemar tests on bool ``[N, D]`` per-draw verdicts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from scipy import stats as scipy_stats
 
 from atop import load_defense
 from atop.evaluation import sanity as sanity_module
 from atop.evaluation.defenses import Defense
 from atop.evaluation.protocol import AttackRun, EvalData, EvalSettings, parse_attacks, run_one
-from atop.evaluation.sanity import SanityParams, paired_rise, sanity_checks, sanity_runs, sweep_spec
+from atop.evaluation.sanity import SanityParams, rise_test, sanity_checks, sanity_runs, sweep_spec
 from atop.params import ParameterError
 
 EPS = 8 / 255
@@ -39,37 +41,67 @@ def sanity_params(**changes) -> SanityParams:
         "stronger": {},
         "images": None,
         "large_eps_max_acc": 0.05,
-        "z": 2.0,
-        "min_images": 1,
+        "alpha": 0.05,
     }
     return SanityParams(**{**values, **changes})
 
 
-def correct(n_true: int, n: int = 10) -> torch.Tensor:
-    """The first ``n_true`` of ``n`` images correct."""
-    return torch.arange(n) < n_true
+def correct(n_true: int, n: int = 10, draws: int = 2) -> torch.Tensor:
+    """Per-draw verdicts ``[n, draws]``: the first ``n_true`` images right on every draw."""
+    return (torch.arange(n) < n_true)[:, None].repeat(1, draws)
 
 
-def runs_of(**verdicts: torch.Tensor) -> dict[str, AttackRun]:
-    return {k: AttackRun(v, torch.zeros(len(v), 3, 2, 2), 0.0, 0.0) for k, v in verdicts.items()}
+def verdicts(*rows: str) -> torch.Tensor:
+    """``verdicts("11", "10")``: one string of 0/1 draws per image."""
+    return torch.tensor([[c == "1" for c in row] for row in rows])
 
 
-def test_paired_rise_tolerates_sampling_noise_only():
-    # a rise of 4 images with 4 changed verdicts is noise (2·√4 = 4), 6 of 6 is not (4.9)
-    before, after = torch.tensor([1, 1, 0, 0, 0, 0], dtype=torch.bool), torch.ones(6, dtype=bool)
-    assert paired_rise(before, after, z=2.0, min_images=1) == {
-        "rise_images": 4,
-        "allowed_images": 4.0,
-        "within_noise": True,
-    }
-    rise = paired_rise(torch.zeros(6, dtype=torch.bool), after, z=2.0, min_images=1)
-    assert rise == {"rise_images": 6, "allowed_images": 4.899, "within_noise": False}
-    # a fall is never a problem; with no changed verdict, min_images is what is tolerated
-    assert paired_rise(after, ~after, z=2.0, min_images=1)["within_noise"]
-    assert paired_rise(after, after, z=2.0, min_images=3)["allowed_images"] == 3.0
-    # a single lucky image is tolerated even with z = 0
-    assert paired_rise(correct(3), correct(4), z=0.0, min_images=1)["within_noise"]
-    assert not paired_rise(correct(3), correct(5), z=0.0, min_images=1)["within_noise"]
+def runs_of(**draws: torch.Tensor) -> dict[str, AttackRun]:
+    return {k: AttackRun(v, torch.zeros(len(v), 3, 2, 2), 0.0, 0.0) for k, v in draws.items()}
+
+
+def _binomtest(k: int, n: int) -> float:
+    return scipy_stats.binomtest(k, n, 0.5, alternative="greater").pvalue
+
+
+@pytest.mark.parametrize(("rises", "falls"), [(4, 0), (5, 0), (6, 1), (3, 3), (0, 5), (9, 2)])
+def test_rise_test_is_the_one_sided_exact_mcnemar_test(rises, falls):
+    n = 12
+    before = torch.zeros(n, 3, dtype=torch.bool)
+    after = torch.zeros(n, 3, dtype=torch.bool)
+    after[:rises] = True  # right after only
+    before[rises : rises + falls] = True  # right before only
+    before[-1] = after[-1] = True  # a concordant image
+    rise = rise_test(before, after, alpha=0.05)
+    assert (rise["only_after"], rise["only_before"]) == (rises, falls)
+    expected = _binomtest(rises, rises + falls) if rises + falls else 1.0
+    assert rise["p_value"] == pytest.approx(expected)
+    assert rise["significant_rise"] == (expected < 0.05)
+    assert rise["before"] == pytest.approx((falls + 1) / n)
+    assert rise["after"] == pytest.approx((rises + 1) / n)
+
+
+def test_a_significant_rise_needs_enough_discordant_images():
+    # 4 of 4 discordant images rise: p = 1/16 > 0.05 (could be luck); 5 of 5: p = 1/32
+    assert not rise_test(correct(0), correct(4), 0.05)["significant_rise"]
+    five = rise_test(correct(0), correct(5), 0.05)
+    assert five["significant_rise"] and five["p_value"] == pytest.approx(1 / 32)
+    # the same rise at a stricter level is not significant
+    assert not rise_test(correct(0), correct(5), 0.01)["significant_rise"]
+    # a fall is never a significant rise
+    fall = rise_test(correct(10), correct(0), 0.05)
+    assert not fall["significant_rise"] and fall["p_value"] == 1.0
+
+
+def test_rise_test_pairs_the_worst_of_n_verdicts():
+    # single-draw accuracy is 0.5 both times, but worst-of-N rises on 5 images
+    before = verdicts(*["10"] * 10)  # every image right on one draw of two
+    after = verdicts(*["11"] * 5, *["00"] * 5)
+    rise = rise_test(before, after, 0.05)
+    assert rise["before"] == rise["after"] == 0.5
+    assert (rise["only_after"], rise["only_before"]) == (5, 0)
+    assert rise["p_value"] == pytest.approx(_binomtest(5, 5)) == pytest.approx(1 / 32)
+    assert rise["significant_rise"]
 
 
 def test_an_honest_defense_passes_every_check():
@@ -83,8 +115,14 @@ def test_an_honest_defense_passes_every_check():
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(CHECKS, "pass")
     assert checks["bpda_vs_exact"]["stronger"] == "exact"
     assert all(c["n_images"] == 10 for c in checks.values())
-    assert "0/255->8/255: -4 img" in checks["eps_monotonic"]["detail"]
-    assert "at eps 64/255 (limit 0.05)" in checks["large_eps_near_zero"]["detail"]
+    assert (
+        "0/255->8/255: 0.800 -> 0.400 single-draw (worst-of-N discordant +0/-4, p = 1)"
+        in checks["eps_monotonic"]["detail"]
+    )
+    assert (
+        "single-draw accuracy 0.000 at eps 64/255 (limit 0.05)"
+        in (checks["large_eps_near_zero"]["detail"])
+    )
 
 
 def test_masked_gradients_fail_the_checks():
@@ -96,9 +134,49 @@ def test_masked_gradients_fail_the_checks():
     checks = sanity_checks(clean, runs, ENTRIES, sweep, correct(n, n), REFERENCE, sanity_params())
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(CHECKS, "fail")
     assert checks["bpda_vs_exact"]["stronger"] == "bpda"  # BPDA beats the exact gradients
-    assert "8/255->64/255: +20 img (allowed +8.944)" in checks["eps_monotonic"]["detail"]
-    assert "robust acc 1.000 at eps 64/255" in checks["large_eps_near_zero"]["detail"]
-    assert "+14 img, allowed +7.483" in checks["stronger_attack"]["detail"]
+    p_20 = f"{_binomtest(20, 20):.4g}"
+    assert (
+        f"8/255->64/255: 0.000 -> 1.000 single-draw (worst-of-N discordant +20/-0, p = {p_20})"
+        in checks["eps_monotonic"]["detail"]
+    )
+    assert "single-draw accuracy 1.000 at eps 64/255" in checks["large_eps_near_zero"]["detail"]
+    p_14 = f"{_binomtest(14, 14):.4g}"
+    assert f"discordant +14/-0, p = {p_14}" in checks["stronger_attack"]["detail"]
+
+
+def test_a_rise_within_chance_passes_and_the_level_decides():
+    n = 10
+    clean = correct(8, n)
+    runs = runs_of(fgsm=correct(2, n), pgd_linf=correct(2, n), bpda_linf=correct(5, n))
+    sweep = [(0.0, clean), (EPS, correct(2, n)), (64 / 255, correct(0, n))]
+    # the stronger attack is right on 4 more images: p = 1/16
+    stronger = correct(6, n)
+    checks = sanity_checks(clean, runs, ENTRIES, sweep, stronger, REFERENCE, sanity_params())
+    assert checks["stronger_attack"]["status"] == "pass"
+    loose = sanity_checks(
+        clean, runs, ENTRIES, sweep, stronger, REFERENCE, sanity_params(alpha=0.1)
+    )
+    assert loose["stronger_attack"]["status"] == "fail"
+
+
+def test_checks_run_on_stochastic_verdicts_with_many_draws():
+    """Single-draw fractions for the limits, worst-of-N verdicts for the paired tests."""
+    n, draws = 10, 5
+    clean = correct(9, n, draws)
+    near_zero = torch.zeros(n, draws, dtype=torch.bool)
+    near_zero[0, 0] = True  # one draw of one image right: single-draw 0.02
+    runs = runs_of(fgsm=correct(5, n, draws), pgd_linf=correct(3, n, draws),
+                   bpda_linf=correct(4, n, draws))  # fmt: skip
+    sweep = [(0.0, clean), (EPS, correct(3, n, draws)), (64 / 255, near_zero)]
+    checks = sanity_checks(clean, runs, ENTRIES, sweep, None, REFERENCE, sanity_params())
+    assert checks["large_eps_near_zero"]["status"] == "pass"
+    assert "single-draw accuracy 0.020" in checks["large_eps_near_zero"]["detail"]
+    strict = sanity_checks(
+        clean, runs, ENTRIES, sweep, None, REFERENCE, sanity_params(large_eps_max_acc=0.01)
+    )
+    assert strict["large_eps_near_zero"]["status"] == "fail"
+    assert checks["stronger_attack"]["status"] == "not run"
+    assert {checks[c]["status"] for c in CHECKS - {"stronger_attack"}} == {"pass"}
 
 
 def test_checks_without_their_attacks_are_not_run():
@@ -128,10 +206,17 @@ def test_sweep_spec_scales_the_step_size_with_eps():
 
 def test_sanity_params_are_checked():
     assert sanity_params().eps_sweep == [0.0, EPS, pytest.approx(64 / 255)]
+    assert sanity_params().alpha == 0.05
     with pytest.raises(ParameterError, match=r"eps_sweep\[1\]=8.0 is out of range"):
         sanity_params(eps_sweep=[0, 8])
     with pytest.raises(ParameterError, match="unknown key 'n_images'.*Valid keys: .*images"):
         SanityParams.from_dict({**sanity_params().to_dict(), "n_images": 4})
+    for alpha in (0, 1, 1.5):
+        with pytest.raises(ParameterError, match="alpha"):
+            sanity_params(alpha=alpha)
+    # the old noise tolerance is gone: the exact test's level replaces it
+    with pytest.raises(ParameterError, match="unknown key 'z'"):
+        SanityParams.from_dict({**sanity_params().to_dict(), "z": 2.0})
 
 
 def _recording(calls: list, fake: bool):
@@ -140,8 +225,8 @@ def _recording(calls: list, fake: bool):
     def record(defense, label, spec, norm, eps, data, settings, validate=None):
         calls.append((label, dict(spec), eps))
         if fake:
-            n = len(data.labels)
-            return AttackRun(torch.zeros(n, dtype=torch.bool), data.images, 0.0, 0.0, spec)
+            n, draws = len(data.labels), settings.draws if defense.stochastic else 1
+            return AttackRun(torch.zeros(n, draws, dtype=torch.bool), data.images, 0.0, 0.0, spec)
         return run_one(defense, label, spec, norm, eps, data, settings, validate)
 
     return record
@@ -155,7 +240,8 @@ def test_sanity_runs_reuse_clean_and_reference_and_run_the_rest(
     data = EvalData(images, labels, list(range(8)), 10)
     settings = EvalSettings(batch_size=8, draws=2)
     reference = run_one(defense, "pgd_linf", REFERENCE.spec, "Linf", EPS, data, settings)
-    clean = correct(5, 8)
+    assert reference.draws.shape == (8, 1)  # deterministic: one pass
+    clean = correct(5, 8, draws=1)
     names, calls = [], []
     monkeypatch.setattr(sanity_module, "run_one", _recording(calls, fake=False))
     sweep, stronger = sanity_runs(
@@ -171,8 +257,8 @@ def test_sanity_runs_reuse_clean_and_reference_and_run_the_rest(
     )
     assert [eps for eps, _ in sweep] == [0.0, EPS, 32 / 255]
     assert torch.equal(sweep[0][1], clean[:4])  # eps 0 is the clean verdict
-    assert torch.equal(sweep[1][1], reference.correct[:4])  # the reference run is reused
-    assert sweep[2][1].shape == (4,) and stronger.shape == (4,)
+    assert torch.equal(sweep[1][1], reference.draws[:4])  # the reference run is reused
+    assert sweep[2][1].shape == (4, 1) and stronger.shape == (4, 1)
     assert names == ["standard_pgd_linf_eps_32_255", "standard_pgd_linf_stronger"]
     (_, at_32, _), (_, strong, _) = calls
     assert at_32["alpha"] == pytest.approx(8 / 255) and at_32["eot_iter"] == 1
@@ -187,14 +273,14 @@ def test_sanity_runs_keep_eot_for_stochastic_defenses_and_skip_an_empty_stronger
     model = load_defense(checkpoint_files["classifier"], checkpoint_files["purifier"])
     defense = Defense("atop", model, True)
     data = EvalData(images, labels, list(range(4)), 10)
-    reference = AttackRun(correct(2, 4), images, 0.0, 0.0)
+    reference = AttackRun(correct(2, 4), images, 0.0, 0.0)  # [4, 2]: two draws
     calls = []
     monkeypatch.setattr(sanity_module, "run_one", _recording(calls, fake=True))
     args = (defense, REFERENCE, {"pgd_linf": reference}, correct(3, 4), [0.0, EPS], data)
     settings = EvalSettings(batch_size=4, draws=2)
     sweep, stronger = sanity_runs(*args, sanity_params(stronger={"steps": 4}), settings)
     assert calls == [("pgd_linf_stronger", {**REFERENCE.spec, "steps": 4}, EPS)]
-    assert calls[0][1]["eot_iter"] == 2 and stronger is not None
+    assert calls[0][1]["eot_iter"] == 2 and stronger.shape == (4, 2)
     calls.clear()
     sweep, stronger = sanity_runs(*args, sanity_params(), settings)
     assert calls == [] and stronger is None and len(sweep) == 2

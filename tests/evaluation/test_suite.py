@@ -8,7 +8,13 @@ import torch
 
 from atop.evaluation.defenses import build_defense
 from atop.evaluation.protocol import AttackRun, EvalData, EvalSettings, parse_attacks
-from atop.evaluation.suite import EvalParams, evaluate_defense, grid_images
+from atop.evaluation.suite import (
+    EvalParams,
+    FixedRandomness,
+    evaluate_defense,
+    fixed_randomness_run,
+    grid_images,
+)
 from atop.params import ParameterError
 from tests.conftest import stage_params
 from tests.evaluation.conftest import TRANSFORM, classifier_dict, purifier_dict
@@ -31,7 +37,14 @@ def smoke() -> EvalParams:
 def test_the_typed_block_gives_entries_and_settings(smoke):
     assert isinstance(smoke, EvalParams) and smoke.images == 4 and smoke.device == "cpu"
     assert smoke.entries == parse_attacks(smoke.attacks)
-    assert smoke.settings == EvalSettings(smoke.batch_size, smoke.draws, smoke.seed, False)
+    assert smoke.settings == EvalSettings(
+        smoke.batch_size, smoke.draws, smoke.seed, False, smoke.attack_amp
+    )
+    assert smoke.replace(attack_amp=True).settings.attack_amp is True
+    assert isinstance(smoke.fixed_randomness, bool) and smoke.draws == 2
+    # the smoke profile runs AutoAttack-standard on deterministic defenses, -rand on random ones
+    applies = {e.label: e.applies_to for e in smoke.entries if e.name == "autoattack"}
+    assert applies == {"autoattack_standard": "deterministic", "autoattack_rand": "stochastic"}
     assert (smoke.sanity.reference, smoke.grid.images) == ("pgd_linf", 4)
     with pytest.raises(AttributeError):
         smoke.images = 8  # immutable: use .replace
@@ -47,6 +60,11 @@ def test_the_typed_block_gives_entries_and_settings(smoke):
         ({"attacks": FAST_ATTACKS * 2}, "evaluation.attacks: .*used twice"),
         ({"attacks": FAST_ATTACKS[:1]}, "evaluation.sanity.reference: 'pgd_linf' must be"),
         ({"tolerance": 0.1}, r"evaluation.tolerance=0.1 is out of range: it must be >= 0 and <= 0.01"),
+        ({"draws": 0}, r"evaluation.draws=0 is out of range: it must be >= 1"),
+        ({"attack_amp": "yes"}, r"evaluation.attack_amp"),
+        ({"fixed_randomness": 1}, r"evaluation.fixed_randomness"),
+        ({"attacks": [*FAST_ATTACKS, {**FAST_ATTACKS[0], "label": "x", "applies_to": "some"}]},
+         "applies_to must be one of"),
     ],
 )  # fmt: skip
 def test_the_typed_block_refuses_bad_values_with_the_key_and_the_fix(smoke, changes, message):
@@ -84,9 +102,12 @@ def test_evaluate_defense_runs_every_attack_the_sanity_checks_and_the_grid(
         defense, _data(cifar10_test_batch, 4), params, lambda *a: names.append((a[5], a[6]))
     )
     assert list(result["attacks"]) == ["fgsm", "pgd_linf"]  # no BPDA without a purifier
-    assert all(len(a["correct"]) == 4 for a in result["attacks"].values())
+    assert all(a["draws"].shape == (4, 1) for a in result["attacks"].values())
+    assert result["clean"].shape == (4, 1) and result["clean"].dtype == torch.bool
+    assert result["fixed_randomness"] is None  # deterministic: nothing to fix
     assert {a["eot_iter"] for a in result["attacks"].values()} == {None, 1}
     assert [p["eps"] for p in result["sweep"]] == [0.0, EPS, pytest.approx(32 / 255)]
+    assert [p["draws"].shape for p in result["sweep"]] == [(2, 1)] * 3
     statuses = {check: value["status"] for check, value in result["sanity"].items()}
     assert statuses["stronger_attack"] == statuses["bpda_vs_exact"] == "not run"
     assert {statuses["eps_monotonic"], statuses["iterative_beats_single_step"]} <= {"pass", "fail"}
@@ -122,7 +143,7 @@ def test_a_spec_that_cannot_be_built_fails_before_any_attack_runs(smoke, cifar10
 def test_the_grid_of_a_purified_defense_shows_one_draw_of_the_transform(cifar10_test_batch):
     checkpoints = {
         "classifier": classifier_dict(),
-        "atop_purifier": purifier_dict(meta={"transform": TRANSFORM}),
+        "purifier_atop": purifier_dict(meta={"transform": TRANSFORM}),
     }
     defense = build_defense("atop", checkpoints, torch.device("cpu"))
     data = _data(cifar10_test_batch, 4)
@@ -134,3 +155,63 @@ def test_the_grid_of_a_purified_defense_shows_one_draw_of_the_transform(cifar10_
     holes = (grid["transformed"] == 0).all(dim=1).flatten(1).float().mean(1)
     assert (holes >= 0.25).all()  # RT2: a quarter of every image is masked (black)
     assert len(grid["prediction"]) == 2
+
+
+def _purified(name: str = "atop"):
+    checkpoints = {
+        "classifier": classifier_dict(),
+        "purifier": purifier_dict(meta={"transform": TRANSFORM}),
+        "purifier_atop": purifier_dict(1, meta={"transform": TRANSFORM}),
+    }
+    return build_defense(name, checkpoints, torch.device("cpu"))
+
+
+def test_fixed_randomness_is_one_draw_the_same_at_every_call(cifar10_test_batch):
+    defense = _purified()
+    images = cifar10_test_batch[0][:4]
+    fixed = FixedRandomness(defense.model, seed=3)
+    with torch.no_grad():
+        first, second = fixed(images), fixed(images)
+        other = FixedRandomness(defense.model, seed=4)(images)
+        fresh = defense.model(images), defense.model(images)
+    assert torch.equal(first, second)  # the same noise and masks at every call
+    assert not torch.equal(first, other)  # another seed: another draw
+    assert not torch.equal(*fresh)  # the defense itself still draws afresh
+    assert defense.model.generator is None  # restored after each call
+
+
+def test_fixed_randomness_run_attacks_and_judges_with_the_same_draw(smoke, cifar10_test_batch):
+    defense = _purified()
+    data = _data(cifar10_test_batch, 4)
+    reference = next(e for e in smoke.entries if e.label == "pgd_linf")
+    settings = EvalSettings(batch_size=4, draws=3)
+    out = fixed_randomness_run(defense, reference, data, settings)
+    assert out["attack"] == "pgd_linf"
+    # a deterministic model: one pass judges it
+    assert out["clean"].shape == out["draws"].shape == (4, 1)
+    assert out["clean"].dtype == out["draws"].dtype == torch.bool
+    fixed = FixedRandomness(defense.model, settings.seed)
+    with torch.no_grad():
+        expected = fixed(data.images).argmax(1) == data.labels
+    assert torch.equal(out["clean"][:, 0], expected)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_evaluate_defense_adds_the_fixed_randomness_diagnostic_when_asked(
+    smoke, cifar10_test_batch, on
+):
+    params = smoke.replace(
+        attacks=FAST_ATTACKS,
+        fixed_randomness=on,
+        sanity={**smoke.sanity.to_dict(), "eps_sweep": [0, "8/255"], "stronger": {}},
+    )
+    result = evaluate_defense(_purified(), _data(cifar10_test_batch, 2), params)
+    assert list(result["attacks"]) == ["fgsm", "pgd_linf", "bpda_linf"]
+    assert result["clean"].shape == (2, params.draws)  # fresh draws judge a random defense
+    assert result["attacks"]["pgd_linf"]["eot_iter"] == 2
+    assert result["train_seconds"] == {"classifier": None, "purifier": None}
+    if on:
+        fixed = result["fixed_randomness"]
+        assert fixed["attack"] == "pgd_linf" and fixed["draws"].shape == (2, 1)
+    else:
+        assert result["fixed_randomness"] is None

@@ -27,15 +27,16 @@ NOT_IN_FINGERPRINT = {"device", "resume_path", "progress", "eval_batch_size", "r
 
 @pytest.fixture(scope="module")
 def inputs(data_root) -> dict:
-    """192 real CIFAR-10 train images, 64 test images, class names, 32 eval indices."""
+    """192 real CIFAR-10 train images, 64 test images, class names, 32 eval and 32 monitor
+    indices (disjoint)."""
     return cifar10_inputs(data_root)
 
 
 def pretraining_setup(inputs, tmp_path):
-    """prepare_training as train_classifier calls it (smoke parameters)."""
-    params = smoke_params("classifier_pretraining", tmp_path)
-    n_test = len(inputs["test_set"]["labels"])
-    monitor = random_subset(n_test, params.val_images, params.seed)
+    """prepare_training as train_classifier calls it (smoke parameters): the first
+    ``val_images`` of the monitor indices."""
+    params = smoke_params("classifier_pretraining", tmp_path, val_images=16)
+    monitor = inputs["monitor_indices"][: params.val_images]
     setup = prepare_training(
         inputs["train_set"],
         inputs["test_set"],
@@ -56,7 +57,7 @@ def baseline_setup(inputs, tmp_path, stage="adversarial_training", **overrides):
         inputs["test_set"],
         inputs["class_names"],
         params,
-        monitor_indices=inputs["eval_indices"],
+        monitor_indices=inputs["monitor_indices"],
         desc=stage,
     )
     return setup, params
@@ -75,6 +76,8 @@ def test_classifier_pretraining_decays_every_parameter(inputs, tmp_path):
     assert setup.channels_last is True  # the stage sets it (also on CPU)
     assert params.train_images is None
     assert len(setup.batches.labels) == len(inputs["train_set"]["labels"])  # every image
+    assert len(setup.monitor_labels) == params.val_images == 16
+    assert not set(monitor) & set(inputs["eval_indices"])  # never an evaluated image
     assert torch.equal(setup.monitor_images, inputs["test_set"]["images"][monitor])
     assert torch.equal(setup.monitor_labels, inputs["test_set"]["labels"][monitor])
     assert setup.config["width"] == params.arch_kwargs["width"]
@@ -103,7 +106,7 @@ def test_baselines_decay_only_conv_and_linear_weights(stage, inputs, tmp_path):
     assert torch.equal(setup.batches.images, inputs["train_set"]["images"][keep])
     mean, std = channel_stats(inputs["train_set"]["images"][keep])
     assert (setup.config["mean"], setup.config["std"]) == (mean, std)
-    index = torch.tensor(inputs["eval_indices"])
+    index = torch.tensor(inputs["monitor_indices"])
     assert torch.equal(setup.monitor_images, inputs["test_set"]["images"][index])
     assert setup.loop.fingerprint["n_train"] == 100
     assert "robust_eval" not in setup.loop.fingerprint and "resume_path" not in (
@@ -137,7 +140,7 @@ def test_prepare_training_rejects_bad_inputs(inputs, tmp_path):
             inputs["test_set"],
             inputs["class_names"][:5],
             smoke_params("rvs", tmp_path),
-            monitor_indices=inputs["eval_indices"],
+            monitor_indices=inputs["monitor_indices"],
             desc="rvs",
         )
     # a bad training subset is refused when the parameters are built (before any training)

@@ -69,5 +69,43 @@ class TorchDataset(AbstractDataset[Any, Any]):
     def _exists(self) -> bool:
         return self._filepath.is_file()
 
+    def preview(self) -> str:
+        """kedro-viz preview (``--include-previews``): a checkpoint's ``arch``, ``config`` and
+        the numbers of its ``meta`` (no tensors); a split's shapes and dtypes."""
+        import json
+
+        from kedro_datasets._typing import JSONPreview
+
+        if not self._filepath.is_file():
+            return JSONPreview(json.dumps({"file": str(self._filepath), "exists": False}))
+        data = load_safe(self._filepath)
+        return JSONPreview(json.dumps(_summary(data), default=str))
+
     def _describe(self) -> dict[str, Any]:
         return {"filepath": str(self._filepath), "optional": self._optional}
+
+
+def _summary(data: Any, depth: int = 0) -> Any:
+    """A JSON-able outline of a saved object: tensors as ``"<dtype>[shape]"``, long lists
+    cut, nested dicts kept two levels deep below a checkpoint's ``state_dict``."""
+    import torch
+
+    if torch.is_tensor(data):
+        return f"{str(data.dtype).removeprefix('torch.')}{list(data.shape)}"
+    if isinstance(data, dict):
+        if depth > 3:
+            return f"{{{len(data)} keys}}"
+        return {str(k): _summary(v, depth + 1) for k, v in data.items() if k != "state_dict"} | (
+            {"state_dict": f"{_count(data['state_dict'])} tensors"} if "state_dict" in data else {}
+        )
+    if isinstance(data, list | tuple):
+        return [_summary(v, depth + 1) for v in data[:8]] + (
+            [f"... {len(data)} items"] if len(data) > 8 else []
+        )
+    return data
+
+
+def _count(state: Any) -> int:
+    if isinstance(state, dict):
+        return sum(_count(v) for v in state.values())
+    return 1

@@ -1,9 +1,9 @@
 """The defenses under evaluation, rebuilt from checkpoint files in a few lines.
 
-* ``standard``: the bare classifier ``f``;
-* ``ap``: ``f(g(t(x)))`` with the pretrained purifier (no AToP);
-* ``atop``: ``f(g(t(x)))`` with the AToP fine-tuned purifier (paper Eq. 9);
-* ``pgd_at``, ``rvs``: the baselines' robust classifiers.
+:data:`DESCRIPTIONS` says what each is: the bare classifier ``f`` (``standard``),
+``f(g(t(x)))`` with the pretrained purifier (``ap``) or with a fine-tuned one (the arms,
+``atop`` = paper Eq. 9), the baselines' robust classifiers (``pgd_at``, ``rvs``) and the
+sigma ablation.
 
 :func:`load_defense` is the user-facing entry (paths or checkpoint dicts in, a model out);
 :func:`build_defenses` is what the evaluation stage does for each defense it is asked for.
@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from atop.checkpoint import load_safe
+from atop.checkpoint import CheckpointError, load_safe, state_hash
 from atop.defense import PurifiedClassifier
 from atop.models import load_classifier
 from atop.models.purifier import load_purifier
@@ -31,25 +31,41 @@ from atop.transforms import build_transform
 
 log = logging.getLogger(__name__)
 
+#: The main job's defenses (``kedro run --pipelines atop``): the standard classifier, the
+#: pretrained purifier (AP) and the compute-matched fine-tuning arms (issue "Experiment").
+MAIN = ("standard", "ap", "ap_continued", "ap_classifier_aware", "atop")
+#: Added by the full comparison: AToP with PGD, the robust-training baselines, and the
+#: sigma = 0.25-at-32-px ablation (AP and AToP with the harsher noise).
+EXTRA = ("atop_pgd", "pgd_at", "rvs", "ap_sigma025", "atop_sigma025")
 #: Every defense the evaluation knows, in report order.
-DEFENSES = ("standard", "ap", "atop", "pgd_at", "rvs")
-#: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).
-PURIFIED = ("ap", "atop")
+DEFENSES = MAIN + EXTRA
 DESCRIPTIONS = {
     "standard": "bare classifier f (no defense)",
-    "ap": "f(g(t(x))), pretrained purifier (no AToP)",
-    "atop": "f(g(t(x))), AToP fine-tuned purifier",
+    "ap": "f(g(t(x))), pretrained purifier (no fine-tuning)",
+    "ap_continued": "f(g(t(x))), purifier fine-tuned with L_org only (lambda 0, no adversary)",
+    "ap_classifier_aware": "f(g(t(x))), fine-tuned with L_org + lambda CE on clean images",
+    "atop": "f(g(t(x))), AToP: L_org(x') + lambda CE on FGSM x' against f(g(t(.)))",
+    "atop_pgd": "f(g(t(x))), AToP with PGD x' against f(g(t(.)))",
     "pgd_at": "PGD adversarial training (Madry et al.)",
     "rvs": "Robustness via Synthesis (Baytas & Deb)",
+    "ap_sigma025": "AP with sigma 0.25 at 32 px (ablation: 8x the authors' effective noise)",
+    "atop_sigma025": "AToP with sigma 0.25 at 32 px (ablation)",
 }
-#: The checkpoints each defense is built from (catalog names).
+#: The checkpoints each defense is built from (catalog names); a second entry is a purifier.
 NEEDS = {
     "standard": ("classifier",),
     "ap": ("classifier", "purifier"),
-    "atop": ("classifier", "atop_purifier"),
+    "ap_continued": ("classifier", "purifier_ap_continued"),
+    "ap_classifier_aware": ("classifier", "purifier_ap_classifier_aware"),
+    "atop": ("classifier", "purifier_atop"),
+    "atop_pgd": ("classifier", "purifier_atop_pgd"),
     "pgd_at": ("pgd_at_classifier",),
     "rvs": ("rvs_classifier",),
+    "ap_sigma025": ("classifier", "purifier_sigma025"),
+    "atop_sigma025": ("classifier", "purifier_atop_sigma025"),
 }
+#: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).
+PURIFIED = tuple(name for name, needs in NEEDS.items() if len(needs) == 2)
 
 Checkpoint = Mapping[str, Any] | str | os.PathLike
 
@@ -118,17 +134,24 @@ def build_defense(
             f"The {purifier_key} checkpoint has no meta.transform (the random transform t "
             "it was trained with): rerun the stage that wrote it."
         )
+    expected = purifier.get("meta", {}).get("atop", {}).get("classifier_hash")
+    if expected is not None:
+        actual = state_hash(checkpoints["classifier"]["state_dict"])
+        if actual != expected:
+            raise CheckpointError(
+                f"The {purifier_key} checkpoint was fine-tuned against classifier "
+                f"{expected[:12]}, but the given classifier is {actual[:12]}: a fine-tuned "
+                "purifier only defends the classifier it was trained with. Load that one."
+            )
     generator, _ = load_purifier(purifier, device)
     classifier = load_classifier(checkpoints["classifier"], device)
     model = PurifiedClassifier(classifier, generator, build_transform(transform))
     seconds = {
         "classifier": _seconds(checkpoints["classifier"], "train_seconds"),
-        "purifier": _seconds(checkpoints.get("purifier"), "train_seconds")
-        if checkpoints.get("purifier") is not None
-        else None,
+        "purifier": _seconds(purifier, "train_seconds"),
     }
-    if name == "atop":
-        seconds["atop_purifier"] = _seconds(purifier, "atop", "train_seconds")
+    if "atop" in purifier.get("meta", {}):
+        seconds["finetuning"] = _seconds(purifier, "atop", "train_seconds")
     return Defense(name, _frozen(model, device), True, seconds, model.transform.config.to_dict())
 
 
@@ -180,9 +203,11 @@ def load_defense(
     Args:
         classifier: the classifier checkpoint (``data/06_models/<dataset>/classifier.pt``,
             or a baseline's ``pgd_at_classifier.pt`` / ``rvs_classifier.pt``), a path or the
-            loaded dict.
+            loaded dict; or a folder written by ``atop export`` (then ``purifier`` is the
+            export's own).
         purifier: a purifier checkpoint (``purifier.pt`` for AP, ``purifier_atop.pt`` for
-            AToP); its ``meta.transform`` is the random transform ``t``. ``None``: ``f`` alone.
+            AToP, ``purifier_<arm>.pt``); its ``meta.transform`` is the random transform
+            ``t``. ``None``: ``f`` alone.
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
 
     Returns:
@@ -191,10 +216,15 @@ def load_defense(
         it is a :class:`atop.defense.PurifiedClassifier` (a fresh draw of ``t`` per call).
 
     Raises:
-        atop.checkpoint.CheckpointError: a missing, unsafe or malformed file.
+        atop.checkpoint.CheckpointError: a missing, unsafe or malformed file, NaN weights,
+            or a fine-tuned purifier given another classifier than its own.
         ValueError: a purifier checkpoint without ``meta.transform``.
     """
+    from atop.export import is_export, load_export
+
     device = resolve_device(str(device))
+    if not isinstance(classifier, Mapping) and is_export(classifier):
+        classifier, purifier = load_export(classifier)
     checkpoints = {"classifier": _load(classifier), "purifier": _load(purifier)}
     name = "standard" if purifier is None else "ap"
     return build_defense(name, checkpoints, device).model

@@ -12,13 +12,17 @@ The rules that keep the numbers honest (method.md §4):
 * Attacks hit the WHOLE model with exact gradients (through ``t`` and ``g`` for a purified
   defense), with EOT for stochastic models (``eot_iter`` of each spec); deterministic models
   get ``eot_iter = 1`` (:func:`defense_spec`).
-* A stochastic model is judged with ``draws`` fresh forward passes and a strict majority vote
-  (:func:`atop.attacks.robust_correct`), never with the single pass an attack used; clean
-  accuracy is judged the same way.
+* **N-evaluation** (DiffHammer, method.md §5.2): every adversarial example and every clean
+  image of a stochastic model is judged with ``draws`` fresh forward passes
+  (:func:`atop.attacks.draw_correct`), never with the pass an attack used. Two rules come
+  from the same verdicts: **single-draw** accuracy (the mean over draws: what one query sees,
+  the paper's convention and the headline) and **worst-of-N** (an image counts only if every
+  draw is right: an attacker who can resubmit). Deterministic models need one pass.
 * Every attack run starts from ``seed_everything(seed)``: a model's numbers do not depend on
   what ran before.
-* The headline is the per-image worst case over clean and every ε-bounded attack (also per
-  threat model, ℓ∞ and ℓ2).
+* The headline is the per-image worst case over clean and every ε-bounded attack of one
+  threat model (ℓ∞ and ℓ2 separately; :func:`worst_cases`): single-draw = the mean over
+  images of each image's lowest single-draw accuracy over the attacks.
 
 Attack entries (the evaluation stage's ``attacks`` list) are :func:`atop.attacks.build_attack`
 specs plus a ``label``. C&W ℓ2 is unbounded: with an ``eps`` in its entry, successes with a
@@ -39,18 +43,20 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torchattacks.attack import Attack
-from tqdm.auto import tqdm
 
-from atop.attacks import build_attack, robust_correct, run_attack, worst_case_correct
+from atop.attacks import build_attack, draw_correct, run_attack
 from atop.data import to_unit
 from atop.evaluation.defenses import DESCRIPTIONS, Defense
 from atop.params import fraction
-from atop.training import seed_everything
+from atop.progress import progress
+from atop.training import autocast, seed_everything
 
 log = logging.getLogger(__name__)
 
 #: Keys an attack entry may have besides its ``build_attack`` spec.
-ENTRY_ONLY_KEYS = ("label",)
+ENTRY_ONLY_KEYS = ("label", "applies_to")
+#: ``applies_to`` values: which defenses an entry runs on.
+APPLIES_TO = ("all", "deterministic", "stochastic")
 #: Keys set by the evaluation itself (one home: the settings' ``seed`` and ``draws``).
 INJECTED_AUTOATTACK_KEYS = ("seed", "draws")
 #: ``validate(clean, adversarial, labels, eps, norm, name, indices)``: an extra check of an
@@ -76,12 +82,15 @@ class AttackEntry:
         spec: the :func:`atop.attacks.build_attack` spec (numbers parsed, no label).
         norm: threat model, ``"Linf"`` or ``"L2"`` (C&W: ``"L2"``).
         eps: perturbation bound on the ``[0, 1]`` scale, or ``None`` (unbounded C&W).
+        applies_to: ``all``, ``deterministic`` or ``stochastic`` defenses (e.g.
+            AutoAttack-standard, ~10x the cost of -rand per image, on the deterministic ones).
     """
 
     label: str
     spec: dict[str, Any]
     norm: str
     eps: float | None
+    applies_to: str = "all"
 
     @property
     def name(self) -> str:
@@ -132,7 +141,10 @@ def parse_attacks(entries: Sequence[Mapping[str, Any]]) -> list[AttackEntry]:
                 f"Attack {label!r}: remove {given}; AutoAttack's seed and success-judge "
                 "draws come from evaluation.seed and evaluation.draws."
             )
-        parsed.append(AttackEntry(label, spec, norm, eps))
+        applies_to = str(entry.get("applies_to", "all"))
+        if applies_to not in APPLIES_TO:
+            raise ValueError(f"Attack {label!r}: applies_to must be one of {APPLIES_TO}.")
+        parsed.append(AttackEntry(label, spec, norm, eps, applies_to))
     return parsed
 
 
@@ -142,15 +154,19 @@ class EvalSettings:
 
     Attributes:
         batch_size: images per attack call and per judging pass.
-        draws: fresh forward passes per verdict of a stochastic model (strict majority).
+        draws: fresh forward passes judging each image of a stochastic model (N >= 10 is the
+            N-evaluation of DiffHammer; 1 pass for deterministic models).
         seed: every attack run starts from ``seed_everything(seed)``.
         progress: tqdm bars.
+        attack_amp: compute the attacks' gradients under bf16 autocast
+            (:func:`atop.training.autocast`); judging is always float32.
     """
 
     batch_size: int = 64
-    draws: int = 5
+    draws: int = 10
     seed: int = 0
     progress: bool = False
+    attack_amp: bool = False
 
 
 @dataclass
@@ -204,23 +220,53 @@ def select_images(
     return EvalData(images, labels, indices, n_classes)
 
 
+#: The judging rules, from the same per-draw verdicts: ``single`` (mean over draws, the
+#: headline), ``worst_of_n`` (every draw right), ``first`` (the first draw: a 0/1 single-draw
+#: realization, for paired exact tests).
+RULES = ("single", "worst_of_n", "first")
+
+
+def per_image(draws: Tensor, rule: str) -> Tensor:
+    """Per-image score of bool ``[N, D]`` per-draw verdicts under ``rule`` (:data:`RULES`):
+    float ``[N]`` in ``[0, 1]`` for ``single``, bool ``[N]`` otherwise."""
+    if rule == "single":
+        return draws.float().mean(dim=1)
+    if rule == "worst_of_n":
+        return draws.all(dim=1)
+    if rule == "first":
+        return draws[:, 0]
+    raise ValueError(f"Unknown rule {rule!r}: use one of {RULES}.")
+
+
+def worst_case(per_attack: Sequence[Tensor], rule: str) -> Tensor:
+    """Per-image worst case over several bool ``[N, D]`` verdict matrices (the same images):
+    the lowest single-draw score (``single``) or the AND of the 0/1 verdicts."""
+    scores = torch.stack([per_image(d, rule).float() for d in per_attack])
+    worst = scores.min(dim=0).values
+    return worst if rule == "single" else worst.bool()
+
+
 @dataclass
 class AttackRun:
     """The outcome of one attack on one model.
 
     Attributes:
-        correct: bool ``[N]`` (CPU), the verdict with fresh draws.
+        draws: bool ``[N, D]`` (CPU): image ``i`` judged right by fresh draw ``d``.
         adversarial: float32 ``[N, 3, H, W]`` in ``[0, 1]``.
         seconds: wall-clock time of the attack (without judging).
         max_perturbation: the largest perturbation in the entry's norm.
         spec: the spec that ran.
     """
 
-    correct: Tensor
+    draws: Tensor
     adversarial: Tensor
     seconds: float
     max_perturbation: float | None
     spec: dict[str, Any] = field(default_factory=dict)
+
+    def accuracy(self, rule: str = "single") -> float:
+        """Accuracy in ``[0, 1]`` under ``rule``."""
+        return per_image(self.draws, rule).float().mean().item()
 
 
 def max_perturbation(clean: Tensor, adversarial: Tensor, norm: str) -> float:
@@ -246,6 +292,8 @@ def defense_spec(entry: AttackEntry, defense: Defense, draws: int, seed: int) ->
     """
     if entry.name == "bpda" and not hasattr(defense.model, "bpda"):
         return None
+    if entry.applies_to != "all" and (entry.applies_to == "stochastic") != defense.stochastic:
+        return None
     spec = dict(entry.spec)
     if not defense.stochastic and "eot_iter" in spec:
         spec["eot_iter"] = 1
@@ -258,10 +306,10 @@ def defense_spec(entry: AttackEntry, defense: Defense, draws: int, seed: int) ->
 
 
 def judge(defense: Defense, images: Tensor, labels: Tensor, settings: EvalSettings) -> Tensor:
-    """Per-image correctness (bool ``[N]``, CPU): ``draws`` fresh passes and a strict
-    majority vote (stochastic) or one pass (deterministic)."""
+    """Per-image, per-draw verdicts (bool ``[N, D]``, CPU, float32): ``settings.draws``
+    fresh passes of a stochastic defense, one pass of a deterministic one."""
     draws = settings.draws if defense.stochastic else 1
-    return robust_correct(defense.model, images, labels, draws, settings.batch_size, False)
+    return draw_correct(defense.model, images, labels, draws, settings.batch_size)
 
 
 def run_one(
@@ -284,9 +332,10 @@ def run_one(
     if isinstance(attack, Mapping):
         attack = build_attack(defense.model, spec, data.n_classes)
     began = time.perf_counter()
-    adversarial = run_attack(
-        attack, data.images, data.labels, settings.batch_size, settings.progress
-    )
+    with autocast(data.images.device, settings.attack_amp):
+        adversarial = run_attack(
+            attack, data.images, data.labels, settings.batch_size, settings.progress
+        )
     seconds = time.perf_counter() - began
     if spec["name"] == "cw" and eps is not None:
         adversarial = bound_l2(data.images, adversarial, eps)
@@ -301,16 +350,20 @@ def run_one(
             data.indices,
         )
     largest = max_perturbation(data.images, adversarial, norm)
-    correct = judge(defense, adversarial, data.labels, settings)
+    run = AttackRun(
+        judge(defense, adversarial, data.labels, settings), adversarial, seconds, largest, spec
+    )
     log.info(
-        "%s / %s: robust accuracy %.4f (%.1f s, max perturbation %s)",
+        "%s / %s: robust accuracy %.4f single-draw, %.4f worst-of-%d (%.1f s, max perturbation %.4g)",
         defense.name,
         label,
-        correct.float().mean().item(),
+        run.accuracy("single"),
+        run.accuracy("worst_of_n"),
+        run.draws.shape[1],
         seconds,
         largest,
     )
-    return AttackRun(correct, adversarial, seconds, largest, spec)
+    return run
 
 
 def attack_defense(
@@ -328,8 +381,8 @@ def attack_defense(
     seed_everything(settings.seed)
     clean = judge(defense, data.images, data.labels, settings)
     runs = {"clean": AttackRun(clean, data.images, 0.0, 0.0, {"name": "clean"})}
-    for entry in tqdm(
-        entries, desc=f"{defense.name} attacks", unit="attack", disable=not settings.progress
+    for entry in progress(
+        entries, settings.progress, desc=f"{defense.name} attacks", unit="attack"
     ):
         spec = defense_spec(entry, defense, settings.draws, settings.seed)
         if spec is not None:
@@ -340,37 +393,34 @@ def attack_defense(
 
 
 def worst_cases(
-    clean: Tensor, runs: Mapping[str, AttackRun], entries: Sequence[AttackEntry]
+    clean: Tensor, runs: Mapping[str, AttackRun], entries: Sequence[AttackEntry], rule: str
 ) -> dict[str, Tensor]:
-    """Per-image worst case over clean and the ε-bounded attacks: ``all``, ``Linf``, ``L2``."""
+    """Per-image worst case (:func:`worst_case` under ``rule``) over clean and the
+    ε-bounded attacks of each threat model: ``Linf``, ``L2``, and ``all`` (both)."""
     bounded = [e for e in entries if e.label in runs and e.eps is not None]
-    worst = {
-        "all": worst_case_correct(
-            {"clean": clean, **{e.label: runs[e.label].correct for e in bounded}}
-        )
-    }
+    out = {"all": worst_case([clean, *(runs[e.label].draws for e in bounded)], rule)}
     for norm in ("Linf", "L2"):
-        labels = [e.label for e in bounded if e.norm == norm]
-        if labels:
-            worst[norm] = worst_case_correct(
-                {"clean": clean, **{label: runs[label].correct for label in labels}}
-            )
-    return worst
+        draws = [runs[e.label].draws for e in bounded if e.norm == norm]
+        if draws:
+            out[norm] = worst_case([clean, *draws], rule)
+    return out
 
 
 @dataclass
 class EvalResult:
-    """Per-image verdicts of :func:`evaluate` (bool ``[N]`` tensors on the CPU)."""
+    """Per-image, per-draw verdicts of :func:`evaluate` (bool ``[N, D]`` tensors, CPU)."""
 
     clean: Tensor
     runs: dict[str, AttackRun]
-    worst_case: dict[str, Tensor]
+    entries: list[AttackEntry]
 
-    def accuracy(self) -> dict[str, float]:
-        """Clean, per-attack and worst-case accuracy, in ``[0, 1]``."""
-        out = {"clean": self.clean.float().mean().item()}
-        out.update({label: run.correct.float().mean().item() for label, run in self.runs.items()})
-        out.update({f"worst_case_{k}": v.float().mean().item() for k, v in self.worst_case.items()})
+    def accuracy(self, rule: str = "single") -> dict[str, float]:
+        """Clean, per-attack and per-threat-model worst-case accuracy under ``rule``
+        (``single``: single-draw, the headline; ``worst_of_n``), in ``[0, 1]``."""
+        out = {"clean": per_image(self.clean, rule).float().mean().item()}
+        out.update({label: run.accuracy(rule) for label, run in self.runs.items()})
+        worst = worst_cases(self.clean, self.runs, self.entries, rule)
+        out.update({f"worst_case_{k}": v.float().mean().item() for k, v in worst.items()})
         return out
 
 
@@ -391,12 +441,13 @@ def evaluate(
         images: float32 ``[N, 3, H, W]`` in ``[0, 1]``; labels: int64 ``[N]``.
         attacks: label -> a torchattacks attack on ``model``, or a
             :func:`atop.attacks.build_attack` spec (``eps`` bounds the threat model).
-        settings: batch size, draws, seed (defaults: 64, 5, 0).
+        settings: batch size, draws, seed (defaults: 64, 10, 0).
         stochastic: judge with ``settings.draws`` passes; default: ``model`` has a random
             transform (:class:`atop.defense.PurifiedClassifier`).
 
     Returns:
-        :class:`EvalResult` (clean, per attack, worst cases; ``.accuracy()``).
+        :class:`EvalResult` (per-draw verdicts; ``.accuracy()`` single-draw,
+        ``.accuracy("worst_of_n")``).
 
     Raises:
         ValueError: bad images or labels, or a bad spec.
@@ -426,28 +477,29 @@ def evaluate(
             )
             runs[label] = run_one(model, label, attack, entry.norm, entry.eps, data, settings)
         entries.append(entry)
-    return EvalResult(clean, runs, worst_cases(clean, runs, entries))
+    return EvalResult(clean, runs, entries)
 
 
 def defense_results(
     defense: Defense,
     clean: Tensor,
     runs: Mapping[str, AttackRun],
-    entries: Sequence[AttackEntry],
     sweep: Sequence[tuple[float, Tensor]],
     checks: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """Per-image verdicts (lists of bool), worst cases and bookkeeping of one defense."""
+    """Everything the report needs about one defense, as tensors and primitives (a torch
+    file): the per-draw verdicts of clean and every attack (bool ``[N, D]``), the ε sweep's,
+    the sanity checks and the bookkeeping."""
     return {
         "description": DESCRIPTIONS.get(defense.name, defense.name),
         "stochastic": defense.stochastic,
         "transform": defense.transform,
         "train_seconds": dict(defense.train_seconds),
         "total_train_seconds": defense.total_train_seconds,
-        "clean": clean.tolist(),
+        "clean": clean,
         "attacks": {
             label: {
-                "correct": run.correct.tolist(),
+                "draws": run.draws,
                 "seconds": round(run.seconds, 3),
                 "max_perturbation": run.max_perturbation,
                 "eot_iter": run.spec.get("eot_iter"),
@@ -455,7 +507,6 @@ def defense_results(
             }
             for label, run in runs.items()
         },
-        "worst_case": {k: v.tolist() for k, v in worst_cases(clean, runs, entries).items()},
-        "sweep": [{"eps": eps, "acc": correct.float().mean().item()} for eps, correct in sweep],
+        "sweep": [{"eps": eps, "draws": draws} for eps, draws in sweep],
         "sanity": dict(checks),
     }

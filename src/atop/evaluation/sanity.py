@@ -3,8 +3,8 @@ Adversarial Robustness", 2019; method.md §4).
 
 Accuracy must fall as ε grows and reach ~0 at a large ε; more steps / EOT samples must not
 raise it; iterative attacks must beat single-step ones; exact gradients must be at least as
-strong as BPDA. Every comparison is paired (same images) with a noise margin
-(:func:`paired_rise`). :func:`sanity_runs` runs the extra attacks (the ε sweep and the stronger
+strong as BPDA. Every comparison is paired (same images) with a one-sided exact McNemar test
+(:func:`rise_test`). :func:`sanity_runs` runs the extra attacks (the ε sweep and the stronger
 reference attack); :func:`sanity_checks` turns the verdicts into pass / fail.
 
 Core module: torch and the project's core modules only.
@@ -28,53 +28,55 @@ from atop.evaluation.protocol import (
     Validator,
     defense_spec,
     format_eps,
+    per_image,
     run_one,
 )
+from atop.evaluation.stats import mcnemar
 from atop.params import Params, spec
 
 
 @dataclass(init=False, frozen=True)
 class SanityParams(Params):
-    """``evaluation.sanity``: the reference PGD entry, the ε sweep, the stronger attack."""
+    """``evaluation.sanity``: the reference PGD entry, the ε sweep, the stronger attack, the
+    images they run on and the test's level."""
 
     reference: str
     eps_sweep: list[float] = spec(ge=0, le=1, unit="on the [0, 1] pixel scale")
     stronger: dict[str, Any]
     images: int | None = spec(ge=1)
     large_eps_max_acc: float = spec(ge=0, le=1)
-    z: float = spec(ge=0)
-    min_images: int = spec(ge=0)
+    alpha: float = spec(gt=0, lt=1, unit="(level of the one-sided exact McNemar tests)")
 
 
-def paired_rise(before: Tensor, after: Tensor, z: float, min_images: int) -> dict[str, Any]:
-    """How many more images are correct in ``after`` than in ``before``, against sampling noise.
+def rise_test(before: Tensor, after: Tensor, alpha: float) -> dict[str, Any]:
+    """Does accuracy rise from ``before`` to ``after`` (bool ``[N, D]`` per-draw verdicts of
+    the same images) beyond chance?
 
-    Paired comparison on the same images (McNemar): ``c`` = images correct only in
-    ``after``, ``b`` = correct only in ``before``; the rise ``c - b`` is within noise when
-    ``c - b <= max(min_images, z * sqrt(b + c))`` (under "no real change" the discordant
-    images split like fair coin flips: ``c - b`` has standard deviation ``sqrt(b + c)``).
-
-    Args:
-        before, after: bool ``[N]`` per-image correctness on the same images.
-        z: how many standard deviations of noise are tolerated (2: a rise that large
-            happens by chance in about 2 % of comparisons).
-        min_images: the rise always tolerated (1 image: a single lucky draw).
+    The paired verdicts are the worst-of-N ones (an image counts only if every draw is
+    right); the test is the one-sided exact McNemar test (``scipy.stats.binomtest`` on the
+    discordant images) at level ``alpha``.
 
     Returns:
-        ``{"rise_images": int, "allowed_images": float, "within_noise": bool}``.
+        ``{"before", "after"}`` (single-draw accuracies), ``"only_after"``,
+        ``"only_before"`` (discordant images), ``"p_value"``, ``"significant_rise"``.
     """
-    c = int((after & ~before).sum())
-    b = int((before & ~after).sum())
-    allowed = max(float(min_images), z * math.sqrt(b + c))
+    a, b = per_image(after, "worst_of_n"), per_image(before, "worst_of_n")
+    test = mcnemar(a, b, alternative="greater")
     return {
-        "rise_images": c - b,
-        "allowed_images": round(allowed, 3),
-        "within_noise": c - b <= allowed,
+        "before": per_image(before, "single").mean().item(),
+        "after": per_image(after, "single").mean().item(),
+        "only_after": test.only_a,
+        "only_before": test.only_b,
+        "p_value": test.p_value,
+        "significant_rise": test.p_value < alpha,
     }
 
 
-def _acc(correct: Tensor) -> float:
-    return correct.float().mean().item()
+def _text(rise: Mapping[str, Any]) -> str:
+    return (
+        f"{rise['before']:.3f} -> {rise['after']:.3f} single-draw (worst-of-N discordant "
+        f"+{rise['only_after']}/-{rise['only_before']}, p = {rise['p_value']:.4g})"
+    )
 
 
 def sanity_checks(
@@ -88,69 +90,60 @@ def sanity_checks(
 ) -> dict[str, dict[str, Any]]:
     """Gradient-masking sanity checks for one defense (Carlini et al. 2019; method.md §4).
 
-    All comparisons are paired (same images) with the noise margin of :func:`paired_rise`
-    (``params.z``, ``params.min_images``). Checks (``status``: ``"pass"``, ``"fail"`` or
-    ``"not run"``):
+    Every comparison is paired (the same images) and tested with :func:`rise_test` (a
+    one-sided exact McNemar test at ``params.alpha``). Checks (``status``: ``"pass"``,
+    ``"fail"`` or ``"not run"``):
 
-    * ``eps_monotonic``: robust accuracy under the reference PGD-EOT never rises (beyond
-      noise) from one ε of the sweep to the next larger one (ε = 0 is clean accuracy).
-    * ``large_eps_near_zero``: at the largest ε of the sweep the robust accuracy is at most
-      ``params.large_eps_max_acc`` (an unbounded-ish attack must win; if not, gradients
-      are masked or the attack is too weak).
+    * ``eps_monotonic``: accuracy under the reference PGD-EOT does not rise significantly
+      from one ε of the sweep to the next larger one (ε = 0 is clean accuracy).
+    * ``large_eps_near_zero``: at the largest ε the single-draw accuracy is at most
+      ``params.large_eps_max_acc`` (a near-unbounded attack must win, or gradients are
+      masked).
     * ``stronger_attack``: the reference PGD with more steps and EOT samples
-      (``params.stronger``) does not raise robust accuracy beyond noise.
-    * ``iterative_beats_single_step``: PGD (reference) is not weaker than FGSM at the same ε.
-    * ``bpda_vs_exact``: for each BPDA entry, the exact-gradient PGD entry of the same norm
-      and ε is not weaker than BPDA beyond noise (a stronger BPDA means the exact gradients
-      through ``g`` are obfuscated); reports which one is stronger.
+      (``params.stronger``) does not raise accuracy significantly.
+    * ``iterative_beats_single_step``: PGD (reference) is not significantly weaker than FGSM.
+    * ``bpda_vs_exact``: for each BPDA entry, the exact-gradient PGD of the same norm and ε is
+      not significantly weaker (a stronger BPDA means obfuscated gradients through ``g``).
 
     Args:
-        clean: bool ``[N]`` clean correctness (first ``N`` images of the evaluation).
-        runs: attack label -> run on the full evaluation set (the first ``N`` are used).
-        entries: the attack entries.
-        sweep: ``(eps, correct [N])`` for the reference attack, sorted by ε (incl. 0).
-        stronger: correctness under the stronger reference attack, or ``None``.
-        reference: the reference (PGD) entry.
-        params: the ``sanity`` parameters.
+        clean: bool ``[N, D]`` clean verdicts of the sanity images (the first ``N``).
+        runs: attack label -> run on the evaluation images (their first ``N`` are used).
+        entries: the attack entries; sweep: ``(eps, bool [N, D])`` of the reference attack,
+            sorted by ε (0 included); stronger: the stronger attack's verdicts or ``None``.
+        reference: the reference (PGD) entry; params: the ``sanity`` parameters.
 
     Returns:
-        ``{check: {"status": ..., "detail": str, ...}}``.
+        ``{check: {"status", "detail", "n_images", ...}}``.
     """
-    z, min_images = params.z, params.min_images
-    n = len(clean)
+    alpha, n = params.alpha, len(clean)
     checks: dict[str, dict[str, Any]] = {}
 
-    rises = []
-    for (eps_a, a), (eps_b, b) in zip(sweep, sweep[1:], strict=False):
-        rise = paired_rise(a, b, z, min_images)
-        rises.append((format_eps(eps_a, reference.norm), format_eps(eps_b, reference.norm), rise))
     if len(sweep) >= 2:
-        bad = [r for r in rises if not r[2]["within_noise"]]
+        rises = [
+            (format_eps(ea, reference.norm), format_eps(eb, reference.norm), rise_test(a, b, alpha))
+            for (ea, a), (eb, b) in zip(sweep, sweep[1:], strict=False)
+        ]
         checks["eps_monotonic"] = {
-            "status": "fail" if bad else "pass",
-            "detail": "; ".join(
-                f"{lo}->{hi}: {r['rise_images']:+d} img (allowed +{r['allowed_images']:g})"
-                for lo, hi, r in rises
-            ),
+            "status": "fail" if any(r["significant_rise"] for *_, r in rises) else "pass",
+            "detail": "; ".join(f"{lo}->{hi}: {_text(r)}" for lo, hi, r in rises),
         }
         eps_max, at_max = sweep[-1]
-        limit = params.large_eps_max_acc
+        acc = per_image(at_max, "single").mean().item()
         checks["large_eps_near_zero"] = {
-            "status": "pass" if _acc(at_max) <= limit else "fail",
-            "detail": f"robust acc {_acc(at_max):.3f} at eps {format_eps(eps_max, reference.norm)} "
-            f"(limit {limit:g})",
+            "status": "pass" if acc <= params.large_eps_max_acc else "fail",
+            "detail": f"single-draw accuracy {acc:.3f} at eps "
+            f"{format_eps(eps_max, reference.norm)} (limit {params.large_eps_max_acc:g})",
         }
     else:
         checks["eps_monotonic"] = {"status": "not run", "detail": "eps_sweep has < 2 points"}
         checks["large_eps_near_zero"] = {"status": "not run", "detail": "no eps sweep"}
 
-    ref = runs[reference.label].correct[:n]
+    ref = runs[reference.label].draws[:n]
     if stronger is not None:
-        rise = paired_rise(ref, stronger, z, min_images)
+        rise = rise_test(ref, stronger, alpha)
         checks["stronger_attack"] = {
-            "status": "pass" if rise["within_noise"] else "fail",
-            "detail": f"{reference.label} {_acc(ref):.3f} -> stronger {_acc(stronger):.3f} "
-            f"({rise['rise_images']:+d} img, allowed +{rise['allowed_images']:g})",
+            "status": "fail" if rise["significant_rise"] else "pass",
+            "detail": f"{reference.label} -> stronger: {_text(rise)}",
         }
     else:
         checks["stronger_attack"] = {"status": "not run", "detail": "no stronger attack set"}
@@ -160,12 +153,10 @@ def sanity_checks(
         None,
     )
     if fgsm is not None and reference.norm == "Linf":
-        single = runs[fgsm.label].correct[:n]
-        rise = paired_rise(single, ref, z, min_images)
+        rise = rise_test(runs[fgsm.label].draws[:n], ref, alpha)
         checks["iterative_beats_single_step"] = {
-            "status": "pass" if rise["within_noise"] else "fail",
-            "detail": f"{fgsm.label} {_acc(single):.3f} vs {reference.label} {_acc(ref):.3f} "
-            f"({rise['rise_images']:+d} img, allowed +{rise['allowed_images']:g})",
+            "status": "fail" if rise["significant_rise"] else "pass",
+            "detail": f"{fgsm.label} -> {reference.label}: {_text(rise)}",
         }
     else:
         checks["iterative_beats_single_step"] = {
@@ -186,27 +177,25 @@ def sanity_checks(
         if exact is not None:
             pairs.append((bpda, exact))
     if pairs:
-        details, statuses, stronger_names = [], [], []
+        details, failed, winners = [], [], []
         for bpda, exact in pairs:
-            b_acc = runs[bpda.label].correct[:n]
-            e_acc = runs[exact.label].correct[:n]
-            rise = paired_rise(b_acc, e_acc, z, min_images)
-            statuses.append(rise["within_noise"])
-            if _acc(e_acc) < _acc(b_acc):
-                winner = "exact"
-            elif _acc(e_acc) > _acc(b_acc):
-                winner = "bpda"
-            else:
-                winner = "tie"
-            stronger_names.append(winner)
+            rise = rise_test(runs[bpda.label].draws[:n], runs[exact.label].draws[:n], alpha)
+            failed.append(rise["significant_rise"])
+            winner = (
+                "exact"
+                if rise["after"] < rise["before"]
+                else "bpda"
+                if rise["after"] > rise["before"]
+                else "tie"
+            )
+            winners.append(winner)
             details.append(
-                f"exact {exact.label} {_acc(e_acc):.3f} vs BPDA {bpda.label} {_acc(b_acc):.3f}: "
-                f"stronger = {winner}"
+                f"BPDA {bpda.label} -> exact {exact.label}: {_text(rise)}; stronger = {winner}"
             )
         checks["bpda_vs_exact"] = {
-            "status": "pass" if all(statuses) else "fail",
+            "status": "fail" if any(failed) else "pass",
             "detail": "; ".join(details),
-            "stronger": stronger_names[0] if len(set(stronger_names)) == 1 else "mixed",
+            "stronger": winners[0] if len(set(winners)) == 1 else "mixed",
         }
     else:
         checks["bpda_vs_exact"] = {
@@ -247,12 +236,12 @@ def sanity_runs(
         if eps == 0:
             sweep.append((0.0, clean[:n]))
         elif math.isclose(eps, reference.eps):
-            sweep.append((eps, ref_run.correct[:n]))
+            sweep.append((eps, ref_run.draws[:n]))
         else:
             spec = sweep_spec(base, eps)
             label = f"{reference.label}_eps_{format_eps(eps, reference.norm)}".replace("/", "_")
             run = run_one(defense, label, spec, reference.norm, eps, data, settings, validate)
-            sweep.append((eps, run.correct))
+            sweep.append((eps, run.draws))
     stronger = None
     overrides = dict(sanity.stronger)
     if overrides:
@@ -269,5 +258,5 @@ def sanity_runs(
             settings,
             validate,
         )
-        stronger = run.correct
+        stronger = run.draws
     return sweep, stronger

@@ -14,9 +14,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from atop.attacks import build_attack
-from atop.defense import PurifiedClassifier, purify_draw
+from atop.defense import (
+    PurifiedClassifier,
+    from_working,
+    purify_draw,
+    to_working,
+    working_side,
+)
 from atop.evaluation.defenses import DEFENSES, Defense
 from atop.evaluation.protocol import (
     AttackEntry,
@@ -27,7 +34,9 @@ from atop.evaluation.protocol import (
     attack_defense,
     defense_results,
     defense_spec,
+    judge,
     parse_attacks,
+    run_one,
 )
 from atop.evaluation.sanity import SanityParams, sanity_checks, sanity_runs
 from atop.params import Params, run_only, spec
@@ -53,7 +62,9 @@ class EvalParams(Params):
     images: int | None = spec(ge=1, unit="(the first images of eval_indices; null = all)")
     defenses: list[str] = spec(choices=DEFENSES)
     batch_size: int = spec(ge=1)
-    draws: int = spec(ge=1)
+    draws: int = spec(ge=1, unit="(fresh draws judging each image: N of the N-evaluation)")
+    attack_amp: bool
+    fixed_randomness: bool
     tolerance: float = spec(ge=0, le=0.01)
     seed: int = spec(ge=0)
     device: str = run_only()
@@ -84,7 +95,7 @@ class EvalParams(Params):
     @property
     def settings(self) -> EvalSettings:
         """Batch size, draws, seed and progress as :class:`EvalSettings`."""
-        return EvalSettings(self.batch_size, self.draws, self.seed, self.progress)
+        return EvalSettings(self.batch_size, self.draws, self.seed, self.progress, self.attack_amp)
 
 
 def check_plan(defense: Defense, params: EvalParams, n_classes: int) -> None:
@@ -127,13 +138,16 @@ def evaluate_defense(
     sanity_data = data.head(min(params.sanity.images or len(data.labels), len(data.labels)))
 
     runs = attack_defense(defense, entries, data, settings, validate)
-    clean = runs.pop("clean").correct
+    clean = runs.pop("clean").draws
     sweep, stronger = sanity_runs(
         defense, reference, runs, clean, sweep_eps, sanity_data, params.sanity, settings, validate
     )
     n = len(sanity_data.labels)
     checks = sanity_checks(clean[:n], runs, entries, sweep, stronger, reference, params.sanity)
-    result = defense_results(defense, clean, runs, entries, sweep, checks)
+    result = defense_results(defense, clean, runs, sweep, checks)
+    result["fixed_randomness"] = None
+    if params.fixed_randomness and defense.stochastic:
+        result["fixed_randomness"] = fixed_randomness_run(defense, reference, data, settings)
     grid = params.grid
     result["grid"] = None
     if defense.name == grid.defense and grid.attack in runs:
@@ -142,6 +156,39 @@ def evaluate_defense(
             "attack": grid.attack,
         }
     return result
+
+
+class FixedRandomness(nn.Module):
+    """A purified defense with ONE draw of its randomness per call (seeded afresh at every
+    call): a deterministic model, for the diagnostic that attacks and judges with the same
+    noise and masks. The gap to the fresh-draw accuracy is how much of the defense's
+    robustness comes from its randomness (method.md §5.2). The draw depends on the call's
+    batch, so the attack and the judging must call it on the same batches (both use the
+    settings' batch size, and PGD calls it on whole batches)."""
+
+    def __init__(self, defense: PurifiedClassifier, seed: int) -> None:
+        super().__init__()
+        self.defense = defense
+        self.seed = seed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.defense.generator = torch.Generator(device=x.device).manual_seed(self.seed)
+        try:
+            return self.defense(x)
+        finally:
+            self.defense.generator = None
+
+
+def fixed_randomness_run(
+    defense: Defense, reference: AttackEntry, data: EvalData, settings: EvalSettings
+) -> dict[str, Any]:
+    """The reference attack (EOT 1) on :class:`FixedRandomness` of ``defense``, judged with
+    the same fixed draw: ``{"attack", "clean", "draws"}`` (bool ``[N, 1]`` verdicts)."""
+    fixed = Defense(f"{defense.name}_fixed", FixedRandomness(defense.model, settings.seed), False)
+    spec_ = {**reference.spec, "eot_iter": 1}
+    run = run_one(fixed, reference.label, spec_, reference.norm, reference.eps, data, settings)
+    clean = judge(fixed, data.images, data.labels, settings)
+    return {"attack": reference.label, "clean": clean, "draws": run.draws}
 
 
 @torch.no_grad()
@@ -170,9 +217,11 @@ def grid_images(defense: Defense, data: EvalData, run: AttackRun, n: int) -> dic
     }
     model = defense.model
     if isinstance(model, PurifiedClassifier):
-        draw = model.transform(adversarial)
+        side = adversarial.shape[-1]
+        draw = model.transform(to_working(adversarial, working_side(model.purifier, side)))
         _, purified = purify_draw(model.purifier, draw, model.transform.config)
-        out["transformed"] = (draw.image * (1 - draw.masks[0])).cpu()
+        purified = from_working(purified, side)
+        out["transformed"] = from_working(draw.image * (1 - draw.masks[0]), side).cpu()
         out["purified"] = purified.cpu()
         out["prediction"] = model.classifier(purified).argmax(1).tolist()
     else:

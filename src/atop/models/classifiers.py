@@ -40,7 +40,7 @@ import torch
 import torchvision
 from torch import Tensor, nn
 
-from atop.checkpoint import CheckpointError
+from atop.checkpoint import CheckpointError, check_values
 
 #: Per-channel statistics of the training splits, (mean, std) on the [0, 1] scale.
 DATASET_STATS: dict[str, tuple[tuple[float, float, float], tuple[float, float, float]]] = {
@@ -482,6 +482,7 @@ def load_classifier(
             f"Checkpoint holds a '{arch}' classifier but '{expected_arch}' was expected: "
             "point the catalog at the right file or change the `arch` parameter."
         )
+    check_values(ckpt["state_dict"], ckpt["config"], "classifier", {"num_classes": 100_000})
     try:
         model = build_classifier(arch, **ckpt["config"])
     except (TypeError, ValueError) as exc:

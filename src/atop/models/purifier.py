@@ -1,35 +1,33 @@
-"""The GAN purifier ``g`` of AToP: a DeepFillv2-style inpainting generator + SN-PatchGAN.
+"""The GAN purifier ``g`` of AToP, its discriminator, losses, config and checkpoints.
 
 AToP (Lin et al., ICLR 2024, Sec. 3 and 4) purifies ``t(x)`` with a GAN inpainting generator
-(DeepFillv2: Yu et al., "Free-Form Image Inpainting with Gated Convolution", ICCV 2019):
+(DeepFillv2: Yu et al., "Free-Form Image Inpainting with Gated Convolution", ICCV 2019).
+Two generators share the interface ``forward(x01, mask, keep_known) -> InpaintResult``:
 
-* **Generator** (:class:`InpaintingGenerator`): gated convolutions (``ELU(feature) *
-  sigmoid(gate)``); a *coarse* encoder-decoder with dilated convolutions; a *refinement* stage
-  with two branches -- dilated convolutions and *contextual attention* (background patches
-  matched to every position by cosine similarity, softmax-weighted, pasted back) -- merged by
-  a decoder; ``tanh`` outputs. Input: the masked image in ``[-1, 1]``, a ones channel and the
-  mask channel. The holes are filled with the refined output, known pixels are kept exactly.
+* ``"unet"`` (default, :class:`atop.models.gated_unet.GatedUNetGenerator`): DeepFillv2's
+  ingredients (gated convolutions, coarse-to-fine, optional contextual attention) on U-Nets
+  with skip connections at every resolution and a residual output;
+* ``"deepfillv2"`` (:class:`InpaintingGenerator`): gated convolutions; a *coarse*
+  encoder-decoder with dilated convolutions; a *refinement* stage with two branches --
+  dilated convolutions and *contextual attention* -- merged by a decoder; ``tanh`` outputs.
+  Input: the masked image in ``[-1, 1]``, a ones channel and the mask channel.
+
 * **Discriminator** (:class:`PatchDiscriminator`): SN-PatchGAN, spectral-norm 5x5 stride-2
-  convolutions with LeakyReLU(0.2); input image + mask channel; output a map of patch logits.
+  convolutions with LeakyReLU(0.2); input image + mask channel; a map of patch logits.
 * **Pre-training loss** (paper Eq. 8, hinge form as in DeepFillv2): :func:`generator_loss`
   (L1 on the coarse and refined outputs + adversarial term, NOT detached) and
   :func:`discriminator_loss`.
 
-**Value ranges.** Every public function and ``forward`` of this module take and return images
-in ``[0, 1]``; the conversion to and from the networks' internal ``[-1, 1]`` happens only in
-:func:`_to_pm1` / :func:`_to_01` here, nowhere else in the project. Masks are float
-``[B, 1, H, W]`` in ``{0, 1}`` with **1 = hole** (see :mod:`atop.transforms`).
+**Value ranges.** Every public function and ``forward`` take and return images in
+``[0, 1]``; the conversion to and from the networks' ``[-1, 1]`` happens only in
+:func:`_to_pm1` / :func:`_to_01` here. Masks are float ``[B, 1, H, W]`` in ``{0, 1}`` with
+**1 = hole** (see :mod:`atop.transforms`).
 
-**Variants** (config key ``variant``):
-
-* ``"native"`` (default): works at the image resolution (32x32 for CIFAR). Two stride-2 stages
-  (32 -> 8), dilations of the DeepFillv2 sequence (2, 4, 8, 16) smaller than the feature side
-  (2, 4 at 8x8), contextual attention at the feature resolution, a 3-layer discriminator
-  (32 -> 4x4 patches).
-* ``"upsample"``: the authors' setting -- images and masks are resized to ``upsample_size``
-  (256) in the generator and the discriminator (bilinear for images, nearest for masks),
-  the outputs resized back (bilinear, antialiased). Dilations 2, 4, 8, 16, attention
-  matching at rate 2, a 6-layer discriminator as in DeepFillv2. About 64x the compute.
+**Working resolution** (config key ``variant``): the networks run at a working side ``S``
+(``"native"``: the image side; ``"upsample"``: ``upsample_size``, the authors' 256) and take
+inputs of that side; the defense and the training step convert the images to it, draw the
+random transform there and convert back (:func:`atop.defense.to_working`), so the noise and
+the mask blocks live at the working resolution as in the authors' code.
 """
 
 from __future__ import annotations
@@ -43,16 +41,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from atop.checkpoint import CheckpointError
+from atop.checkpoint import CheckpointError, check_values
 
-ARCH = "deepfillv2"
+ARCH = "gan-purifier"
+#: Checkpoint ``arch`` values that :func:`load_purifier` accepts (older files: "deepfillv2").
+ARCHES = (ARCH, "deepfillv2")
+GENERATORS = ("unet", "deepfillv2")
 VARIANTS = ("native", "upsample")
 DEFAULT_CONFIG: dict[str, Any] = {
+    "generator": "deepfillv2",
     "variant": "native",
     "image_size": 32,
     "cnum": 32,
     "disc_cnum": 64,
     "upsample_size": 256,
+    "attention": True,
 }
 _DILATIONS = (2, 4, 8, 16)  # DeepFillv2's sequence, capped by the feature-map side
 
@@ -225,7 +228,7 @@ class InpaintingGenerator(nn.Module):
     """DeepFillv2-style two-stage gated-conv inpainting generator (the purifier ``g``).
 
     Build it with :func:`build_purifier`, which sizes the dilations and attention for the
-    variant; images and masks must then have side ``image_size``.
+    working side; images and masks must then have side ``image_size``.
 
     Args:
         cnum: base width as DeepFillv2 counts it (a multiple of 4; the authors' model: 48):
@@ -234,9 +237,7 @@ class InpaintingGenerator(nn.Module):
             channels (``cnum / 4`` before the output layer).
         dilations: dilation rates of the dilated blocks (each smaller than the feature side).
         attention_rate: matching-grid downsampling of the contextual attention (1 or 2).
-        image_size: side of the images it takes (pixels).
-        work_size: side at which the networks run; ``None`` = ``image_size`` (native). Else
-            inputs are resized to it (bilinear; nearest for masks) and outputs resized back.
+        image_size: side of the images it takes (pixels): the working side.
     """
 
     def __init__(
@@ -245,17 +246,15 @@ class InpaintingGenerator(nn.Module):
         dilations: tuple[int, ...] = (2, 4),
         attention_rate: int = 1,
         image_size: int = 32,
-        work_size: int | None = None,
     ) -> None:
         super().__init__()
         if cnum < 4 or cnum % 4:
             raise ValueError(f"cnum must be a multiple of 4, got {cnum}.")
         width = cnum // 2  # DeepFillv2's cnum counts features + gates: half are features
         self.image_size = image_size
-        self.work_size = work_size or image_size
-        if self.work_size % (4 * attention_rate):
+        if image_size % (4 * attention_rate):
             raise ValueError(
-                f"The working side {self.work_size} must be divisible by "
+                f"The working side {image_size} must be divisible by "
                 f"{4 * attention_rate} (two stride-2 stages x attention rate {attention_rate})."
             )
         self.coarse = nn.Sequential(
@@ -313,17 +312,7 @@ class InpaintingGenerator(nn.Module):
                 f"This purifier was built for {self.image_size}x{self.image_size} images, got "
                 f"{size[0]}x{size[1]}. Build one with image_size={size[0]}."
             )
-        x_pm1, work_mask = _to_pm1(x01), mask
-        resize = self.work_size != self.image_size
-        if resize:
-            x_pm1 = F.interpolate(x_pm1, size=self.work_size, mode="bilinear", align_corners=False)
-            work_mask = F.interpolate(mask, size=self.work_size, mode="nearest")
-        coarse, refined = self._inpaint(x_pm1, work_mask)
-        if resize:
-            coarse, refined = (
-                F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
-                for t in (coarse, refined)
-            )
+        coarse, refined = self._inpaint(_to_pm1(x01), mask)
         coarse, refined = _to_01(coarse), _to_01(refined)
         purified = x01 * (1.0 - mask) + refined * mask if keep_known else refined
         return InpaintResult(coarse, refined, purified)
@@ -354,21 +343,17 @@ class PatchDiscriminator(nn.Module):
     Args:
         cnum: channels of the first layer (DeepFillv2: 64).
         n_layers: number of stride-2 layers (3 at 32 px, 6 at 256 px: 4x4 output patches).
-        image_size: side of the images it takes.
-        work_size: side it runs at (``None`` = ``image_size``); inputs are resized to it.
+        image_size: side of the images it takes (the working side).
 
-    Shapes: ``x01`` ``[B, 3, H, W]`` in [0, 1], ``mask`` ``[B, 1, H, W]`` ->
-    logits ``[B, C, work / 2**n_layers, work / 2**n_layers]`` (any real value).
+    Shapes: ``x01`` ``[B, 3, S, S]`` in [0, 1], ``mask`` ``[B, 1, S, S]`` ->
+    logits ``[B, C, S / 2**n_layers, S / 2**n_layers]`` (any real value).
     """
 
-    def __init__(
-        self, cnum: int = 64, n_layers: int = 3, image_size: int = 32, work_size: int | None = None
-    ) -> None:
+    def __init__(self, cnum: int = 64, n_layers: int = 3, image_size: int = 32) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"n_layers must be >= 1, got {n_layers}.")
         self.image_size = image_size
-        self.work_size = work_size or image_size
         channels = [4] + [cnum * min(2**i, 4) for i in range(n_layers)]
         layers: list[nn.Module] = []
         for i in range(n_layers):
@@ -384,11 +369,7 @@ class PatchDiscriminator(nn.Module):
             ValueError: wrong shapes.
         """
         _check_image_and_mask(x01, mask)
-        x_pm1 = _to_pm1(x01)
-        if self.work_size != x01.shape[-1] or self.work_size != x01.shape[-2]:
-            x_pm1 = F.interpolate(x_pm1, size=self.work_size, mode="bilinear", align_corners=False)
-            mask = F.interpolate(mask, size=self.work_size, mode="nearest")
-        return self.layers(torch.cat([x_pm1, mask], dim=1))
+        return self.layers(torch.cat([_to_pm1(x01), mask], dim=1))
 
 
 # --------------------------------------------------------------------------- losses (Eq. 8)
@@ -478,9 +459,12 @@ def generator_loss(
 def purifier_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Validate a purifier config and fill in defaults.
 
-    Keys (defaults in ``DEFAULT_CONFIG``): ``variant`` ("native" | "upsample"), ``image_size``
-    (input side, px), ``cnum`` (generator width, a multiple of 4), ``disc_cnum`` (discriminator width),
-    ``upsample_size`` (working side of the "upsample" variant, px; the authors' 256).
+    Keys (defaults in ``DEFAULT_CONFIG``): ``generator`` ("unet" | "deepfillv2"), ``variant``
+    ("native" | "upsample": the working side), ``image_size`` (the data's side, px), ``cnum``
+    (generator width as DeepFillv2 counts it, features + gates, a multiple of 4),
+    ``disc_cnum`` (discriminator width), ``upsample_size`` (working side of the "upsample"
+    variant, px; the authors' 256), ``attention`` (contextual attention in the unet's
+    refinement stage; DeepFillv2 always has it).
 
     Returns:
         A new dict with every key.
@@ -497,6 +481,14 @@ def purifier_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     full = {**DEFAULT_CONFIG, **config}
     if full["variant"] not in VARIANTS:
         raise ValueError(f"Unknown purifier variant {full['variant']!r}: use one of {VARIANTS}.")
+    if full["generator"] not in GENERATORS:
+        raise ValueError(
+            f"Unknown purifier generator {full['generator']!r}: use one of {GENERATORS}."
+        )
+    if not isinstance(full["attention"], bool):
+        raise ValueError(
+            f"Purifier config 'attention' must be true or false, got {full['attention']!r}."
+        )
     for key in ("image_size", "cnum", "disc_cnum", "upsample_size"):
         value = full[key]
         if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -514,38 +506,44 @@ def purifier_config(config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     return full
 
 
-def build_purifier(
-    config: Mapping[str, Any] | None = None,
-) -> tuple[InpaintingGenerator, PatchDiscriminator]:
+def working_side(config: Mapping[str, Any]) -> int:
+    """The side ``S`` the networks of a (full) purifier config run at, in px."""
+    return config["image_size"] if config["variant"] == "native" else config["upsample_size"]
+
+
+def build_purifier(config: Mapping[str, Any] | None = None) -> tuple[nn.Module, PatchDiscriminator]:
     """Build the purifier ``g`` and its discriminator from a config (see :func:`purifier_config`).
 
-    Architecture sizing from the working side ``S`` (``image_size`` for "native",
-    ``upsample_size`` for "upsample"): generator features at ``S / 4``; dilations = those of
-    (2, 4, 8, 16) smaller than ``S / 4``; attention matching at rate 2 when ``S / 4 >= 32``
-    else 1; discriminator with ``clamp(floor(log2 S) - 2, 1, 6)`` stride-2 layers.
+    Both run at the working side ``S`` (:func:`working_side`). ``"unet"``: width
+    ``cnum / 2``. ``"deepfillv2"``: features at ``S / 4``; dilations = those of (2, 4, 8, 16)
+    smaller than ``S / 4``; attention matching at rate 2 when ``S / 4 >= 32`` else 1.
+    Discriminator: ``clamp(floor(log2 S) - 2, 1, 6)`` stride-2 layers.
 
     Returns:
         ``(generator, discriminator)`` freshly initialised, in train mode, on CPU; the
-        generator has a ``config`` attribute (the full config dict).
+        generator has a ``config`` attribute (the full config dict) and ``image_size = S``.
 
     Raises:
         ValueError: invalid config.
     """
+    from atop.models.gated_unet import GatedUNetGenerator
+
     cfg = purifier_config(config)
-    work = cfg["image_size"] if cfg["variant"] == "native" else cfg["upsample_size"]
+    work = working_side(cfg)
     side = work // 4
-    generator = InpaintingGenerator(
-        cnum=cfg["cnum"],
-        dilations=tuple(d for d in _DILATIONS if d < side),
-        attention_rate=2 if side >= 32 else 1,
-        image_size=cfg["image_size"],
-        work_size=work,
-    )
+    if cfg["generator"] == "unet":
+        generator: nn.Module = GatedUNetGenerator(
+            width=cfg["cnum"] // 2, attention=cfg["attention"], image_size=work
+        )
+    else:
+        generator = InpaintingGenerator(
+            cnum=cfg["cnum"],
+            dilations=tuple(d for d in _DILATIONS if d < side),
+            attention_rate=2 if side >= 32 else 1,
+            image_size=work,
+        )
     discriminator = PatchDiscriminator(
-        cnum=cfg["disc_cnum"],
-        n_layers=max(1, min(6, int(math.log2(work)) - 2)),
-        image_size=cfg["image_size"],
-        work_size=work,
+        cnum=cfg["disc_cnum"], n_layers=max(1, min(6, int(math.log2(work)) - 2)), image_size=work
     )
     generator.config = cfg
     return generator, discriminator
@@ -556,14 +554,14 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def purifier_checkpoint(
-    generator: InpaintingGenerator,
+    generator: nn.Module,
     discriminator: PatchDiscriminator | None,
     config: Mapping[str, Any] | None = None,
     meta: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Package the purifier as the project's checkpoint dict (docs/architecture.md).
 
-    Layout: ``{"arch": "deepfillv2", "config": {...}, "state_dict": {"generator": {...},
+    Layout: ``{"arch": "gan-purifier", "config": {...}, "state_dict": {"generator": {...},
     "discriminator": {...}}, "meta": {...}}`` -- tensors (CPU copies) and primitives only,
     loadable with ``torch.load(weights_only=True)``; ``"discriminator"`` is left out when
     ``discriminator`` is None.
@@ -590,7 +588,7 @@ def purifier_checkpoint(
 
 def load_purifier(
     checkpoint: Mapping[str, Any], device: torch.device | str = "cpu"
-) -> tuple[InpaintingGenerator, PatchDiscriminator | None]:
+) -> tuple[nn.Module, PatchDiscriminator | None]:
     """Rebuild ``(generator, discriminator)`` from a :func:`purifier_checkpoint` dict.
 
     Args:
@@ -611,7 +609,7 @@ def load_purifier(
             f"Not a purifier checkpoint: keys {missing} are missing. Create it with "
             f"atop.models.purifier.purifier_checkpoint."
         )
-    if checkpoint["arch"] != ARCH:
+    if checkpoint["arch"] not in ARCHES:
         raise CheckpointError(
             f"Checkpoint holds a {checkpoint['arch']!r} model, not a purifier ({ARCH!r}): point "
             f"the catalog at the purifier checkpoint."
@@ -619,6 +617,7 @@ def load_purifier(
     states = checkpoint["state_dict"]
     if not isinstance(states, Mapping) or "generator" not in states:
         raise CheckpointError("Purifier checkpoint has no 'generator' weights in 'state_dict'.")
+    check_values(dict(states), dict(checkpoint["config"]), "purifier")
     try:
         generator, discriminator = build_purifier(checkpoint["config"])
     except ValueError as exc:

@@ -1,23 +1,25 @@
-"""AToP: adversarial fine-tuning of the purifier (paper Eq. 9, Algorithm 1).
+"""AToP: adversarial fine-tuning of the purifier (paper Eq. 9, Algorithm 1), and the
+compute-matched arms that isolate its adversarial term.
 
 For every batch (x, y) of the training split:
 
-1. craft adversarial examples ``x' = x + delta`` with the configured torchattacks attack
-   against the whole defended model ``f(g(t(.)))`` (Eq. 9's inner max; the default) or
-   against the classifier ``f`` alone (what the authors' code did; kept for comparison);
+1. craft adversarial examples ``x' = x + delta`` with the arm's torchattacks attack against
+   the whole defended model ``f(g(t(.)))`` (Eq. 9's inner max; the default) or against the
+   classifier ``f`` alone (what the authors' code did; kept as an option); an arm without
+   an attack uses ``x' = x``;
 2. update only the purifier ``g`` (and its discriminator ``D``) with
 
        L(theta_g) = L_org(x') + lambda * CE(y, f(g(t(x'))))
 
    where ``L_org`` is the pretraining loss (:class:`atop.trainers.purifier.PurifierStep`)
-   and the CE term is computed on the purified adversarial examples. The classifier ``f`` is
-   frozen (eval mode, no gradients to its weights). Adam, lr 1e-4, betas (0.5, 0.999);
-   lambda = 0.1.
+   and the CE term is computed on the purified examples. The classifier ``f`` is frozen.
 
-The random transform is the one the purifier was pretrained with (its checkpoint's
-``meta.transform``: one home). A validation split held out from the *training* images
-(never the evaluation subset) tracks the defended model's clean and adversarial accuracy
-per epoch.
+Every **arm** (``atop_finetuning.arms``) starts from the same pretrained purifier with the
+same optimizer, loss settings, images and budget and differs only in ``lambda_cls`` and
+``attack``: ``ap_continued`` (lambda 0, no attack: just more pretraining), ``ap_classifier_aware``
+(lambda > 0 on clean images: the denoised-smoothing term without an adversary), ``atop``
+(Eq. 9 with FGSM against ``f(g(t(.)))``), ``atop_pgd`` (PGD-k). Validation runs on held-out
+test images outside the evaluation subset (``monitor_indices``), judged single-draw.
 
 Core module: torch, torchattacks and the project's core modules only.
 """
@@ -33,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from atop.attacks import build_attack, check_spec, robust_correct, run_attack
-from atop.data import random_split, take, to_unit
+from atop.attacks import build_attack, check_spec, draw_correct, run_attack
+from atop.checkpoint import state_hash
+from atop.data import random_subset, take, to_unit
 from atop.defense import PurifiedClassifier
 from atop.models import load_classifier
 from atop.models.purifier import load_purifier, purifier_checkpoint
-from atop.params import spec
+from atop.params import Params, spec
 from atop.trainers.purifier import GANParams, PurifierStep
 from atop.training import (
     Batches,
@@ -57,27 +60,43 @@ RECONSTRUCTION_TARGETS = ("clean", "adversarial")
 
 
 @dataclass(init=False, frozen=True)
+class ArmParams(Params):
+    """One arm: the weight of the classification term and the adversary (null: none)."""
+
+    lambda_cls: float = spec(ge=0, unit="(weight of CE(y, f(g(t(x')))))")
+    attack: dict[str, Any] | None
+
+    def check(self) -> None:
+        if self.attack is not None:
+            try:
+                check_spec(self.attack)
+            except ValueError as exc:
+                self.fail("attack", str(exc))
+
+
+@dataclass(init=False, frozen=True)
 class AToPParams(GANParams):
-    """``atop_finetuning`` (conf/base/parameters_atop_finetuning.yml)."""
+    """``atop_finetuning`` (conf/base/parameters_atop_finetuning.yml): the settings every arm
+    shares, and the arms (``arms.<name>``: ``lambda_cls``, ``attack``)."""
 
     KEY = "atop_finetuning"
 
-    val_images: int = spec(ge=1, unit="(training images held out for validation)")
-    lambda_cls: float = spec(ge=0, unit="(weight of CE(y, f(g(t(x')))))")
+    val_images: int = spec(ge=1, weights=False, unit="(monitor images for validation)")
     cls_start_epoch: int = spec(ge=1)
     reconstruction_target: str = spec(choices=RECONSTRUCTION_TARGETS)
-    attack: dict[str, Any]
     attack_target: str = spec(choices=ATTACK_TARGETS)
     val_attack: dict[str, Any] = spec(weights=False)
     val_draws: int = spec(ge=1, weights=False)
+    arms: dict[str, ArmParams]
 
     def check(self) -> None:
         super().check()
-        for key in ("attack", "val_attack"):
-            try:
-                check_spec(getattr(self, key))
-            except ValueError as exc:
-                self.fail(key, str(exc))
+        try:
+            check_spec(self.val_attack)
+        except ValueError as exc:
+            self.fail("val_attack", str(exc))
+        if not self.arms:
+            self.fail("arms", "list at least one arm.")
 
 
 class EpochCounter(nn.Module):
@@ -91,7 +110,7 @@ class EpochCounter(nn.Module):
 def atop_train_step(
     classifier: nn.Module,
     step: PurifierStep,
-    attack: Callable[[Tensor, Tensor], Tensor],
+    attack: Callable[[Tensor, Tensor], Tensor] | None,
     *,
     lambda_cls: float | Callable[[], float] = 0.1,
     reconstruction_target: str = "clean",
@@ -101,7 +120,8 @@ def atop_train_step(
     Args:
         classifier: the frozen ``f`` (eval mode, ``requires_grad`` off).
         step: the purifier's GAN update (:class:`atop.trainers.purifier.PurifierStep`).
-        attack: ``(x, y) -> x'`` (a torchattacks attack on ``f(g(t(.)))`` or on ``f``).
+        attack: ``(x, y) -> x'`` (a torchattacks attack on ``f(g(t(.)))`` or on ``f``);
+            ``None``: ``x' = x`` (the arms without an adversary).
         lambda_cls: weight of ``CE(y, f(g(t(x'))))``, or a callable giving the current one
             (0 before ``cls_start_epoch``).
         reconstruction_target: ``"clean"`` (``L_org`` restores ``x``) or ``"adversarial"``
@@ -118,7 +138,8 @@ def atop_train_step(
     clean_target = reconstruction_target == "clean"
 
     def train_step(x: Tensor, y: Tensor) -> dict[str, Tensor]:
-        x_adv = attack(x, y).detach()  # torchattacks restores the modules' modes afterwards
+        # torchattacks restores the modules' modes afterwards
+        x_adv = x if attack is None else attack(x, y).detach()
         weight = weight_of()
 
         def cls_term(purified: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
@@ -134,29 +155,37 @@ def finetune_purifier(
     classifier_ckpt: dict[str, Any],
     purifier_ckpt: dict[str, Any],
     train_set: dict[str, Tensor],
+    test_set: dict[str, Tensor],
+    monitor_indices: list[int],
     class_names: list[str],
     params: AToPParams,
+    arm: str,
 ) -> tuple[dict[str, Any], list[dict[str, float]], dict[str, Any]]:
-    """Fine-tune the pretrained purifier with AToP (Eq. 9) against the frozen classifier.
+    """Fine-tune the pretrained purifier as arm ``arm`` against the frozen classifier.
 
     Args:
         classifier_ckpt: the pretrained classifier ``f``.
         purifier_ckpt: the pretrained purifier ``g`` + ``D``; its ``meta.transform`` is ``t``.
-        train_set: ``{"images": uint8 [N,3,H,W], "labels": int64 [N]}``; ``val_images`` of
-            them are held out (seeded), ``train_images`` of the rest trained on.
+        train_set: ``{"images": uint8 [N,3,H,W], "labels": int64 [N]}``; a fixed random
+            subset of ``train_images`` (drawn with ``seed``, the same for every arm).
+        test_set: same layout; ``val_images`` of ``monitor_indices`` give the per-epoch
+            validation (clean and ``val_attack`` accuracy, single-draw over ``val_draws``).
+        monitor_indices: held-out test images outside the evaluation subset.
         class_names: the classes (their number is the attacks' ``n_classes``).
-        params: ``atop_finetuning``.
+        params: ``atop_finetuning``; ``arm``: a key of ``params.arms``.
 
     Returns:
-        ``(atop_purifier checkpoint, history rows, metrics)``. The checkpoint has the
-        pretrained purifier's layout and transform, so the evaluation loads both alike.
+        ``(checkpoint, history rows, metrics)``. The checkpoint has the pretrained
+        purifier's layout and transform (``meta.atop`` adds the arm's settings).
 
     Raises:
-        ValueError: a purifier checkpoint without discriminator or transform, or too few
-            training images for ``val_images`` + ``train_images``.
+        ValueError: an unknown arm, a purifier checkpoint without discriminator or transform.
         atop.training.NonFiniteLossError: a loss term became NaN/inf (the last good resume
             checkpoint is kept).
     """
+    if arm not in params.arms:
+        raise ValueError(f"Unknown arm {arm!r}: atop_finetuning.arms has {sorted(params.arms)}.")
+    settings = params.arms[arm]
     transform_config = purifier_ckpt.get("meta", {}).get("transform")
     if transform_config is None:
         raise ValueError(
@@ -174,12 +203,11 @@ def finetune_purifier(
     defense = PurifiedClassifier(classifier, generator, transform).to(device)
     attack_model = defense if params.attack_target == "defense" else classifier
     n_classes = len(class_names)
-    attack = build_attack(attack_model, params.attack, n_classes)
-
-    n = len(train_set["labels"])
-    n_train = n - params.val_images if params.train_images is None else params.train_images
-    val_index, train_index = random_split(n, [params.val_images, n_train], params.seed)
-    train, val = take(train_set, train_index), take(train_set, val_index)
+    attack = (
+        None if settings.attack is None else build_attack(attack_model, settings.attack, n_classes)
+    )
+    keep = random_subset(len(train_set["labels"]), params.train_images, params.seed)
+    train = take(train_set, keep)
     batches = Batches(
         train["images"],
         train["labels"],
@@ -196,27 +224,32 @@ def finetune_purifier(
         classifier,
         step,
         attack,
-        lambda_cls=lambda: params.lambda_cls if int(counter.done) + 1 >= cls_start else 0.0,
+        lambda_cls=lambda: settings.lambda_cls if int(counter.done) + 1 >= cls_start else 0.0,
         reconstruction_target=params.reconstruction_target,
     )
 
+    val = take(test_set, monitor_indices[: params.val_images])
+    x_val, y_val = to_unit(val["images"]).to(device), val["labels"].to(device)
     val_attack = build_attack(defense, params.val_attack, n_classes)
-    draws = params.val_draws
+    batch, draws = params.batch_size, params.val_draws
 
     def evaluate(epoch: int) -> dict[str, float]:
         counter.done.fill_(epoch)
         generator.eval()
-        x = to_unit(val["images"]).to(device)
-        y = val["labels"].to(device)
-        clean = robust_correct(defense, x, y, draws=draws, batch_size=256, progress=False)
-        x_adv = run_attack(val_attack, x, y, batch_size=256, progress=False)
-        adv = robust_correct(defense, x_adv, y, draws=draws, batch_size=256, progress=False)
+        clean = draw_correct(defense, x_val, y_val, draws, batch)
+        x_adv = run_attack(val_attack, x_val, y_val, batch, progress=False)
+        adv = draw_correct(defense, x_adv, y_val, draws, batch)
         return {
             "val_clean_acc": clean.float().mean().item(),
             "val_adv_acc": adv.float().mean().item(),
         }
 
-    fingerprint = {**params.fingerprint(), "purifier_meta": {"transform": transform_config}}
+    fingerprint = {
+        **params.fingerprint(),
+        "arms": {arm: settings.to_dict()},
+        "purifier": state_hash(purifier_ckpt["state_dict"]["generator"]),
+        "classifier": state_hash(classifier_ckpt["state_dict"]),
+    }
     history = fit(
         modules={"generator": generator, "discriminator": discriminator, "counter": counter},
         optimizers={"generator": step.opt_generator, "discriminator": step.opt_discriminator},
@@ -224,8 +257,8 @@ def finetune_purifier(
         batches=batches,
         config=LoopConfig(
             epochs=params.epochs,
-            desc="atop_finetuning",
-            resume_path=params.resume_path,
+            desc=f"finetune {arm}",
+            resume_path=params.resume_path and params.resume_path.format(arm=arm),
             max_batches_per_epoch=params.max_batches_per_epoch,
             fingerprint=fingerprint,
             progress=params.progress,
@@ -234,15 +267,18 @@ def finetune_purifier(
     )
     last = history[-1]
     metrics = {
+        "arm": arm,
+        "classifier_hash": state_hash(classifier_ckpt["state_dict"]),
+        "lambda_cls": settings.lambda_cls,
+        "attack": None if settings.attack is None else dict(settings.attack),
+        "attack_target": params.attack_target,
+        "reconstruction_target": params.reconstruction_target,
         "train_seconds": training_seconds(history),
         "epochs": params.epochs,
         "n_train": len(train["labels"]),
-        "val_size": len(val["labels"]),
+        "val_images": len(val["labels"]),
+        "val_draws": draws,
         "device": str(device),
-        "attack": dict(params.attack),
-        "attack_target": params.attack_target,
-        "reconstruction_target": params.reconstruction_target,
-        "lambda_cls": params.lambda_cls,
         "transform": dict(transform_config),
         "val_clean_acc": last["val_clean_acc"],
         "val_adv_acc": last["val_adv_acc"],
@@ -251,7 +287,8 @@ def finetune_purifier(
     meta = {**purifier_ckpt.get("meta", {}), "stage": "atop_finetuning", "atop": metrics}
     checkpoint = purifier_checkpoint(generator, discriminator, meta=meta)
     log.info(
-        "AToP fine-tuning done in %.0f s: validation clean %.3f, adversarial %.3f",
+        "%s fine-tuning done in %.0f s: validation clean %.3f, adversarial %.3f (single draw)",
+        arm,
         metrics["train_seconds"],
         metrics["val_clean_acc"],
         metrics["val_adv_acc"],

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from atop.data import random_subset
 from atop.models import classifier_checkpoint, load_classifier
 from atop.params import spec
 from atop.trainers.common import (
@@ -39,7 +38,9 @@ class ClassifierParams(ClassifierTrainingParams):
     KEY = "classifier_pretraining"
 
     label_smoothing: float = spec(ge=0, lt=1)
-    val_images: int | None = spec(ge=1, weights=False, unit="(test images scored per epoch)")
+    val_images: int | None = spec(
+        ge=1, weights=False, unit="(monitor images scored per epoch; null = all)"
+    )
 
 
 def classifier_step(
@@ -72,14 +73,16 @@ def train_classifier(
     train_set: dict[str, torch.Tensor],
     test_set: dict[str, torch.Tensor],
     class_names: list[str],
+    monitor_indices: list[int],
     params: ClassifierParams,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Train a classifier from scratch with the standard recipe.
 
     Args:
-        train_set, test_set: ``{"images": uint8 [N, 3, H, W], "labels": int64 [N]}``; a
-            fixed random subset of ``val_images`` test images is scored after each epoch.
+        train_set, test_set: ``{"images": uint8 [N, 3, H, W], "labels": int64 [N]}``.
         class_names: the C class names (``num_classes = C``).
+        monitor_indices: held-out test images (outside the evaluation subset); the first
+            ``val_images`` of them are scored after each epoch.
         params: ``classifier_pretraining``.
 
     Returns:
@@ -92,13 +95,12 @@ def train_classifier(
         ValueError: labels outside ``[0, C)``.
         atop.training.NonFiniteLossError: the loss diverged (lower ``optimizer.lr``).
     """
-    monitor = random_subset(len(test_set["labels"]), params.val_images, params.seed)
     setup = prepare_training(
         train_set,
         test_set,
         class_names,
         params,
-        monitor_indices=monitor,
+        monitor_indices=monitor_indices[: params.val_images],
         desc="classifier",
         decay_all=True,
     )
@@ -132,7 +134,6 @@ def evaluate_classifier(
         test_set["labels"],
         params.eval_batch_size,
         device,
-        params.amp,
         channels_last,
         progress=params.progress,
     )

@@ -298,7 +298,6 @@ def training_loop(
             setup.monitor_labels,
             params.eval_batch_size,
             setup.device,
-            params.amp,
             setup.channels_last,
         )
         return {"test_acc": acc}

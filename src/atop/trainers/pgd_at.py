@@ -107,7 +107,8 @@ def train_pgd_at(
     Args:
         train_set, test_set: ``{"images": uint8 [N, 3, H, W], "labels": int64 [N]}``.
         class_names: the classes.
-        monitor_indices: test images scored after each epoch (``test_acc``).
+        monitor_indices: held-out test images; the first ``robust_eval.images`` are scored
+            after each epoch (``test_acc``).
         params: ``adversarial_training``.
 
     Returns:
@@ -119,7 +120,12 @@ def train_pgd_at(
         atop.training.NonFiniteLossError: the loss diverged (lower ``optimizer.lr``).
     """
     setup = prepare_training(
-        train_set, test_set, class_names, params, monitor_indices=monitor_indices, desc="pgd-at"
+        train_set,
+        test_set,
+        class_names,
+        params,
+        monitor_indices=monitor_indices[: params.robust_eval.images],
+        desc="pgd-at",
     )
     model, optimizer = setup.classifier, setup.optimizer
     attack = pgd_attack(model, params.attack, len(class_names))

@@ -14,8 +14,8 @@ one ``g`` step; the GAN term is computed on the non-detached purified images, so
 trains ``g`` (the authors' code detached it). :func:`train_purifier` is the pretraining,
 :func:`evaluate_purifier` its held-out PSNR and "AP" clean accuracy.
 
-Held-out images: ``val_images`` **test** images drawn with a fixed seed outside the shared
-evaluation subset (``eval_indices``), so no evaluated image is used here. The transform's
+Held-out images: the first ``val_images`` of the monitor subset (test images outside the
+shared evaluation subset, ``monitor_indices``), so no evaluated image is used here. The transform's
 parameters have one home, the checkpoint's ``meta["transform"]``; AToP fine-tuning and the
 evaluation read it from there.
 
@@ -25,16 +25,22 @@ Core module: torch and the project's core modules only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from atop.attacks import robust_correct
+from atop.attacks import draw_correct
 from atop.data import random_subset, take, to_unit
-from atop.defense import PurifiedClassifier, purify_draw
+from atop.defense import (
+    PurifiedClassifier,
+    from_working,
+    purify_draw,
+    to_working,
+    working_side,
+)
 from atop.models import load_classifier
 from atop.models.purifier import (
     build_purifier,
@@ -200,13 +206,16 @@ class PurifierStep:
             raise ValueError(
                 f"x_in {tuple(x_in.shape)} and target {tuple(target.shape)} must have the same shape."
             )
-        draw = self.transform(x_in)
+        work = working_side(self.generator, x_in.shape[-1])
+        draw = self.transform(to_working(x_in, work))
+        target_work = to_working(target, work)
         n_masks = draw.masks.shape[0]
-        targets = target.expand(n_masks, *target.shape).flatten(0, 1)
+        targets = target_work.expand(n_masks, *target_work.shape).flatten(0, 1)
         masks = draw.masks.flatten(0, 1)
 
         with autocast(self.device, self.amp):
             result, purified = purify_draw(self.generator, draw, self.transform.config)
+            purified = from_working(purified, x_in.shape[-1])
 
         # Discriminator: real = target images, fake = purified copies (detached inside).
         self.opt_discriminator.zero_grad(set_to_none=True)
@@ -254,21 +263,6 @@ def image_side(split: dict[str, Tensor], name: str) -> int:
     return shape[2]
 
 
-def held_out_indices(n_test: int, eval_indices: Sequence[int], size: int, seed: int) -> Tensor:
-    """``size`` test-image indices (sorted) drawn with ``seed`` outside ``eval_indices``.
-
-    Raises:
-        ValueError: fewer than ``size`` test images lie outside the evaluation subset.
-    """
-    outside = n_test - len(set(eval_indices))
-    if size > outside:
-        raise ValueError(
-            f"{size} held-out images asked for but only {outside} of the {n_test} test images "
-            "lie outside the evaluation subset (eval_indices): lower it."
-        )
-    return random_subset(n_test, size, seed, exclude=eval_indices)
-
-
 def psnr(x: Tensor, reference: Tensor) -> Tensor:
     """Peak signal-to-noise ratio per image, in dB, for images in [0, 1] (peak 1).
 
@@ -312,20 +306,22 @@ def purify_with_seed(
     """
     generator.eval()
     rng = torch.Generator(device=images.device).manual_seed(seed)
+    side, work = images.shape[-1], working_side(generator, images.shape[-1])
     transformed, purified = [], []
     for start in range(0, len(images), batch_size):
-        draw = transform(images[start : start + batch_size], generator=rng)
+        draw = transform(to_working(images[start : start + batch_size], work), generator=rng)
         _, combined = purify_draw(generator, draw, transform.config)
         hole = draw.masks[0]
-        transformed.append(draw.image * (1.0 - hole) + HOLE_GREY * hole)
-        purified.append(combined.float())
+        shown = draw.image * (1.0 - hole) + HOLE_GREY * hole
+        transformed.append(from_working(shown, side))
+        purified.append(from_working(combined.float(), side))
     return torch.cat(transformed), torch.cat(purified)
 
 
 def train_purifier(
     train_set: dict[str, Tensor],
     test_set: dict[str, Tensor],
-    eval_indices: list[int],
+    monitor_indices: list[int],
     params: PurifierParams,
 ) -> tuple[dict[str, Any], list[dict[str, float]]]:
     """Pre-train the purifier ``g`` and its discriminator ``D`` (paper Eq. 8).
@@ -333,9 +329,9 @@ def train_purifier(
     Args:
         train_set: ``{"images": uint8 [N, 3, P, P], "labels": int64 [N]}``; a fixed random
             subset of ``train_images`` images is used (``null`` = all).
-        test_set: same layout; ``val_images`` held-out images (outside ``eval_indices``)
-            give the per-epoch ``val_psnr``.
-        eval_indices: the shared evaluation subset (indices into ``test_set``).
+        test_set: same layout.
+        monitor_indices: held-out test images outside the evaluation subset; the first
+            ``val_images`` give the per-epoch ``val_psnr`` and the final metrics.
         params: ``purifier_pretraining``.
 
     Returns:
@@ -382,9 +378,7 @@ def train_purifier(
             f"purifier_pretraining.batch_size={params.batch_size} exceeds the "
             f"{len(train['labels'])} training images: lower it or raise train_images."
         )
-    val_index = held_out_indices(
-        len(test_set["labels"]), eval_indices, params.val_images, params.seed
-    )
+    val_index = torch.as_tensor(monitor_indices[: params.val_images], dtype=torch.int64)
     val_images = to_unit(test_set["images"][val_index].to(device))
 
     def evaluate(epoch: int) -> dict[str, float]:
@@ -457,7 +451,7 @@ def evaluate_purifier(
     * ``psnr``: mean per-image PSNR (dB) of ``g(t(x))`` vs ``x`` for one seeded draw of ``t``;
       ``psnr_transformed``: the same for ``t(x)`` with grey holes.
     * ``ap_clean_acc``: accuracy of ``f(g(t(x)))`` on clean ``x`` judged with ``draws`` fresh
-      draws by strict majority vote (:func:`atop.attacks.robust_correct`);
+      draws, single-draw (the mean over draws: :func:`atop.attacks.draw_correct`);
       ``classifier_clean_acc``: ``f`` alone on the same images.
 
     Raises:
@@ -505,8 +499,8 @@ def evaluate_purifier(
     psnr_purified, psnr_transformed = psnr(purified, images), psnr(transformed, images)
     defense = PurifiedClassifier(f, generator, transform).eval()
     torch.manual_seed(seed)
-    ap_correct = robust_correct(defense, images, labels, draws, batch_size, progress=False)
-    raw_correct = robust_correct(f, images, labels, 1, batch_size, progress=False)
+    ap_correct = draw_correct(defense, images, labels, draws, batch_size)
+    raw_correct = draw_correct(f, images, labels, 1, batch_size)
     metrics = {
         "psnr": psnr_purified.mean().item(),
         "psnr_transformed": psnr_transformed.mean().item(),

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from atop.attacks import build_attack, robust_correct, run_attack
+from atop.attacks import build_attack, draw_correct, run_attack
 from atop.data import to_unit
 from atop.models import load_classifier
 from atop.params import Params, spec
@@ -52,7 +52,7 @@ def robust_quick_check(
     model = load_classifier(classifier, device=device)
     cuda = device.type == "cuda"
     batch = params.eval_batch_size
-    clean = accuracy(model, test_set["images"], test_set["labels"], batch, device, params.amp, cuda)
+    clean = accuracy(model, test_set["images"], test_set["labels"], batch, device, cuda)
     index = torch.as_tensor(list(monitor_indices)[: check.images], dtype=torch.int64)
     images = to_unit(test_set["images"][index]).to(device)
     labels = test_set["labels"][index].to(device)
@@ -64,8 +64,8 @@ def robust_quick_check(
     )
     torch.manual_seed(params.seed)
     adversarial = run_attack(attack, images, labels, batch, progress=params.progress)
-    subset_clean = robust_correct(model, images, labels, 1, batch, progress=False)
-    robust = robust_correct(model, adversarial, labels, 1, batch, progress=False)
+    subset_clean = draw_correct(model, images, labels, 1, batch)
+    robust = draw_correct(model, adversarial, labels, 1, batch)
     metrics = {
         "clean_test_acc": clean,
         "subset_clean_acc": subset_clean.float().mean().item(),

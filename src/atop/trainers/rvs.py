@@ -330,7 +330,8 @@ def train_rvs(
     Args:
         train_set, test_set: ``{"images": uint8 [N, 3, H, W], "labels": int64 [N]}``.
         class_names: the classes.
-        monitor_indices: test images scored after each epoch (``test_acc``).
+        monitor_indices: held-out test images; the first ``robust_eval.images`` are scored
+            after each epoch (``test_acc``).
         params: ``rvs``.
 
     Returns:
@@ -346,7 +347,12 @@ def train_rvs(
     from atop.ot import entropic_ot  # POT: only when RvS trains
 
     setup = prepare_training(
-        train_set, test_set, class_names, params, monitor_indices=monitor_indices, desc="rvs"
+        train_set,
+        test_set,
+        class_names,
+        params,
+        monitor_indices=monitor_indices[: params.robust_eval.images],
+        desc="rvs",
     )
     model, opt_classifier = setup.classifier, setup.optimizer
     gen = params.generator

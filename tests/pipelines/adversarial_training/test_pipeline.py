@@ -14,13 +14,14 @@ import torch
 from kedro.io import DataCatalog, MemoryDataset
 from kedro.runner import SequentialRunner
 
+from atop.data import random_subset
 from atop.datasets import TorchDataset
 from atop.models import load_classifier
 from atop.params import Params
 from atop.pipelines.adversarial_training import create_pipeline
 from tests.conftest import KeptMemoryDataset, run_kedro, stage_params
 
-INPUTS = ("train_set", "test_set", "class_names", "eval_indices")
+INPUTS = ("train_set", "test_set", "class_names", "monitor_indices")
 
 
 def smoke_params(stage: str, tmp_path: Path, **changes) -> Params:
@@ -30,8 +31,15 @@ def smoke_params(stage: str, tmp_path: Path, **changes) -> Params:
     return stage_params(stage, resume_path=str(tmp_path / "resume" / f"{stage}.pt"), **changes)
 
 
+def held_out(n_test: int, eval_indices: list[int], size: int) -> list[int]:
+    """``size`` test indices outside ``eval_indices``, drawn as data_ingestion draws
+    ``monitor_indices`` (the held-out images every stage monitors its training on)."""
+    return [int(i) for i in random_subset(n_test, size, 1, exclude=eval_indices)]
+
+
 def cifar10_inputs(data_root: Path) -> dict:
-    """192 real CIFAR-10 train images, 64 real test images, class names, eval indices."""
+    """192 real CIFAR-10 train images, 64 real test images, class names, eval indices (the
+    even test images) and monitor indices (the odd ones)."""
     from torchvision.datasets import CIFAR10
 
     def split(train: bool, n: int) -> dict:
@@ -40,16 +48,19 @@ def cifar10_inputs(data_root: Path) -> dict:
         return {"images": images.contiguous(), "labels": torch.tensor(ds.targets[:n])}
 
     names = CIFAR10(root=str(data_root), train=False, download=False).classes
+    eval_indices = list(range(0, 64, 2))
     return {
         "train_set": split(True, 192),
         "test_set": split(False, 64),
         "class_names": list(names),
-        "eval_indices": list(range(0, 64, 2)),
+        "eval_indices": eval_indices,
+        "monitor_indices": held_out(64, eval_indices, 32),
     }
 
 
 def cifar100_inputs(data_root: Path) -> dict:
-    """The real CIFAR-100 sample: 486 train and 916 test images (100 classes)."""
+    """The real CIFAR-100 sample: 486 train and 916 test images (100 classes), 58 eval and
+    64 monitor indices."""
     folder = data_root / "cifar-100-sample"
     sample = np.load(folder / "cifar100_head.npz")
     with open(folder / "meta", "rb") as fh:
@@ -61,20 +72,24 @@ def cifar100_inputs(data_root: Path) -> dict:
         labels = torch.from_numpy(sample[f"{prefix}_fine_labels"][: len(rows)].astype(np.int64))
         return {"images": images, "labels": labels}
 
+    test_set = split("test")
+    eval_indices = list(range(0, 916, 16))
     return {
         "train_set": split("train"),
-        "test_set": split("test"),
+        "test_set": test_set,
         "class_names": list(names),
-        "eval_indices": list(range(0, 916, 16)),
+        "eval_indices": eval_indices,
+        "monitor_indices": held_out(len(test_set["labels"]), eval_indices, 64),
     }
 
 
 def run_stage(pipeline, stage: str, inputs: dict, params: Params, outputs: tuple[str, ...]) -> dict:
-    """Run ``pipeline`` on an in-memory catalog (typed ``params:<stage>``); returns every
-    output."""
+    """Run ``pipeline`` on an in-memory catalog holding ``INPUTS`` and the typed
+    ``params:<stage>``; returns every output."""
+    assert pipeline.inputs() == {*INPUTS, f"params:{stage}"}  # monitored on monitor_indices
     catalog = DataCatalog()
-    for name, value in inputs.items():
-        catalog[name] = MemoryDataset(value)
+    for name in INPUTS:
+        catalog[name] = MemoryDataset(inputs[name])
     catalog[f"params:{stage}"] = MemoryDataset(params)
     for name in outputs:
         catalog[name] = KeptMemoryDataset()

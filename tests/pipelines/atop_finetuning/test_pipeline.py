@@ -1,36 +1,51 @@
-"""AToP fine-tuning (paper Eq. 9, Algorithm 1) on real CIFAR-10 images."""
+"""AToP fine-tuning (paper Eq. 9, Algorithm 1) and its compute-matched arms on real CIFAR-10."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import pickle
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, MemoryDataset
+from kedro.pipeline import Pipeline
 from kedro.runner import SequentialRunner
 
+import atop.trainers.atop as trainer
 from atop.attacks import build_attack
 from atop.datasets import TorchDataset
 from atop.defense import PurifiedClassifier
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, load_purifier, purifier_checkpoint
 from atop.pipelines.atop_finetuning import create_pipeline
-from atop.trainers.atop import AToPParams, atop_train_step
+from atop.pipelines.atop_finetuning.nodes import MAIN_ARMS, finetune_node
+from atop.pipelines.atop_finetuning.pipeline import arm_nodes, create_pgd_pipeline
+from atop.trainers.atop import ArmParams, AToPParams, atop_train_step, finetune_purifier
 from atop.trainers.purifier import PurifierStep
 from atop.training import Batches, LoopConfig, fit
 from atop.transforms import RandomTransform
-from tests.conftest import KeptMemoryDataset, stage_params
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
 
 EPS = 8 / 255
+#: The base profile's transform: the authors' noise, sigma 0.25 at 256 px.
 TRANSFORM = {
     "kind": "rt2",
     "sigma": 0.25,
     "missing_rate": 0.25,
     "mask_block": None,
     "mask_number": 4,
+    "noise_resolution": 256,
 }
+ALL_ARMS = (*MAIN_ARMS, "atop_pgd")
+#: The monitor subset of these tests: 40 of the 256 test images (the first 32 validate).
+MONITOR = list(range(0, 240, 6))
 
 
 @pytest.fixture(scope="module")
@@ -145,65 +160,287 @@ def test_attack_target_changes_the_gradients(classifier, cifar10_test_batch):
     assert (on_defense != on_f).float().mean() > 0.2
 
 
+def test_arm_without_attack_trains_on_the_clean_images(cifar10_test_batch):
+    """attack=None (the control arms): x' = x, the step restores x from t(x)."""
+    x, y = cifar10_test_batch[0][:8], cifar10_test_batch[1][:8]
+    calls = []
+
+    def step(x_in, target, extra):
+        calls.append((x_in, target))
+        return {"loss": extra(x_in)[0]}
+
+    classifier = lambda images: torch.zeros(len(images), 10)  # noqa: E731
+    train_step = atop_train_step(classifier, step, None, lambda_cls=0.5)
+    terms = train_step(x, y)
+    assert calls[0][0] is x and calls[0][1] is x
+    assert terms["loss"].item() == pytest.approx(0.5 * torch.log(torch.tensor(10.0)).item())
+
+
 def base_params(**changes) -> AToPParams:
     """The smoke profile's typed parameters (deep-merged over base) on the CPU, with ``changes``."""
     return stage_params("atop_finetuning", device="cpu", **changes)
 
 
-def run_stage(params, classifier_ckpt, purifier_ckpt, train_set):
+def outputs(arm: str) -> tuple[str, str, str]:
+    return f"purifier_{arm}", f"finetuning_history_{arm}", f"finetuning_metrics_{arm}"
+
+
+def run_stage(params, classifier_ckpt, purifier_ckpt, splits, arms=("atop",), pipeline=None):
+    """Run the nodes of ``arms`` (or ``pipeline``, whose arms they are) on an in-memory
+    catalog; returns {arm: [checkpoint, history, metrics]}."""
+    train_set, test_set = splits
     catalog = DataCatalog()
     catalog["classifier"] = MemoryDataset(classifier_ckpt)
     catalog["purifier"] = MemoryDataset(purifier_ckpt)
     catalog["train_set"] = MemoryDataset(train_set)
+    catalog["test_set"] = MemoryDataset(test_set)
+    catalog["monitor_indices"] = MemoryDataset(MONITOR)
     catalog["class_names"] = MemoryDataset([str(i) for i in range(10)])
     catalog["params:atop_finetuning"] = MemoryDataset(params)
-    for name in ("atop_purifier", "atop_history", "atop_metrics"):
-        catalog[name] = KeptMemoryDataset()
-    SequentialRunner().run(create_pipeline(), catalog)
-    return [catalog[n].load() for n in ("atop_purifier", "atop_history", "atop_metrics")]
+    for arm in arms:
+        for name in outputs(arm):
+            catalog[name] = KeptMemoryDataset()
+    SequentialRunner().run(pipeline or Pipeline(arm_nodes(arms)), catalog)
+    return {arm: [catalog[name].load() for name in outputs(arm)] for arm in arms}
 
 
 @pytest.fixture(scope="module")
-def stage_inputs(classifier, cifar10_test_batch):
-    images, labels = cifar10_test_batch
-    train_set = {"images": (images * 255).round().to(torch.uint8), "labels": labels}
-    generator, discriminator = build_purifier({"cnum": 8})
+def splits(data_root, cifar10_test_batch):
+    """256 real training images (data_batch_1) and the 256 real test images, as uint8."""
+    with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
+        batch = pickle.load(fh, encoding="latin1")  # the official CIFAR-10 python format
+    images = torch.from_numpy(np.asarray(batch["data"][:256], dtype=np.uint8))
+    train = {
+        "images": images.reshape(256, 3, 32, 32).contiguous(),
+        "labels": torch.tensor(batch["labels"][:256], dtype=torch.int64),
+    }
+    test_images, labels = cifar10_test_batch
+    return train, {"images": (test_images * 255).round().to(torch.uint8), "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def stage_inputs(classifier):
+    """The classifier checkpoint and a small gated U-Net purifier (the base generator)."""
+    torch.manual_seed(3)
+    generator, discriminator = build_purifier({"generator": "unet", "cnum": 8, "disc_cnum": 8})
     purifier_ckpt = purifier_checkpoint(generator, discriminator, meta={"transform": TRANSFORM})
     return (
         classifier_checkpoint(classifier, "resnet-fast", {"num_classes": 10, "width": 8}),
         purifier_ckpt,
-        train_set,
     )
 
 
-def test_stage_smoke_profile(stage_inputs, tmp_path):
-    classifier_ckpt, purifier_ckpt, train_set = stage_inputs
-    params = base_params(resume_path=str(tmp_path / "resume.pt"))
-    checkpoint, history, metrics = run_stage(params, classifier_ckpt, purifier_ckpt, train_set)
-
-    TorchDataset(str(tmp_path / "atop.pt")).save(checkpoint)
-    generator, discriminator = load_purifier(TorchDataset(str(tmp_path / "atop.pt")).load())
-    assert discriminator is not None
-    assert checkpoint["meta"]["transform"] == TRANSFORM
-    assert checkpoint["meta"]["atop"]["attack_target"] == "defense"
+def test_stage_smoke_profile(stage_inputs, splits, tmp_path):
+    """The atop_finetuning pipeline (its three arms) on real images, smoke profile."""
+    classifier_ckpt, purifier_ckpt = stage_inputs
+    params = base_params(resume_path=str(tmp_path / "resume_{arm}.pt"))
+    runs = run_stage(
+        params, classifier_ckpt, purifier_ckpt, splits, MAIN_ARMS, pipeline=create_pipeline()
+    )
     before, _ = load_purifier(purifier_ckpt)
-    assert any(
-        not torch.equal(a, b)
-        for a, b in zip(before.state_dict().values(), generator.state_dict().values(), strict=True)
+    for arm, (checkpoint, history, metrics) in runs.items():
+        TorchDataset(str(tmp_path / f"{arm}.pt")).save(checkpoint)
+        generator, discriminator = load_purifier(TorchDataset(str(tmp_path / f"{arm}.pt")).load())
+        assert discriminator is not None and checkpoint["arch"] == "gan-purifier"
+        assert checkpoint["config"] == purifier_ckpt["config"]
+        assert checkpoint["meta"]["transform"] == TRANSFORM
+        assert checkpoint["meta"]["stage"] == "atop_finetuning"
+        assert checkpoint["meta"]["atop"] == metrics
+        assert any(
+            not torch.equal(a, b)
+            for a, b in zip(
+                before.state_dict().values(), generator.state_dict().values(), strict=True
+            )
+        )
+        assert isinstance(history, pd.DataFrame)
+        columns = {"epoch", "loss", "l1", "gan_g", "d_loss", "ce", "val_clean_acc", "val_adv_acc"}
+        assert columns <= set(history.columns)
+        assert metrics["arm"] == arm and metrics["lambda_cls"] == params.arms[arm].lambda_cls
+        assert 0.0 <= metrics["val_adv_acc"] <= 1.0 and metrics["n_train"] == 64
+        assert (metrics["val_images"], metrics["val_draws"]) == (32, 1)  # monitor images
+        assert metrics["val_clean_acc"] == history["val_clean_acc"].iloc[-1]
+        assert not (tmp_path / f"resume_{arm}.pt").exists()  # removed after success
+    assert runs["atop"][2]["attack"] == {"name": "fgsm", "eps": pytest.approx(EPS)}
+    assert runs["ap_continued"][2]["attack"] is runs["ap_classifier_aware"][2]["attack"] is None
+    # ap_continued is plain pretraining: its loss has no CE term
+    history = runs["ap_continued"][1]
+    assert history["loss"].iloc[0] == pytest.approx(
+        params.l1_weight * history["l1"].iloc[0] + params.gan_weight * history["gan_g"].iloc[0],
+        rel=1e-4,
     )
-    assert isinstance(history, pd.DataFrame)
-    assert {"epoch", "loss", "l1", "gan_g", "d_loss", "ce", "val_clean_acc", "val_adv_acc"} <= set(
-        history.columns
-    )
-    assert 0.0 <= metrics["val_adv_acc"] <= 1.0 and metrics["n_train"] == 64
-    assert not (tmp_path / "resume.pt").exists()  # removed after success
 
 
-def test_stage_resumes_after_interruption(stage_inputs, tmp_path, monkeypatch):
-    import atop.trainers.atop as trainer  # the training loop is looked up there
+def test_pipelines_give_every_arm_its_node_and_outputs():
+    main = create_pipeline()
+    assert MAIN_ARMS == ("ap_continued", "ap_classifier_aware", "atop")
+    assert {n.name for n in main.nodes} == {f"finetune_{arm}" for arm in MAIN_ARMS}
+    assert {n.name for n in create_pgd_pipeline().nodes} == {"finetune_atop_pgd"}
+    for node in (*main.nodes, *create_pgd_pipeline().nodes):
+        arm = node.name.removeprefix("finetune_")
+        assert node.outputs == list(outputs(arm))
+        assert set(node.inputs) == {
+            "classifier",
+            "purifier",  # every arm starts from the same pretrained purifier
+            "train_set",
+            "test_set",
+            "monitor_indices",
+            "class_names",
+            "params:atop_finetuning",
+        }
+    assert finetune_node("atop").__name__ == "finetune_atop"
+    suffixed = arm_nodes(("atop",), purifier="purifier_x", suffix="_x")[0]
+    assert suffixed.name == "finetune_atop_x" and "purifier_x" in suffixed.inputs
+    assert suffixed.outputs == list(outputs("atop_x"))
 
-    classifier_ckpt, purifier_ckpt, train_set = stage_inputs
-    params = base_params(epochs=2, resume_path=str(tmp_path / "resume.pt"))
+
+def test_catalog_declares_every_arms_outputs():
+    bootstrap_project(PROJECT_ROOT)
+    with KedroSession.create(project_path=PROJECT_ROOT, env="base") as session:
+        catalog = session.load_context().catalog
+    for arm in ALL_ARMS:
+        purifier, history, metrics = (str(catalog[name]) for name in outputs(arm))
+        assert isinstance(catalog[f"purifier_{arm}"], TorchDataset)
+        assert f"data/06_models/cifar10/purifier_{arm}.pt" in purifier
+        assert f"data/08_reporting/finetuning_{arm}_history.csv" in history
+        assert f"data/08_reporting/finetuning_{arm}_metrics.json" in metrics
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "paper"])
+def test_arms_differ_only_in_their_term(env):
+    """Every arm shares every setting of the block but lambda_cls and attack."""
+    params = stage_params("atop_finetuning", env=env)
+    assert {f.name for f in dataclasses.fields(ArmParams)} == {"lambda_cls", "attack"}
+    assert set(params.arms) == set(ALL_ARMS)
+    arms = params.arms
+    assert (arms["ap_continued"].lambda_cls, arms["ap_continued"].attack) == (0.0, None)
+    assert arms["ap_classifier_aware"].attack is None
+    assert arms["ap_classifier_aware"].lambda_cls == arms["atop"].lambda_cls > 0
+    assert arms["atop_pgd"].lambda_cls == arms["atop"].lambda_cls
+    assert arms["atop"].attack["name"] == "fgsm" and arms["atop_pgd"].attack["name"] == "pgd"
+    assert arms["atop"].attack["eps"] == arms["atop_pgd"].attack["eps"] == pytest.approx(EPS)
+
+
+def fake_fit(record: dict):
+    """A stand-in for the training loop that records what each arm would train on."""
+
+    def fit(**kwargs):
+        batches, config = kwargs["batches"], kwargs["config"]
+        record[config.desc] = {
+            "images": batches.images.clone(),
+            "labels": batches.labels.clone(),
+            "order": batches.generator.get_state(),
+            "batch_size": batches.batch_size,
+            "fingerprint": copy.deepcopy(config.fingerprint),
+            "config": dataclasses.replace(config, desc="", resume_path="", fingerprint=None),
+            "resume_path": config.resume_path,
+            "optimizers": {name: opt.defaults for name, opt in kwargs["optimizers"].items()},
+        }
+        return [
+            {"epoch": 1, "loss": 0.0, "seconds": 1.0, "val_clean_acc": 0.5, "val_adv_acc": 0.25}
+        ]
+
+    return fit
+
+
+def test_every_arm_trains_on_the_same_images_with_the_same_settings(
+    stage_inputs, splits, monkeypatch
+):
+    """finetune_purifier gives every arm the same training subset, order, loop, optimizer and
+    fingerprint but its own arm entry; the metrics differ only in the arm's term."""
+    classifier_ckpt, purifier_ckpt = stage_inputs
+    record, steps = {}, {}
+    real_step = trainer.atop_train_step
+
+    def recording_step(classifier, step, attack, **kwargs):
+        steps[len(steps)] = (attack, kwargs["lambda_cls"]())
+        return real_step(classifier, step, attack, **kwargs)
+
+    monkeypatch.setattr(trainer, "fit", fake_fit(record))
+    monkeypatch.setattr(trainer, "atop_train_step", recording_step)
+    params = base_params(resume_path="resume/finetuning_{arm}.pt")
+    train, test = splits
+    names = [str(i) for i in range(10)]
+    metrics = {
+        arm: finetune_purifier(
+            classifier_ckpt, purifier_ckpt, train, test, MONITOR, names, params, arm
+        )[2]
+        for arm in ALL_ARMS
+    }
+    runs = [record[f"finetune {arm}"] for arm in ALL_ARMS]
+    first = runs[0]
+    keep = trainer.random_subset(256, 64, params.seed)
+    assert torch.equal(first["images"], train["images"][keep])  # from the train split
+    assert torch.equal(first["labels"], train["labels"][keep])
+    for arm, run in zip(ALL_ARMS, runs, strict=True):
+        assert torch.equal(run["images"], first["images"])
+        assert torch.equal(run["labels"], first["labels"])
+        assert torch.equal(run["order"], first["order"])  # the same batch order
+        assert run["config"] == first["config"] and run["batch_size"] == first["batch_size"]
+        assert run["optimizers"] == first["optimizers"]
+        assert run["resume_path"] == f"resume/finetuning_{arm}.pt"
+        fingerprint = dict(run["fingerprint"])
+        assert fingerprint.pop("arms") == {arm: params.arms[arm].to_dict()}
+        reference = {k: v for k, v in first["fingerprint"].items() if k != "arms"}
+        assert fingerprint == reference
+    # the term: lambda_cls and the adversary (none for the controls)
+    assert [(attack is None, weight) for attack, weight in steps.values()] == [
+        (True, 0.0),
+        (True, 0.1),
+        (False, 0.1),
+        (False, 0.1),
+    ]
+    term = {"arm", "lambda_cls", "attack"}
+    shared = [{k: v for k, v in m.items() if k not in term} for m in metrics.values()]
+    assert all(m == shared[0] for m in shared)
+    assert [metrics[arm]["lambda_cls"] for arm in ALL_ARMS] == [0.0, 0.1, 0.1, 0.1]
+    assert [bool(metrics[arm]["attack"]) for arm in ALL_ARMS] == [False, False, True, True]
+
+
+def test_arms_train_on_the_train_split_and_validate_on_monitor_images(
+    ingested_project, stage_inputs, monkeypatch
+):
+    """On the ingested real CIFAR-10: the evaluation and monitor subsets are disjoint, the
+    arms' training images are a subset of the training split, and their validation images
+    are the first monitor images (none of them evaluated)."""
+    data = ingested_project / "data"
+    train = torch.load(data / "02_intermediate/cifar10/train.pt", weights_only=True)
+    test = torch.load(data / "02_intermediate/cifar10/test.pt", weights_only=True)
+    eval_indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
+    monitor = json.loads((data / "05_model_input/cifar10/monitor_indices.json").read_text())
+    assert not set(eval_indices) & set(monitor)
+
+    taken = []
+    real_take = trainer.take
+
+    def recording_take(split, index):
+        taken.append((split, list(index) if not torch.is_tensor(index) else index.tolist()))
+        return real_take(split, index)
+
+    record = {}
+    monkeypatch.setattr(trainer, "fit", fake_fit(record))
+    monkeypatch.setattr(trainer, "take", recording_take)
+    classifier_ckpt, purifier_ckpt = stage_inputs
+    params = base_params(resume_path=None)
+    names = json.loads((data / "02_intermediate/cifar10/class_names.json").read_text())
+    for arm in MAIN_ARMS:
+        finetune_purifier(classifier_ckpt, purifier_ckpt, train, test, monitor, names, params, arm)
+    train_takes = [index for split, index in taken if split is train]
+    val_takes = [index for split, index in taken if split is test]
+    assert len(train_takes) == len(val_takes) == len(MAIN_ARMS)
+    assert all(index == train_takes[0] for index in train_takes)  # the same images per arm
+    assert len(set(train_takes[0])) == 64 and all(0 <= i < 50_000 for i in train_takes[0])
+    for run in record.values():
+        assert torch.equal(run["images"], train["images"][train_takes[0]])
+    assert all(index == monitor[: params.val_images] for index in val_takes)
+    assert not set(val_takes[0]) & set(eval_indices)
+    # by content too: no training image is an evaluated test image
+    evaluated = {bytes(image.numpy()) for image in test["images"][eval_indices]}
+    assert not {bytes(image.numpy()) for image in train["images"][train_takes[0]]} & evaluated
+
+
+def test_stage_resumes_after_interruption(stage_inputs, splits, tmp_path, monkeypatch):
+    classifier_ckpt, purifier_ckpt = stage_inputs
+    params = base_params(epochs=2, resume_path=str(tmp_path / "resume_{arm}.pt"))
     real_fit = trainer.fit
     steps = {"n": 0}
 
@@ -230,18 +467,34 @@ def test_stage_resumes_after_interruption(stage_inputs, tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "fit", fit_counting_steps(interrupt=True))
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        run_stage(params, classifier_ckpt, purifier_ckpt, train_set)
-    assert (tmp_path / "resume.pt").exists() and steps["n"] == 2
+        run_stage(params, classifier_ckpt, purifier_ckpt, splits)
+    assert (tmp_path / "resume_atop.pt").exists() and steps["n"] == 2
 
     monkeypatch.setattr(trainer, "fit", fit_counting_steps(interrupt=False))
-    _, history, _ = run_stage(params, classifier_ckpt, purifier_ckpt, train_set)
+    _, history, _ = run_stage(params, classifier_ckpt, purifier_ckpt, splits)["atop"]
     assert history["epoch"].tolist() == [1, 2]
     assert steps["n"] == 4  # the resumed run trained epoch 2 only (2 batches)
-    assert not (tmp_path / "resume.pt").exists()
+    assert not (tmp_path / "resume_atop.pt").exists()
 
 
-def test_missing_transform_in_purifier_checkpoint(stage_inputs):
-    classifier_ckpt, purifier_ckpt, train_set = stage_inputs
+def test_missing_transform_unknown_arm_and_bad_arms(stage_inputs, splits):
+    classifier_ckpt, purifier_ckpt = stage_inputs
     broken = {**purifier_ckpt, "meta": {}}
     with pytest.raises(Exception, match="meta.transform"):
-        run_stage(base_params(), classifier_ckpt, broken, train_set)
+        run_stage(base_params(), classifier_ckpt, broken, splits)
+    train, test = splits
+    with pytest.raises(ValueError, match="Unknown arm 'atop_fgsm'"):
+        finetune_purifier(
+            classifier_ckpt,
+            purifier_ckpt,
+            train,
+            test,
+            MONITOR,
+            ["0"] * 10,
+            base_params(),
+            "atop_fgsm",
+        )
+    with pytest.raises(ValueError, match="arms"):
+        base_params(arms={})
+    with pytest.raises(ValueError, match="attack"):
+        base_params(arms={"atop": {"lambda_cls": 0.1, "attack": {"name": "fgsm"}}})

@@ -23,6 +23,8 @@ from atop.trainers.common import channel_stats
 from tests.conftest import KeptMemoryDataset, run_kedro, stage_params
 
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
+#: Held-out test images (data_ingestion's monitor_indices): the odd ones of the 256.
+MONITOR = list(range(1, 256, 2))
 OUTPUTS = ("classifier", "classifier_history", "classifier_metrics")
 
 
@@ -58,6 +60,7 @@ def run_pipeline(splits, params: ClassifierParams, classifier_path=None) -> dict
     catalog["train_set"] = MemoryDataset(train, copy_mode="assign")
     catalog["test_set"] = MemoryDataset(test, copy_mode="assign")
     catalog["class_names"] = MemoryDataset(CLASS_NAMES)
+    catalog["monitor_indices"] = MemoryDataset(MONITOR)
     catalog["params:classifier_pretraining"] = MemoryDataset(params)
     for name in OUTPUTS:
         catalog[name] = KeptMemoryDataset()
@@ -99,6 +102,30 @@ def test_pipeline_trains_saves_and_evaluates(splits, smoke_params, tmp_path):
     assert (metrics["n_train"], metrics["n_test"]) == (512, 256)
     assert metrics["train_seconds"] == pytest.approx(history["seconds"].sum())
     assert not (tmp_path / "resume" / "classifier_pretraining.pt").exists()
+
+
+def test_each_epoch_scores_the_first_val_images_of_the_monitor_indices(
+    splits, smoke_params, monkeypatch
+):
+    assert create_pipeline().inputs() == {
+        "train_set",
+        "test_set",
+        "class_names",
+        "monitor_indices",
+        "params:classifier_pretraining",
+    }
+    real_accuracy = common.accuracy  # the per-epoch test_acc of the training loop
+    scored: list[torch.Tensor] = []
+
+    def recording(model, images, labels, *args, **kwargs):
+        scored.append(images)
+        return real_accuracy(model, images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(common, "accuracy", recording)
+    out = run_pipeline(splits, smoke_params.replace(val_images=40, resume_path=None))
+    expected = splits[1]["images"][MONITOR[:40]]
+    assert len(scored) == 2 and all(torch.equal(images, expected) for images in scored)
+    assert out["classifier_metrics"]["n_test"] == 256  # the final score: the full test set
 
 
 def test_kedro_run_writes_the_catalog_outputs(ingested_project, monkeypatch):

@@ -17,7 +17,11 @@ from torchvision import datasets as tvd
 
 from atop.datasets import TorchDataset
 from atop.pipelines.data_ingestion import create_pipeline
-from atop.pipelines.data_ingestion.nodes import IngestionParams, select_eval_subset
+from atop.pipelines.data_ingestion.nodes import (
+    IngestionParams,
+    select_eval_subset,
+    select_monitor_subset,
+)
 from atop.pipelines.data_ingestion.sources import DatasetCorruptedError, DatasetNotFoundError
 from atop.validation import DataValidationError
 from atop.validation.data import validate_image_split
@@ -33,7 +37,14 @@ def base_params(dataset: str, root: Path | str, tmp_path: Path) -> dict:
 
 def run_ingestion(params: dict, out: Path | None = None) -> dict:
     """Run the pipeline; with ``out`` the outputs go to real files there (as in a run)."""
-    names = ("train_set", "test_set", "class_names", "eval_indices", "data_validation")
+    names = (
+        "train_set",
+        "test_set",
+        "class_names",
+        "eval_indices",
+        "monitor_indices",
+        "data_validation",
+    )
     catalog = DataCatalog()
     catalog["params:data_ingestion"] = MemoryDataset(IngestionParams.from_dict(params))
     for name in names:
@@ -63,6 +74,10 @@ def test_kedro_run_ingests_real_cifar10(ingested_project):
     indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
     assert len(indices) == len(set(indices)) == 512
     assert all(0 <= i < 10_000 for i in indices)
+    monitor = json.loads((data / "05_model_input/cifar10/monitor_indices.json").read_text())
+    assert len(monitor) == len(set(monitor)) == 2000 and monitor == sorted(monitor)
+    assert all(0 <= i < 10_000 for i in monitor)
+    assert not set(monitor) & set(indices)  # no evaluated image is monitored during training
     report = json.loads((data / "08_reporting/data_validation.json").read_text())
     assert report["success"] and report["splits"]["train"]["rows"] == 50_000
     assert report["splits"]["test"]["successful"] == report["splits"]["test"]["evaluated"] >= 10
@@ -85,6 +100,29 @@ def test_eval_subset_is_stable_and_seeded(ingested_project):
     assert select_eval_subset(test, params.replace(eval_subset={"images": 512, "seed": 1})) != first
     with pytest.raises(ValueError, match="eval_subset.images"):
         select_eval_subset(test, params.replace(eval_subset={"images": 20_000, "seed": 0}))
+
+
+def test_monitor_subset_is_disjoint_stable_and_seeded(ingested_project):
+    """The monitor subset (held-out test images every stage validates on) never meets the
+    evaluation subset: on the real ingested CIFAR-10 and for any other evaluation subset."""
+    folder = ingested_project / "data/05_model_input/cifar10"
+    test = torch.load(ingested_project / "data/02_intermediate/cifar10/test.pt", weights_only=True)
+    eval_indices = json.loads((folder / "eval_indices.json").read_text())
+    params = stage_params("data_ingestion")
+    assert params.monitor_subset.images == 2000 and params.monitor_subset.seed == 1
+    first = select_monitor_subset(test, eval_indices, params)
+    assert first == json.loads((folder / "monitor_indices.json").read_text())
+    assert first == select_monitor_subset(test, eval_indices, params)
+    assert not set(first) & set(eval_indices)
+    reseeded = params.replace(monitor_subset={"images": 2000, "seed": 2})
+    assert select_monitor_subset(test, eval_indices, reseeded) != first
+    # everything outside the evaluation subset, and no more
+    everything = params.replace(monitor_subset={"images": 10_000 - 512, "seed": 1})
+    rest = select_monitor_subset(test, eval_indices, everything)
+    assert sorted(set(rest) | set(eval_indices)) == list(range(10_000))
+    too_many = params.replace(monitor_subset={"images": 10_000 - 511, "seed": 1})
+    with pytest.raises(ValueError, match="monitor_subset.images=9489 but only 9488"):
+        select_monitor_subset(test, eval_indices, too_many)
 
 
 def test_registry_lists_data_ingestion():
@@ -111,6 +149,8 @@ def test_imagenette_from_shared_sample(data_root, tmp_path):
     assert out["class_names"][0] == "tench" and len(out["class_names"]) == 10
     assert torch.bincount(out["train_set"]["labels"]).tolist() == [100] * 10
     assert out["data_validation"]["success"]
+    assert len(out["monitor_indices"]) == 2000
+    assert not set(out["monitor_indices"]) & set(out["eval_indices"])
 
 
 # --------------------------------------------------------------------------- CIFAR-100 / SVHN
@@ -157,6 +197,7 @@ def cifar100_params(root, tmp_path):
         class_share={"train": [0.0, 0.05], "test": [0.0, 0.05]},
         all_classes_present=False,
     )
+    params["monitor_subset"]["images"] = 200  # 916 test images: 512 evaluated, 404 left
     return params
 
 
@@ -170,6 +211,8 @@ def test_cifar100_official_format(data_root, tmp_path, monkeypatch):
     first = torch.from_numpy(sample["test_data"][0].reshape(3, 32, 32))
     assert torch.equal(out["test_set"]["images"][0], first)
     assert out["test_set"]["labels"].tolist() == sample["test_fine_labels"][:916].tolist()
+    assert len(out["eval_indices"]) == 512 and len(out["monitor_indices"]) == 200
+    assert not set(out["monitor_indices"]) & set(out["eval_indices"])
 
 
 def write_svhn(root: Path, data_root: Path, monkeypatch, n_train=300, n_test=200) -> None:
@@ -196,6 +239,7 @@ def test_svhn_official_format(data_root, tmp_path, monkeypatch):
     params = base_params("svhn", tmp_path / "root", tmp_path)
     params["datasets"]["svhn"]["expected_rows"] = {"train": 300, "test": 200}
     params["eval_subset"]["images"] = 100
+    params["monitor_subset"]["images"] = 50
     out = run_ingestion(params)
     assert out["train_set"]["images"].shape == (300, 3, 32, 32)
     assert sorted(set(out["test_set"]["labels"].tolist())) == list(range(10))  # 10 -> 0
@@ -221,12 +265,26 @@ def assert_nothing_written(out: Path) -> None:
 
 def test_missing_root_says_where_and_how(tmp_path, monkeypatch):
     monkeypatch.delenv("ATOP_DATA_ROOT", raising=False)
-    params = base_params("cifar10", tmp_path / "nowhere", tmp_path)
+    (tmp_path / "empty").mkdir()
+    params = base_params("cifar10", tmp_path / "empty", tmp_path)
     with pytest.raises(DatasetNotFoundError) as err:
         run_ingestion(params, out=tmp_path / "out")
     message = str(err.value)
-    assert str(tmp_path / "nowhere") in message and str(tmp_path / "raw") in message
+    assert str(tmp_path / "empty") in message and str(tmp_path / "raw") in message
     assert "data_batch_1" in message and "ATOP_DATA_ROOT" in message and "download" in message
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_root_that_is_not_a_folder_is_named_as_a_typo(tmp_path, monkeypatch):
+    monkeypatch.delenv("ATOP_DATA_ROOT", raising=False)
+    params = base_params("cifar10", tmp_path / "nowhere", tmp_path)
+    with pytest.raises(
+        DatasetNotFoundError, match=r"data_ingestion\.root=.*nowhere.* not a folder"
+    ):
+        run_ingestion(params, out=tmp_path / "out")
+    monkeypatch.setenv("ATOP_DATA_ROOT", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetNotFoundError, match=r"ATOP_DATA_ROOT=.*nowhere.* not a folder"):
+        run_ingestion({**params, "root": None}, out=tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
 
 

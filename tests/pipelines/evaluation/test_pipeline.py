@@ -1,17 +1,18 @@
-"""The evaluation pipeline end to end on real CIFAR-10 (smoke profile, SequentialRunner).
+"""The evaluation pipelines end to end on real CIFAR-10 (smoke profile, SequentialRunner).
 
 The checkpoints are built here in seconds: a small classifier briefly trained on 512 real
-training images, two randomly initialised purifiers (cnum 8) standing for the pretrained
-("AP") and the AToP purifier. The per-defense results (``evaluation_<defense>``) and the
-report outputs are the real catalog datasets of ``conf/base/catalog_evaluation.yml`` pointed
-at ``tmp_path``. The library the nodes call (:mod:`atop.evaluation`) is tested on its own in
-``tests/evaluation``.
+training images and randomly initialised purifiers (cnum 8) standing for the pretrained
+(AP) purifier and the fine-tuning arms. The main job (``evaluation``: the MAIN defenses,
+reports ``robustness*``) runs first; the full comparison (``comparison``: the EXTRA defenses,
+then one report over every defense, ``comparison*``) runs after it on the same catalog and
+reads the main job's per-defense torch files. Every per-defense result and report output is
+a real catalog dataset of ``conf/base/catalog_evaluation.yml`` pointed at ``tmp_path``. The
+library the nodes call (:mod:`atop.evaluation`) is tested on its own in ``tests/evaluation``.
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import math
 import pickle
 from pathlib import Path
@@ -25,41 +26,65 @@ from kedro.framework.session import KedroSession
 from kedro.framework.startup import bootstrap_project
 from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
+from scipy import stats as scipy_stats
 
 from atop.checkpoint import CheckpointError
-from atop.datasets import TorchDataset
+from atop.datasets import OptionalJSONDataset, TorchDataset
 from atop.evaluation import protocol
-from atop.evaluation.defenses import DEFENSES
+from atop.evaluation.defenses import DEFENSES, EXTRA, MAIN, NEEDS, PURIFIED
 from atop.evaluation.suite import EvalParams
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, purifier_checkpoint
 from atop.pipeline_registry import register_pipelines
+from atop.pipelines.convergence.nodes import convergence_report
 from atop.pipelines.evaluation import create_pipeline
-from atop.pipelines.evaluation.nodes import INPUTS
+from atop.pipelines.evaluation.pipeline import (
+    SHARED,
+    create_comparison_pipeline,
+    defense_nodes,
+    report_nodes,
+)
+from atop.pipelines.evaluation.report import robustness_report
 from atop.validation import DataValidationError
 from atop.validation import adversarial as gx_adversarial
 from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
 
+#: Report outputs of each job (catalog name -> file name).
 REPORTS = {
     "robustness": "robustness.json",
     "robustness_table": "robustness.csv",
+    "robustness_verdicts": "robustness_verdicts.csv",
     "robustness_report": "robustness_report.md",
-    "robust_accuracy_vs_eps": "robust_accuracy_vs_eps.png",
+    "robustness_accuracy_vs_eps": "robust_accuracy_vs_eps.png",
     "adversarial_grid": "adversarial_grid.png",
 }
-TRANSFORM = {
-    "kind": "rt2",
-    "sigma": 0.25,
-    "missing_rate": 0.25,
-    "mask_block": None,
-    "mask_number": 4,
+COMPARISON = {
+    "comparison": "comparison.json",
+    "comparison_table": "comparison.csv",
+    "comparison_verdicts": "comparison_verdicts.csv",
+    "comparison_report": "comparison_report.md",
+    "comparison_accuracy_vs_eps": "comparison_accuracy_vs_eps.png",
 }
+#: RT1 (masks only): the known pixels stay clean, so the briefly trained classifier keeps
+#: some accuracy through a random purifier and fresh draws disagree (informative verdicts;
+#: with the paper's RT2 a random purifier's output is noise and every verdict is 0).
+TRANSFORM = {"kind": "rt1", "sigma": 0.0, "missing_rate": 0.25, "mask_block": 4, "mask_number": 1}
 FGSM_TRAINING = {"name": "fgsm", "eps": 8 / 255}
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
-
-
+#: Every checkpoint the two jobs read (the classifier and the purifiers by catalog name).
+CHECKPOINTS = sorted({key for needs in NEEDS.values() for key in needs})
 #: The per-defense results: one catalog entry per defense (a dataset factory).
 RESULTS_PATTERN = "evaluation_{defense}"
+#: Evaluated in this run (checkpoints present): the main job's, and pgd_at in the comparison.
+EVALUATED_MAIN = ["standard", "ap", "ap_continued", "atop"]
+EVALUATED_ALL = [*EVALUATED_MAIN, "pgd_at"]
+CHECKS = {
+    "eps_monotonic",
+    "large_eps_near_zero",
+    "stronger_attack",
+    "iterative_beats_single_step",
+    "bpda_vs_exact",
+}
 
 
 @functools.cache
@@ -78,7 +103,8 @@ def catalog_config(env: str = "smoke") -> dict:
 @pytest.fixture(scope="module")
 def inputs(data_root, cifar10_test_batch) -> dict:
     """Real CIFAR-10: a classifier trained briefly on 512 training images, the 256 test
-    images, and an evaluation subset of 5 images it gets right and 3 it gets wrong."""
+    images, an evaluation subset of 5 images it gets right and 3 it gets wrong, and the
+    checkpoints (``None``: the stage did not run)."""
     with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
         batch = pickle.load(fh, encoding="latin1")  # the official CIFAR-10 python format
     train_x = torch.from_numpy(np.asarray(batch["data"][:512], dtype=np.uint8))
@@ -104,169 +130,434 @@ def inputs(data_root, cifar10_test_batch) -> dict:
     classifier = classifier_checkpoint(
         model, "resnet-fast", {"num_classes": 10, "width": 8}, meta={"train_seconds": 3.0}
     )
-    purifiers = []
-    for seed, meta in ((0, {"transform": TRANSFORM}), (1, {"transform": TRANSFORM})):
+
+    def purifier(seed: int, atop: dict | None = None, transform: dict = TRANSFORM) -> dict:
         torch.manual_seed(seed)
         generator, discriminator = build_purifier({"cnum": 8})
-        purifiers.append(purifier_checkpoint(generator, discriminator, meta=meta))
-    purifiers[1]["meta"]["atop"] = {"attack": FGSM_TRAINING, "train_seconds": 5.0}
+        meta = {"transform": dict(transform), **({"atop": atop} if atop else {})}
+        return purifier_checkpoint(generator, discriminator, meta=meta)
+
+    checkpoints = dict.fromkeys(CHECKPOINTS)
+    checkpoints.update(
+        classifier=classifier,
+        purifier=purifier(0),
+        purifier_ap_continued=purifier(
+            2, {"attack": None, "train_seconds": 4.0}, {**TRANSFORM, "mask_block": 8}
+        ),
+        purifier_atop=purifier(1, {"attack": FGSM_TRAINING, "train_seconds": 5.0}),
+        pgd_at_classifier=classifier,  # the baseline's checkpoint exists (a stand-in)
+    )
     return {
-        "test_set": {"images": (images * 255).round().to(torch.uint8), "labels": labels},
-        "eval_indices": eval_indices,
-        "class_names": CLASS_NAMES,
-        "classifier": classifier,
-        "purifier": purifiers[0],
-        "atop_purifier": purifiers[1],
+        "data": {
+            "test_set": {"images": (images * 255).round().to(torch.uint8), "labels": labels},
+            "eval_indices": eval_indices,
+            "class_names": CLASS_NAMES,
+        },
+        "checkpoints": checkpoints,
     }
 
 
-def make_catalog(inputs: dict, folder: Path, params: EvalParams, baselines: dict) -> DataCatalog:
-    """The real per-defense result and report datasets of catalog_evaluation.yml (paths
-    moved to ``folder``), the inputs in memory, and the baselines as optional TorchDatasets
-    (``None``: file missing)."""
+def make_catalog(inputs: dict, folder: Path, params: EvalParams) -> DataCatalog:
+    """The real per-defense result, report and convergence datasets of the catalog (paths
+    moved to ``folder``), the data in memory, and every checkpoint as an optional
+    TorchDataset (``None``: file missing, the defense is skipped)."""
     config = {}
     for name, entry in catalog_config().items():
-        if name in REPORTS:
+        if name in REPORTS or name in COMPARISON or name == "convergence":
             config[name] = {**entry, "filepath": str(folder / Path(entry["filepath"]).name)}
         elif name == RESULTS_PATTERN:
             results = folder / "evaluation" / Path(entry["filepath"]).name
             config[name] = {**entry, "filepath": str(results)}
-    assert RESULTS_PATTERN in config and set(REPORTS) <= set(config)
+    assert RESULTS_PATTERN in config and {*REPORTS, *COMPARISON, "convergence"} <= set(config)
     catalog = DataCatalog.from_config(config)
-    for name, value in inputs.items():
+    for name, value in inputs["data"].items():
         catalog[name] = MemoryDataset(value, copy_mode="assign")
-    for name, checkpoint in baselines.items():
-        path = folder / f"{name}.pt"
+    for name, checkpoint in inputs["checkpoints"].items():
+        path = folder / "models" / f"{name}.pt"
         if checkpoint is not None:
             TorchDataset(str(path)).save(checkpoint)
         catalog[name] = TorchDataset(str(path), optional=True)
     catalog["params:evaluation"] = MemoryDataset(params, copy_mode="assign")
     catalog["robustness_results"] = KeptMemoryDataset()
+    catalog["comparison_results"] = KeptMemoryDataset()
     return catalog
+
+
+def _study(steps: dict[int, int], eot: dict[int, int], n: int = 8) -> dict:
+    """A hand-made convergence study: setting -> images right on both draws (of ``n``)."""
+
+    def draws(right: int) -> torch.Tensor:
+        return (torch.arange(n) < right)[:, None].repeat(1, 2)
+
+    return {
+        "steps": [(k, draws(v)) for k, v in steps.items()],
+        "eot": [(k, draws(v)) for k, v in eot.items()],
+        "norm": "Linf",
+        "eps": 8 / 255,
+    }
+
+
+def convergence_metrics() -> dict:
+    """The convergence JSON of a (hand-made) study: AP flat from the first setting, AToP
+    still falling at the last one."""
+    params = stage_params("convergence", device="cpu")
+    metrics, *_ = convergence_report(
+        params,
+        ap=_study({1: 3, 2: 3, 4: 3}, {1: 3, 2: 3}),
+        atop=_study({1: 8, 2: 6, 4: 0}, {1: 3, 2: 3}),
+    )
+    return metrics
 
 
 @pytest.fixture(scope="module")
 def evaluated(inputs, tmp_path_factory) -> dict:
-    """One smoke run: standard, ap, atop and the pgd_at baseline (its checkpoint exists; the
-    classifier stands in for it), rvs missing. Every GX summary is recorded."""
+    """The main job, then the full comparison, on one catalog. Checkpoints present:
+    classifier, purifier (AP), purifier_ap_continued, purifier_atop and pgd_at's; missing:
+    purifier_ap_classifier_aware, rvs and the comparison's purifiers. No convergence study
+    before the main job; one (hand-made) before the comparison. Every GX summary recorded."""
     folder = tmp_path_factory.mktemp("evaluation")
-    params = stage_params("evaluation")
-    baselines = {"pgd_at_classifier": inputs["classifier"], "rvs_classifier": None}
-    catalog = make_catalog(inputs, folder, params, baselines)
-    summaries = []
+    params = stage_params("evaluation", device="cpu")
+    catalog = make_catalog(inputs, folder, params)
+    summaries = {"main": [], "comparison": []}
     real_validate = gx_adversarial.validate_adversarial
+    job = {"name": "main"}
 
     def recording_validate(*args, **kwargs):
-        summaries.append(real_validate(*args, **kwargs))
-        return summaries[-1]
+        summaries[job["name"]].append(real_validate(*args, **kwargs))
+        return summaries[job["name"]][-1]
 
     with pytest.MonkeyPatch.context() as patch:
         # the nodes import the suite when they run: patch it where it lives
         patch.setattr(gx_adversarial, "validate_adversarial", recording_validate)
         SequentialRunner().run(create_pipeline(), catalog)
+        after_main = sorted(p.name for p in (folder / "evaluation").iterdir())
+        reports_after_main = sorted(p.name for p in folder.iterdir() if p.is_file())
+        convergence = convergence_metrics()
+        OptionalJSONDataset(str(folder / "convergence.json")).save(convergence)
+        job["name"] = "comparison"
+        SequentialRunner().run(create_comparison_pipeline(), catalog)
     return {
         "folder": folder,
         "params": params,
+        "eval_indices": inputs["data"]["eval_indices"],
         "results": catalog["robustness_results"].load(),
-        "metrics": json.loads((folder / REPORTS["robustness"]).read_text()),
+        "comparison_results": catalog["comparison_results"].load(),
+        "metrics": catalog["robustness"].load(),
+        "comparison_metrics": catalog["comparison"].load(),
+        "convergence": convergence,
         "summaries": summaries,
+        "after_main": after_main,
+        "reports_after_main": reports_after_main,
     }
 
 
-def test_every_attack_output_passes_the_suite_and_is_scored(evaluated):
+def _same(a, b) -> bool:
+    """Deep equality of nested results holding tensors."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b
+
+
+# --- wiring (no run) ----------------------------------------------------------------------
+
+
+def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
+    main, comparison = create_pipeline(), create_comparison_pipeline()
+    report = {"collect_{}", "{}_metrics", "{}_table", "{}_verdicts", "{}_report",
+              "plot_{}_accuracy_vs_eps"}  # fmt: skip
+    assert {n.name for n in main.nodes} == {f"evaluate_{d}" for d in MAIN} | {
+        name.format("robustness") for name in report
+    } | {"plot_adversarial_grid"}
+    assert {n.name for n in comparison.nodes} == {f"evaluate_{d}" for d in EXTRA} | {
+        name.format("comparison") for name in report
+    }
+    written = {*REPORTS, *(f"evaluation_{d}" for d in MAIN), "robustness_results"}
+    assert main.all_outputs() == written
+    written = {*COMPARISON, *(f"evaluation_{d}" for d in EXTRA), "comparison_results"}
+    assert comparison.all_outputs() == written
+    # the main job needs none of the comparison's checkpoints; both cite the convergence study
+    extra_checkpoints = {key for d in EXTRA for key in NEEDS[d]} - {"classifier"}
+    assert not extra_checkpoints & main.inputs()
+    assert extra_checkpoints <= comparison.inputs()
+    assert "convergence" in main.inputs() and "convergence" in comparison.inputs()
+    # the comparison reports every defense: the main job's results are read from their files
+    assert {f"evaluation_{d}" for d in MAIN} <= comparison.inputs()
+    collect = next(n for n in comparison.nodes if n.name == "collect_comparison")
+    assert {f"evaluation_{d}" for d in DEFENSES} <= set(collect.inputs)
+    assert collect.outputs == ["comparison_results"]
+
+
+def test_one_node_per_defense_then_one_that_gathers_them():
+    """Each defense can be re-evaluated alone (``--from-nodes evaluate_ap``): its node takes
+    only its own checkpoints and writes ``evaluation_<defense>``."""
+    nodes = {node.name: node for node in defense_nodes(DEFENSES)}
+    shared = set(SHARED.values())
+    assert shared == {"test_set", "eval_indices", "class_names", "params:evaluation"}
+    for name in DEFENSES:
+        node = nodes[f"evaluate_{name}"]
+        assert set(node.inputs) == shared | set(NEEDS[name]), name
+        assert node.outputs == [f"evaluation_{name}"]
+    assert NEEDS["atop"] == ("classifier", "purifier_atop")
+    assert NEEDS["pgd_at"] == ("pgd_at_classifier",) and NEEDS["rvs"] == ("rvs_classifier",)
+    gather = next(n for n in report_nodes(["standard", "ap"], "x") if n.name == "collect_x")
+    assert set(gather.inputs) == {"params:evaluation", "eval_indices", "class_names",
+                                  "purifier_atop", "evaluation_standard", "evaluation_ap"}  # fmt: skip
+    ap_alone = create_pipeline().from_nodes("evaluate_ap")
+    assert {n.name for n in ap_alone.nodes if n.name.startswith("evaluate_")} == {"evaluate_ap"}
+
+
+# --- the runs -------------------------------------------------------------------------------
+
+
+def test_every_attack_output_passes_the_suite_and_is_judged(evaluated):
     params, results = evaluated["params"], evaluated["results"]
     labels = [entry["label"] for entry in params.attacks]
     kinds = {entry["name"] for entry in params.attacks}
     assert kinds == {"fgsm", "pgd", "bpda", "cw", "autoattack"}
-    assert {e["version"] for e in params.attacks if e["name"] == "autoattack"} == {
-        "standard",
-        "rand",
-    }
-    assert list(results["defenses"]) == ["standard", "ap", "atop", "pgd_at"]
+    assert list(results["defenses"]) == EVALUATED_MAIN
     for name, res in results["defenses"].items():
-        expected = labels if name in ("ap", "atop") else [x for x in labels if x != "bpda_linf"]
+        if name in PURIFIED:
+            expected = [x for x in labels if x != "autoattack_standard"]
+        else:
+            expected = [x for x in labels if x not in ("bpda_linf", "autoattack_rand")]
         assert list(res["attacks"]) == expected, name
-        assert all(len(a["correct"]) == params.images for a in res["attacks"].values())
+        draws = params.draws if res["stochastic"] else 1
+        assert res["stochastic"] == (name in PURIFIED)
+        assert res["clean"].shape == (params.images, draws) and res["clean"].dtype == torch.bool
+        for label, attack in res["attacks"].items():
+            assert attack["draws"].shape == (params.images, draws), (name, label)
     # one suite per attack run + per extra sanity run (eps sweep point, stronger attack)
     extra_sweep = sum(1 for e in params.sanity.eps_sweep if e != 0 and not math.isclose(e, 8 / 255))
-    runs = sum(len(r["attacks"]) for r in results["defenses"].values())
-    assert len(evaluated["summaries"]) == runs + 4 * (extra_sweep + 1)
-    for summary in evaluated["summaries"]:
+    for job, key in (("main", "results"), ("comparison", "comparison_results")):
+        ran = [n for n, r in evaluated[key]["defenses"].items() if job == "main" or n in EXTRA]
+        runs = sum(len(evaluated[key]["defenses"][n]["attacks"]) for n in ran)
+        assert len(evaluated["summaries"][job]) == runs + len(ran) * (extra_sweep + 1), job
+    for summary in evaluated["summaries"]["main"] + evaluated["summaries"]["comparison"]:
         assert summary["success"] and summary["rows"] == params.images
         if summary["eps"] is not None:
             assert summary["max_perturbation"] <= summary["eps"] + params.tolerance
 
 
-def test_per_defense_results_are_catalog_files_the_report_is_gathered_from(evaluated):
-    """``evaluation_<defense>``: one torch file per defense (re-evaluate one alone), the
-    skipped ones recording why; the gathered results are exactly their contents."""
-    folder, results = evaluated["folder"] / "evaluation", evaluated["results"]
+def test_per_defense_results_are_torch_files_the_reports_are_gathered_from(evaluated):
+    """``evaluation_<defense>``: one torch file per defense (re-evaluate one alone); the
+    skipped ones record why; the gathered results are exactly their contents."""
+    folder = evaluated["folder"] / "evaluation"
+    assert evaluated["after_main"] == sorted(f"{n}.pt" for n in MAIN)
     assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.pt" for n in DEFENSES)
+    results = evaluated["comparison_results"]
+    assert list(results["defenses"]) == EVALUATED_ALL
     for name in DEFENSES:
         saved = TorchDataset(str(folder / f"{name}.pt")).load()
         if name in results["defenses"]:
-            assert {k: v for k, v in saved.items() if k != "grid"} == results["defenses"][name]
+            assert _same({k: v for k, v in saved.items() if k != "grid"}, results["defenses"][name])
             assert (saved["grid"] is not None) == (name == evaluated["params"].grid.defense)
         else:
             assert saved == {"skipped": results["skipped"][name]}, name
+    assert set(results["skipped"]) == set(DEFENSES) - set(EVALUATED_ALL)
+    assert "purifier_ap_classifier_aware" in results["skipped"]["ap_classifier_aware"]
+    assert "rvs_classifier" in results["skipped"]["rvs"]
+    # the main report saw the main job's defenses only
+    assert set(evaluated["results"]["skipped"]) == {"ap_classifier_aware"}
+    for name in EVALUATED_MAIN:
+        assert _same(evaluated["results"]["defenses"][name], results["defenses"][name]), name
+
+
+def test_each_job_writes_its_own_report_files(evaluated):
+    folder = evaluated["folder"]
+    assert set(REPORTS.values()) <= set(evaluated["reports_after_main"])
+    assert not set(COMPARISON.values()) & set(evaluated["reports_after_main"])
+    for filename in (*REPORTS.values(), *COMPARISON.values()):
+        assert (folder / filename).stat().st_size > 0, filename
+    for png in ("robust_accuracy_vs_eps.png", "adversarial_grid.png",
+                "comparison_accuracy_vs_eps.png"):  # fmt: skip
+        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list(evaluated["metrics"]["defenses"]) == EVALUATED_MAIN
+    assert list(evaluated["comparison_metrics"]["defenses"]) == EVALUATED_ALL
 
 
 def test_deterministic_defenses_get_one_eot_sample_and_one_draw(evaluated):
-    for name, res in evaluated["results"]["defenses"].items():
+    for name, res in evaluated["comparison_results"]["defenses"].items():
         eots = {a["eot_iter"] for a in res["attacks"].values() if a["eot_iter"] is not None}
         if res["stochastic"]:
-            assert name in ("ap", "atop") and max(eots) == 2  # smoke pgd_linf eot_iter
+            assert name in PURIFIED and max(eots) == 2  # smoke pgd_linf eot_iter
         else:
-            assert eots == {1}
+            assert eots == {1} and res["clean"].shape[1] == 1
 
 
-def test_attacks_lower_the_undefended_accuracy_and_worst_case_is_the_minimum(evaluated):
-    metrics = evaluated["metrics"]
-    standard = metrics["defenses"]["standard"]
-    assert standard["clean_acc"] == 5 / 8  # the subset: 5 images it gets right, 3 wrong
-    assert standard["robust_acc"]["pgd_linf"] < standard["clean_acc"]
-    for name, entry in metrics["defenses"].items():
-        bounded = [v for k, v in entry["robust_acc"].items()]
-        assert entry["worst_case_acc"] <= min([entry["clean_acc"], *bounded]), name
-        assert entry["worst_case_linf_acc"] >= entry["worst_case_acc"]
-        assert entry["worst_case_l2_acc"] >= entry["worst_case_acc"]
-        res = evaluated["results"]["defenses"][name]
-        per_image = [res["clean"]] + [a["correct"] for a in res["attacks"].values()]
-        assert res["worst_case"]["all"] == [all(col) for col in zip(*per_image, strict=True)]
+def _verdicts(evaluated, prefix: str = "robustness") -> pd.DataFrame:
+    return pd.read_csv(evaluated["folder"] / f"{prefix}_verdicts.csv")
 
 
-def test_missing_optional_baseline_is_skipped_present_one_is_evaluated(evaluated):
-    metrics = evaluated["metrics"]
-    assert "pgd_at" in metrics["defenses"] and "rvs" not in metrics["defenses"]
-    assert "rvs_classifier" in metrics["skipped"]["rvs"]
-    # pgd_at is the same classifier here: same images, same seed -> same clean verdicts
-    assert (
-        metrics["defenses"]["pgd_at"]["clean_acc"] == metrics["defenses"]["standard"]["clean_acc"]
+def test_the_verdicts_csv_holds_every_per_image_per_draw_verdict(evaluated):
+    table = _verdicts(evaluated)
+    results, params = evaluated["results"], evaluated["params"]
+    eval_indices = evaluated["eval_indices"][: params.images]
+    assert list(table.columns[:7]) == ["defense", "attack", "norm", "eps", "image", "draws",
+                                       "correct"]  # fmt: skip
+    assert [c for c in table.columns if c.startswith("draw_")] == ["draw_0", "draw_1"]
+    expected_rows = sum(
+        (1 + len(r["attacks"])) * params.images for r in results["defenses"].values()
     )
-    report = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
-    assert "rvs: not evaluated" in report
+    assert len(table) == expected_rows  # one row per defense x (clean + attack) x image
+    specs = {a["label"]: a for a in results["attacks"]}
+    for (name, label), rows in table.groupby(["defense", "attack"], sort=False):
+        res = results["defenses"][name]
+        draws = res["clean"] if label == "clean" else res["attacks"][label]["draws"]
+        n, d = draws.shape
+        assert rows["image"].tolist() == eval_indices
+        assert (rows["draws"] == d).all() and (rows["correct"] == draws.sum(dim=1).numpy()).all()
+        columns = [f"draw_{i}" for i in range(d)]
+        assert (rows[columns].to_numpy() == draws.numpy().astype(int)).all(), (name, label)
+        assert rows[[c for c in ("draw_0", "draw_1") if c not in columns]].isna().all().all()
+        if label == "clean":
+            assert rows["norm"].isna().all() and rows["eps"].isna().all()
+        else:
+            assert (rows["norm"] == specs[label]["norm"]).all()
+            assert rows["eps"].tolist() == pytest.approx([specs[label]["eps"]] * n)
+    assert {(n, a) for n, a in table[["defense", "attack"]].drop_duplicates().to_numpy()} == {
+        (name, label)
+        for name, res in results["defenses"].items()
+        for label in ("clean", *res["attacks"])
+    }
+    comparison = _verdicts(evaluated, "comparison")
+    assert list(comparison["defense"].unique()) == EVALUATED_ALL
 
 
-def test_sanity_checks_run_and_are_reported(evaluated):
+def _exact_ci(total: float, n: int) -> list[float]:
+    """The exact 95 % interval, written out with the beta quantiles (independently of
+    atop.evaluation.stats)."""
+    low = 0.0 if total == 0 else scipy_stats.beta.ppf(0.025, total, n - total + 1)
+    high = 1.0 if total == n else scipy_stats.beta.ppf(0.975, total + 1, n - total)
+    return [float(low), float(high)]
+
+
+def _summary_from_scores(single: np.ndarray, all_right: np.ndarray) -> dict:
+    n = len(single)
+    return {
+        "single": single.mean(),
+        "single_ci": _exact_ci(single.sum(), n),
+        "worst_of_n": all_right.mean(),
+        "worst_of_n_ci": _exact_ci(float(all_right.sum()), n),
+    }
+
+
+def _assert_close(actual: dict, expected: dict, where: str) -> None:
+    assert set(actual) == set(expected), where
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value), (where, key)
+
+
+@pytest.mark.parametrize("prefix", ["robustness", "comparison"])
+def test_the_metrics_json_is_recomputed_from_the_verdicts_csv(evaluated, prefix):
+    """Every accuracy of the JSON comes back from the CSV alone: single-draw (mean fraction
+    of right draws), worst-of-N (every draw right), the per-image worst cases per threat
+    model, the exact intervals and the paired tests."""
+    metrics = evaluated["metrics" if prefix == "robustness" else "comparison_metrics"]
+    table = _verdicts(evaluated, prefix)
+    table["fraction"] = table["correct"] / table["draws"]
+    table["all_right"] = table["correct"] == table["draws"]
+    worst = {}
+    for name, rows in table.groupby("defense", sort=False):
+        entry = metrics["defenses"][name]
+        by_attack = {label: r.reset_index(drop=True) for label, r in rows.groupby("attack")}
+        clean = by_attack.pop("clean")
+        expected = _summary_from_scores(clean["fraction"].to_numpy(), clean["all_right"].to_numpy())
+        _assert_close(entry["clean"], expected, name)
+        assert set(entry["attacks"]) == set(by_attack)
+        for label, r in by_attack.items():
+            assert entry["attacks"][label]["single"] == pytest.approx(r["fraction"].mean())
+            assert entry["attacks"][label]["worst_of_n"] == pytest.approx(r["all_right"].mean())
+        for norm in ("Linf", "L2"):
+            bounded = [r for r in by_attack.values() if r["eps"].notna().all() and
+                       (r["norm"] == norm).all()]  # fmt: skip
+            single = np.min([clean["fraction"], *(r["fraction"] for r in bounded)], axis=0)
+            all_right = np.all([clean["all_right"], *(r["all_right"] for r in bounded)], axis=0)
+            worst[name, norm] = (single, all_right, clean["all_right"].to_numpy())
+            _assert_close(entry["worst_case"][norm], _summary_from_scores(single, all_right), name)
+            assert entry["worst_case"][norm]["worst_of_n"] <= entry["worst_case"][norm]["single"]
+        first = rows["draw_0"].to_numpy()
+        assert first.size and set(np.unique(first)) <= {0, 1}
+    # the run is informative: fresh draws disagree, so the two rules differ somewhere
+    assert any(
+        entry["worst_case"][norm]["worst_of_n"] < entry["worst_case"][norm]["single"]
+        for entry in metrics["defenses"].values()
+        for norm in ("Linf", "L2")
+    )
+    # paired exact McNemar tests of atop vs every other defense (worst-of-N verdicts)
+    assert set(metrics["paired"]) == set(metrics["defenses"]) - {"atop"}
+    for other in metrics["paired"]:
+        for norm in ("Linf", "L2"):
+            a, b = worst["atop", norm][1], worst[other, norm][1]
+            only_a, only_b = int((a & ~b).sum()), int((b & ~a).sum())
+            test = metrics["paired"][other][norm]
+            assert (test["worst_of_n"]["only_focus"], test["worst_of_n"]["only_other"]) == (
+                only_a,
+                only_b,
+            )
+            p = scipy_stats.binomtest(only_a, only_a + only_b).pvalue if only_a + only_b else 1.0
+            assert test["worst_of_n"]["p_value"] == pytest.approx(p)
+            difference = worst["atop", norm][0].mean() - worst[other, norm][0].mean()
+            assert test["single_difference"] == pytest.approx(difference)
+    # at matched clean accuracy: the images every purified defense gets right clean
+    purified = [n for n in metrics["defenses"] if n in PURIFIED]
+    common = np.all([worst[n, "Linf"][2] for n in purified], axis=0)
+    matched = metrics["matched_clean"]
+    assert matched["images"] == int(common.sum())
+    if common.any():
+        for name in purified:
+            for norm in ("Linf", "L2"):
+                assert matched[name][norm] == pytest.approx(worst[name, norm][0][common].mean())
+    # the ε sweep: ε = 0 is the clean accuracy, the reference ε the reference attack
+    for name, sweep in metrics["robust_acc_vs_eps"].items():
+        assert list(sweep) == ["0/255", "8/255", "64/255"]
+        assert sweep["0/255"] == pytest.approx(metrics["defenses"][name]["clean"]["single"])
+        reference = metrics["defenses"][name]["attacks"]["pgd_linf"]["single"]
+        assert sweep["8/255"] == pytest.approx(reference)
+    settings = metrics["settings"]
+    assert (settings["n_images"], settings["seed"], settings["draws"]) == (8, 0, 2)
+    assert set(settings["rules"]) == {"single", "worst_of_n"}
+    assert settings["attacks"]["pgd_linf"]["eps"] == pytest.approx(8 / 255)
+    assert (
+        settings["attacks"]["pgd_linf"]["steps"],
+        settings["attacks"]["pgd_linf"]["eot_iter"],
+    ) == (2, 2)
+
+
+def test_attacks_lower_the_undefended_accuracy(evaluated):
+    standard = evaluated["metrics"]["defenses"]["standard"]
+    assert standard["clean"]["single"] == standard["clean"]["worst_of_n"] == 5 / 8
+    assert standard["attacks"]["pgd_linf"]["single"] < standard["clean"]["single"]
+    assert standard["worst_case"]["Linf"]["single"] <= standard["attacks"]["pgd_linf"]["single"]
+    # pgd_at is the same classifier here: same images, same seed -> same clean verdicts
+    comparison = evaluated["comparison_metrics"]["defenses"]
+    assert comparison["pgd_at"]["clean"] == comparison["standard"]["clean"]
+
+
+def test_the_csv_table_has_one_row_per_defense_and_rule(evaluated):
     metrics = evaluated["metrics"]
-    report = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
-    checks = {"eps_monotonic", "large_eps_near_zero", "stronger_attack",
-              "iterative_beats_single_step", "bpda_vs_exact"}  # fmt: skip
-    for name, statuses in metrics["sanity"].items():
-        assert set(statuses) == checks
-        run = {k for k, v in statuses.items() if v != "not run"}
-        assert run == (checks if name in ("ap", "atop") else checks - {"bpda_vs_exact"}), name
-        assert set(statuses.values()) <= {"pass", "fail", "not run"}
-        assert list(metrics["robust_acc_vs_eps"][name]) == ["0/255", "8/255", "64/255"]
-        assert metrics["robust_acc_vs_eps"][name]["0/255"] == metrics["defenses"][name]["clean_acc"]
-        limit = metrics["settings"]["sanity"]["large_eps_max_acc"]
-        near_zero = metrics["robust_acc_vs_eps"][name]["64/255"] <= limit
-        assert statuses["large_eps_near_zero"] == ("pass" if near_zero else "fail")
-    standard = metrics["robust_acc_vs_eps"]["standard"]
-    assert standard["64/255"] < standard["0/255"]  # even 2 PGD steps at 64/255 break some
-    assert "## Gradient-masking sanity checks" in report
-    assert report.count("| ap | ") >= 5 and "BPDA vs exact gradients" in report
-    assert "max(1, 2·√(b + c))" in report  # the documented noise tolerance
+    table = pd.read_csv(evaluated["folder"] / REPORTS["robustness_table"])
+    assert list(zip(table["defense"], table["rule"], strict=True)) == [
+        (name, rule) for name in metrics["defenses"] for rule in ("single", "worst_of_n")
+    ]
+    table = table.set_index(["defense", "rule"])
+    for name, entry in metrics["defenses"].items():
+        for rule in ("single", "worst_of_n"):
+            row = table.loc[(name, rule)]
+            assert row["clean"] == pytest.approx(entry["clean"][rule])
+            for label, values in entry["attacks"].items():
+                assert row[label] == pytest.approx(values[rule]), (name, rule, label)
+            for norm in ("Linf", "L2"):
+                key = f"worst_case_{norm.lower()}"
+                assert row[key] == pytest.approx(entry["worst_case"][norm][rule])
+                low, high = entry["worst_case"][norm][f"{rule}_ci"]
+                assert (row[f"{key}_low"], row[f"{key}_high"]) == pytest.approx((low, high))
+            assert (row["n_images"], row["draws"]) == (8, 2)
+    assert np.isnan(table.loc[("standard", "single"), "bpda_linf"])
+    assert np.isnan(table.loc[("atop", "single"), "autoattack_standard"])
 
 
 def _markdown_table(report: str, heading: str) -> pd.DataFrame:
@@ -274,45 +565,110 @@ def _markdown_table(report: str, heading: str) -> pd.DataFrame:
     block = []
     for line in report.split(heading, 1)[1].splitlines():
         if line.startswith("|"):
-            block.append([cell.strip().strip("*") for cell in line.strip("|").split("|")])
+            block.append([cell.strip().replace("**", "") for cell in line.strip("|").split("|")])
         elif block:
             break
     return pd.DataFrame(block[2:], columns=block[0])
 
 
-def test_report_files_exist_and_agree_with_the_json(evaluated):
-    folder, metrics = evaluated["folder"], evaluated["metrics"]
-    for name, filename in REPORTS.items():
-        assert (folder / filename).stat().st_size > 0, name
-    for png in ("robust_accuracy_vs_eps.png", "adversarial_grid.png"):
-        assert (folder / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    settings = metrics["settings"]
-    assert (settings["n_images"], settings["seed"], settings["draws"]) == (8, 0, 2)
-    assert settings["attacks"]["pgd_linf"]["eps"] == pytest.approx(8 / 255)
-    assert settings["attacks"]["pgd_linf"]["steps"] == 2
-    assert settings["attacks"]["pgd_linf"]["eot_iter"] == 2
+def _pct(cell: str) -> float:
+    return float(cell.split(" ")[0])
 
-    table = pd.read_csv(folder / REPORTS["robustness_table"]).set_index("defense")
-    assert list(table.index) == list(metrics["defenses"])
-    markdown = _markdown_table(
-        (folder / REPORTS["robustness_report"]).read_text(), "## Clean and robust accuracy (%)"
-    ).set_index("defense")
+
+def test_the_markdown_report_agrees_with_the_json(evaluated):
+    metrics = evaluated["metrics"]
+    report = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
+    headline = _markdown_table(report, "## Worst-case robust accuracy (%), the headline")
+    headline = headline.set_index("defense")
+    assert list(headline.index) == list(metrics["defenses"])
     for name, entry in metrics["defenses"].items():
-        values = {"clean": entry["clean_acc"], **entry["robust_acc"]}
-        values.update(
-            worst_case=entry["worst_case_acc"], worst_case_linf=entry["worst_case_linf_acc"]
+        row = headline.loc[name]
+        assert _pct(row["clean, single-draw"]) == pytest.approx(
+            100 * entry["clean"]["single"], abs=0.005
         )
-        for column, value in values.items():
-            assert table.loc[name, column] == pytest.approx(value), (name, column)
-        for column, value in {"clean": entry["clean_acc"], **entry["robust_acc"]}.items():
-            assert float(markdown.loc[name, column]) == pytest.approx(100 * value, abs=0.005)
-        assert float(markdown.loc[name, "worst case"]) == pytest.approx(
-            100 * entry["worst_case_acc"], abs=0.005
+        single = row["worst ℓ∞, single-draw"]
+        assert _pct(single) == pytest.approx(100 * entry["worst_case"]["Linf"]["single"], abs=0.005)
+        low, high = entry["worst_case"]["Linf"]["single_ci"]
+        assert single.endswith(f"[{100 * low:.2f}, {100 * high:.2f}]")
+        assert _pct(row["worst ℓ2, single-draw"]) == pytest.approx(
+            100 * entry["worst_case"]["L2"]["single"], abs=0.005
         )
-    assert (
-        np.isnan(table.loc["standard", "bpda_linf"])
-        and markdown.loc["standard", "bpda_linf"] == "—"
-    )
+        assert _pct(row["worst ℓ∞, worst-of-2"]) == pytest.approx(
+            100 * entry["worst_case"]["Linf"]["worst_of_n"], abs=0.005
+        )
+    for rule, heading in (("single", "single"), ("worst_of_n", "worst-of-n")):
+        table = _markdown_table(report, f"## Accuracy (%) per attack, {heading}").set_index(
+            "defense"
+        )
+        for name, entry in metrics["defenses"].items():
+            assert _pct(table.loc[name, "clean"]) == pytest.approx(
+                100 * entry["clean"][rule], abs=0.005
+            )
+            for label, values in entry["attacks"].items():
+                assert _pct(table.loc[name, label]) == pytest.approx(100 * values[rule], abs=0.005)
+        assert table.loc["standard", "bpda_linf"] == "—"
+    assert "N = 2 fresh draws" in report
+    assert "## Does AToP beat each other defense? Paired exact tests" in report
+    paired = _markdown_table(report, "## Does AToP beat each other defense?")
+    assert set(paired["other defense"]) == set(metrics["paired"])
+    # the fixed-randomness diagnostic: purified defenses only
+    assert "## Diagnostic: the same randomness for attack and judging" in report
+    fixed = _markdown_table(report, "## Diagnostic: the same randomness")
+    assert set(fixed["defense"]) == {n for n in metrics["defenses"] if n in PURIFIED}
+    for name, entry in metrics["defenses"].items():
+        assert ("fixed_randomness" in entry) == (name in PURIFIED), name
+        if name in PURIFIED:
+            assert entry["fixed_randomness"]["label"] == "pgd_linf"
+
+
+def test_the_report_says_when_no_convergence_study_ran_and_cites_one_when_given(evaluated):
+    main = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
+    assert "## Is the attack converged?" in main
+    assert "No convergence study has run yet" in main
+    # the comparison ran after a study was written: its report cites it
+    comparison = (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()
+    assert "No convergence study has run yet" not in comparison
+    assert "`data/08_reporting/convergence_report.md` (PGD Linf eps 8/255" in comparison
+    assert "the reference attack here runs 2 steps with EOT 2" in comparison
+    table = _markdown_table(comparison, "## Is the attack converged?").set_index("defense")
+    assert list(table.index) == ["ap", "atop"]
+    assert table.loc["ap", "steps: flat from"].startswith("1 (strongest 1: 37.50 ± 17.12)")
+    assert table.loc["atop", "steps: flat from"].startswith("4 (strongest 4: 0.00 ± 0.00)")
+    verdict = "PGD-2 x EOT-2 on the flat part"
+    assert (table.loc["ap", verdict], table.loc["atop", verdict]) == ("yes", "no")
+    # the same report node with the study given directly
+    results, metrics = evaluated["results"], evaluated["metrics"]
+    cited = robustness_report(results, metrics, evaluated["convergence"])
+    assert "convergence_report.md" in cited and "No convergence study" not in cited
+    assert robustness_report(results, metrics) == robustness_report(results, metrics, None)
+    assert "No convergence study has run yet" in robustness_report(results, metrics)
+
+
+def test_optional_json_dataset_loads_none_for_a_missing_file(tmp_path):
+    dataset = OptionalJSONDataset(str(tmp_path / "convergence.json"))
+    assert dataset.load() is None
+    dataset.save({"a": [1, 2]})
+    assert dataset.load() == {"a": [1, 2]}
+    assert '\n  "a"' in (tmp_path / "convergence.json").read_text()  # indented
+
+
+def test_sanity_checks_run_and_are_reported(evaluated):
+    metrics = evaluated["comparison_metrics"]
+    report = (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()
+    for name, statuses in metrics["sanity"].items():
+        assert set(statuses) == CHECKS
+        run = {k for k, v in statuses.items() if v != "not run"}
+        assert run == (CHECKS if name in PURIFIED else CHECKS - {"bpda_vs_exact"}), name
+        assert set(statuses.values()) <= {"pass", "fail", "not run"}
+        res = evaluated["comparison_results"]["defenses"][name]
+        limit = evaluated["params"].sanity.large_eps_max_acc
+        at_max = res["sweep"][-1]["draws"].float().mean().item()
+        assert statuses["large_eps_near_zero"] == ("pass" if at_max <= limit else "fail")
+    standard = metrics["robust_acc_vs_eps"]["standard"]
+    assert standard["64/255"] < standard["0/255"]  # even 2 PGD steps at 64/255 break some
+    assert "## Gradient-masking sanity checks" in report
+    assert "one-sided exact McNemar test of the worst-of-N verdicts at level 0.05" in report
+    assert report.count("| ap | ") >= 5 and "BPDA vs exact gradients" in report
 
 
 def test_unseen_attacks_and_training_time_come_from_the_checkpoints(evaluated):
@@ -324,10 +680,20 @@ def test_unseen_attacks_and_training_time_come_from_the_checkpoints(evaluated):
     assert metrics["defenses"]["standard"]["train_seconds"] == 3.0
     assert metrics["defenses"]["atop"]["train_seconds"] is None
     stages = evaluated["results"]["defenses"]["atop"]["train_seconds"]
-    assert stages == {"classifier": 3.0, "purifier": None, "atop_purifier": 5.0}
+    assert stages == {"classifier": 3.0, "purifier": None, "finetuning": 5.0}
+    continued = evaluated["results"]["defenses"]["ap_continued"]["train_seconds"]
+    assert continued == {"classifier": 3.0, "purifier": None, "finetuning": 4.0}
+    assert evaluated["results"]["defenses"]["ap"]["train_seconds"] == {
+        "classifier": 3.0,
+        "purifier": None,
+    }
     report = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
     assert "fine-tuned with **fgsm Linf 8/255**" in report
     assert "atop: `purifier` records no training time" in report
+    assert "ap_classifier_aware: not evaluated" in report
+    assert (
+        "rvs: not evaluated" in (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()
+    )
 
 
 def test_grid_applies_the_transform_to_every_image(evaluated):
@@ -346,10 +712,8 @@ def test_an_attack_that_breaks_eps_fails_the_evaluation_and_writes_nothing(
     inputs, tmp_path, monkeypatch
 ):
     # one defense: which node runs first is Kedro's choice, the failing one must be named
-    params = stage_params("evaluation", defenses=["standard"])
-    catalog = make_catalog(
-        inputs, tmp_path, params, {"pgd_at_classifier": None, "rvs_classifier": None}
-    )
+    params = stage_params("evaluation", device="cpu", defenses=["standard"])
+    catalog = make_catalog(inputs, tmp_path, params)
     real_run_attack = protocol.run_attack
 
     def broken_run_attack(attack, images, labels, batch_size, progress=True):
@@ -380,55 +744,46 @@ def test_optional_torch_dataset(tmp_path):
         optional.load()  # optional means "may be absent", never "may be broken"
 
 
-def test_project_catalog_and_registry_wire_the_baselines_in():
+def test_project_catalog_and_registry_wire_both_jobs():
     catalog = _project_context().catalog
     for name in ("pgd_at_classifier", "rvs_classifier"):
         dataset = catalog[name]
         assert isinstance(dataset, TorchDataset) and dataset._describe()["optional"] is True
-    for name, filename in REPORTS.items():
-        assert str(catalog[name]._describe()["filepath"]).endswith(f"data/08_reporting/{filename}")
+    for name, filename in {**REPORTS, **COMPARISON}.items():
+        folder = "07_model_output/cifar10" if name.endswith("_verdicts") else "08_reporting"
+        assert str(catalog[name]._describe()["filepath"]).endswith(f"data/{folder}/{filename}")
+    convergence = catalog["convergence"]
+    assert isinstance(convergence, OptionalJSONDataset)
+    assert str(convergence._describe()["filepath"]).endswith("data/08_reporting/convergence.json")
     for name in DEFENSES:  # the per-defense results: files, one per defense (not optional)
         dataset = catalog[f"evaluation_{name}"]
         assert isinstance(dataset, TorchDataset) and dataset._describe()["optional"] is False
         path = str(dataset._describe()["filepath"])
         assert path.endswith(f"data/07_model_output/cifar10/evaluation/{name}.pt")
     pipelines = register_pipelines()
-    evaluation = pipelines["evaluation"]
-    assert {"pgd_at_classifier", "rvs_classifier"} <= evaluation.inputs()
     atop_nodes = {node.name for node in pipelines["atop"].nodes}
-    assert {f"evaluate_{name}" for name in DEFENSES} | {"collect_results"} <= atop_nodes
-    order = [node.name for node in pipelines["__default__"].nodes]  # topologically sorted
+    assert {f"evaluate_{name}" for name in MAIN} | {"collect_robustness"} <= atop_nodes
+    assert not {f"evaluate_{name}" for name in EXTRA} & atop_nodes
+    assert "collect_comparison" not in atop_nodes and "convergence_report" not in atop_nodes
+    assert "convergence" in pipelines["atop"].inputs()  # the latest study, when it exists
+    full = pipelines["__default__"]
+    order = [node.name for node in full.nodes]  # topologically sorted
+    assert {f"evaluate_{name}" for name in DEFENSES} <= set(order)
     producers = {
         output: node.name
-        for node in pipelines["__default__"].nodes
+        for node in full.nodes
         for output in node.outputs
-        if output in ("pgd_at_classifier", "rvs_classifier")
+        if output in ("pgd_at_classifier", "rvs_classifier", "convergence")
     }
-    assert set(producers) == {"pgd_at_classifier", "rvs_classifier"}
+    assert set(producers) == {"pgd_at_classifier", "rvs_classifier", "convergence"}
     for checkpoint, producer in producers.items():
-        consumers = [n.name for n in pipelines["__default__"].nodes if checkpoint in n.inputs]
+        consumers = [n.name for n in full.nodes if checkpoint in n.inputs]
         assert consumers and all(order.index(producer) < order.index(c) for c in consumers)
     assert order.index(producers["pgd_at_classifier"]) < order.index("evaluate_pgd_at")
     assert order.index(producers["rvs_classifier"]) < order.index("evaluate_rvs")
-
-
-def test_one_node_per_defense_then_one_that_gathers_them():
-    """Each defense can be re-evaluated alone (``--from-nodes evaluate_ap``): its node takes
-    only its own checkpoints and writes ``evaluation_<defense>``; ``collect_results`` reads
-    every one of them."""
-    nodes = {node.name: node for node in create_pipeline().nodes}
-    shared = {"test_set", "eval_indices", "class_names", "params:evaluation"}
-    for name in DEFENSES:
-        node = nodes[f"evaluate_{name}"]
-        assert set(node.inputs) == shared | set(INPUTS[name]), name
-        assert node.outputs == [f"evaluation_{name}"]
-    assert INPUTS["atop"] == ("classifier", "atop_purifier", "purifier")
-    assert INPUTS["pgd_at"] == ("pgd_at_classifier",) and INPUTS["rvs"] == ("rvs_classifier",)
-    gather = nodes["collect_results"]
-    assert {f"evaluation_{name}" for name in DEFENSES} <= set(gather.inputs)
-    assert gather.outputs == ["robustness_results"]
-    ap_alone = create_pipeline().from_nodes("evaluate_ap")
-    assert {n.name for n in ap_alone.nodes if n.name.startswith("evaluate_")} == {"evaluate_ap"}
+    # the full comparison's reports cite the study of the same run
+    assert order.index("convergence_report") < order.index("comparison_report")
+    assert order.index("convergence_report") < order.index("robustness_report")
 
 
 def test_parameters_of_every_profile_parse():
@@ -438,8 +793,15 @@ def test_parameters_of_every_profile_parse():
         entries = params.entries
         reference = next(e for e in entries if e.label == params.sanity.reference)
         assert reference.name == "pgd" and reference.eps == pytest.approx(8 / 255)
-        assert {e.label for e in entries} >= {"fgsm", "pgd_linf", "pgd_l2", "bpda_linf", "cw_l2"}
+        assert {e.label for e in entries} >= {"fgsm", "pgd_linf", "pgd_l2", "bpda_linf"}
+        auto = {e.spec["version"]: e for e in entries if e.name == "autoattack"}
+        assert auto["rand"].applies_to == "stochastic", env
+        assert auto["standard"].applies_to == "deterministic", env
+        assert 0 < params.sanity.alpha < 1 and params.draws >= 2
+    base = stage_params("evaluation", env="base")
+    assert base.draws == 10 and base.fixed_randomness is True
     paper = stage_params("evaluation", env="paper")
     auto = {e["version"]: e for e in paper.attacks if e["name"] == "autoattack"}
     assert auto["standard"]["steps"] == auto["rand"]["steps"] == 100
-    assert auto["rand"]["eot_iter"] == 20 and paper.images == 512
+    assert auto["rand"]["eot_iter"] == 20 and paper.images == 512 and paper.draws == 20
+    assert "cw_l2" in {e["label"] for e in paper.attacks}

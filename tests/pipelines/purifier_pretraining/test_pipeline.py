@@ -24,11 +24,11 @@ from atop.params import ParameterError
 from atop.pipelines.purifier_pretraining import create_pipeline
 from atop.pipelines.purifier_pretraining.nodes import HISTORY_COLUMNS, evaluate_purifier
 from atop.trainers import purifier as trainer
-from atop.trainers.purifier import PurifierParams, held_out_indices, psnr
+from atop.trainers.purifier import PurifierParams, psnr
 from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro, stage_params
 
 OUTPUTS = ("purifier", "purifier_history", "purifier_metrics")
-TRANSFORM_KEYS = {"kind", "sigma", "missing_rate", "mask_block", "mask_number"}
+TRANSFORM_KEYS = {"kind", "sigma", "missing_rate", "mask_block", "mask_number", "noise_resolution"}
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +54,11 @@ def classifier() -> dict:
     return classifier_checkpoint(build_classifier("resnet-fast", **config), "resnet-fast", config)
 
 
-#: The evaluation subset of these tests: every test image except 40 (so the 32 held-out
-#: images must come from those 40).
+#: The evaluation subset of these tests: every test image except 40; the monitor subset
+#: (data_ingestion's monitor_indices) is those 40, so the 32 held-out images are its first 32.
 EVAL_INDICES = [i for i in range(256) if i % 6 != 0 or i >= 240]
 OUTSIDE = sorted(set(range(256)) - set(EVAL_INDICES))
+MONITOR = OUTSIDE
 
 
 @pytest.fixture
@@ -77,6 +78,7 @@ def run_pipeline(splits, classifier, params, tmp_path, eval_indices=EVAL_INDICES
     catalog["train_set"] = MemoryDataset(train, copy_mode="assign")
     catalog["test_set"] = MemoryDataset(test, copy_mode="assign")
     catalog["eval_indices"] = MemoryDataset(eval_indices)
+    catalog["monitor_indices"] = MemoryDataset(MONITOR)
     catalog["classifier"] = MemoryDataset(classifier, copy_mode="assign")
     catalog["params:purifier_pretraining"] = MemoryDataset(params)
     catalog["purifier"] = TorchDataset(str(tmp_path / "purifier.pt"))
@@ -91,21 +93,24 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
     out = run_pipeline(splits, classifier, smoke_params, tmp_path)
 
     ckpt = load_safe(tmp_path / "purifier.pt")  # torch.load(weights_only=True)
-    assert ckpt["arch"] == "deepfillv2" and ckpt["config"]["cnum"] == 8
+    assert ckpt["arch"] == "gan-purifier" and ckpt["config"]["cnum"] == 8
+    assert ckpt["config"]["generator"] == "unet" and ckpt["config"]["variant"] == "native"
     assert ckpt["config"]["image_size"] == 32  # from the data
     meta = ckpt["meta"]
     assert meta["stage"] == "purifier_pretraining"
-    assert meta["transform"] == {
+    assert meta["transform"] == {  # the authors' noise: sigma 0.25 at 256 px
         "kind": "rt2",
         "sigma": 0.25,
         "missing_rate": 0.25,
         "mask_block": None,
         "mask_number": 4,
+        "noise_resolution": 256,
     }
     assert set(meta["transform"]) == TRANSFORM_KEYS
     assert (meta["epochs"], meta["n_train"], meta["n_val"]) == (1, 64, 32)
-    # held-out images: outside the evaluation subset, chosen with the fixed seed
-    assert set(meta["val_indices"]) <= set(OUTSIDE) and len(set(meta["val_indices"])) == 32
+    # held-out images: the first val_images of the monitor subset (outside eval_indices)
+    assert meta["val_indices"] == MONITOR[:32]
+    assert not set(meta["val_indices"]) & set(EVAL_INDICES)
     generator, discriminator = load_purifier(ckpt)
     assert discriminator is not None
     for name, module in (("generator", generator), ("discriminator", discriminator)):
@@ -135,6 +140,8 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
     assert 5.0 < metrics["psnr"] < 60.0 and metrics["psnr"] == pytest.approx(meta["val_psnr"])
     assert metrics["transform"] == meta["transform"] and metrics["purifier"] == ckpt["config"]
     assert (metrics["n_val"], metrics["draws"], metrics["n_train"]) == (32, 2, 64)
+    # single-draw accuracy: the mean over 32 images x 2 fresh draws (a multiple of 1/64)
+    assert metrics["ap_clean_acc"] * 64 == pytest.approx(round(metrics["ap_clean_acc"] * 64))
     assert metrics["train_seconds"] == pytest.approx(history["seconds"].sum())
 
     with Image.open(tmp_path / "samples.png") as png:  # 3 rows x n_samples columns
@@ -181,16 +188,24 @@ def test_interrupted_pipeline_resumes_to_the_same_purifier(
     assert not resume_file.exists()
 
 
-def test_held_out_indices_exclude_the_evaluation_subset():
-    eval_indices = list(range(0, 1000, 2))
-    chosen = held_out_indices(1000, eval_indices, 100, seed=0)
-    assert chosen.dtype == torch.int64 and len(chosen) == len(set(chosen.tolist())) == 100
-    assert not set(chosen.tolist()) & set(eval_indices)
-    assert torch.equal(chosen, held_out_indices(1000, eval_indices, 100, seed=0))
-    assert not torch.equal(chosen, held_out_indices(1000, eval_indices, 100, seed=1))
-    assert held_out_indices(1000, eval_indices, 500, seed=0).tolist() == list(range(1, 1000, 2))
-    with pytest.raises(ValueError, match="outside the evaluation subset"):
-        held_out_indices(1000, eval_indices, 501, seed=0)
+def test_validation_uses_the_first_monitor_images(splits, smoke_params, monkeypatch):
+    """The per-epoch PSNR is measured on test_set[monitor_indices[:val_images]]."""
+    train, test = splits
+    monitor = [5, 7, 11, 13] + MONITOR[4:]
+    seen = []
+    real_psnr = trainer.psnr
+
+    def recording_psnr(x, reference):
+        seen.append(reference.clone())
+        return real_psnr(x, reference)
+
+    monkeypatch.setattr(trainer, "psnr", recording_psnr)
+    params = smoke_params.replace(val_images=4, max_batches_per_epoch=1, resume_path=None)
+    ckpt, history = trainer.train_purifier(train, test, monitor, params)
+    assert ckpt["meta"]["val_indices"] == [5, 7, 11, 13] and ckpt["meta"]["n_val"] == 4
+    expected = test["images"][[5, 7, 11, 13]].float() / 255
+    assert len(seen) == 1 and torch.equal(seen[0], expected)
+    assert history[-1]["val_psnr"] == pytest.approx(ckpt["meta"]["val_psnr"])
 
 
 def test_psnr_of_known_errors():
@@ -207,7 +222,7 @@ def test_dataset_purifier_mismatch_is_refused(splits, classifier, smoke_params):
     with pytest.raises(ParameterError, match=r"purifier\.image_size: .*taken from the data"):
         stage_params("purifier_pretraining", purifier={"cnum": 8, "image_size": 64})
     generator, discriminator = build_purifier({"cnum": 8, "disc_cnum": 8, "image_size": 64})
-    meta = {"transform": {"kind": "rt2"}, "val_indices": OUTSIDE[:4]}
+    meta = {"transform": {"kind": "rt2"}, "val_indices": MONITOR[:4]}
     ckpt = purifier_checkpoint(generator, discriminator, meta=meta)
     with pytest.raises(ValueError, match="trained on 64x64 images but test_set holds 32x32"):
         evaluate_purifier(ckpt, classifier, test, EVAL_INDICES, smoke_params)
@@ -241,6 +256,8 @@ def test_kedro_run_writes_the_catalog_outputs(ingested_project, monkeypatch):
     ckpt = load_safe(data / "06_models/cifar10/purifier.pt")
     assert set(ckpt["meta"]["transform"]) == TRANSFORM_KEYS and ckpt["config"]["cnum"] == 8
     eval_indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
+    monitor = json.loads((data / "05_model_input/cifar10/monitor_indices.json").read_text())
+    assert ckpt["meta"]["val_indices"] == monitor[:32]
     assert not set(ckpt["meta"]["val_indices"]) & set(eval_indices)
     history = pd.read_csv(data / "08_reporting/purifier_history.csv")
     assert list(history.columns) == HISTORY_COLUMNS and len(history) == 1

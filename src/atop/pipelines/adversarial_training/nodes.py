@@ -2,7 +2,7 @@
 
 Thin callers of :mod:`atop.trainers.pgd_at`, then the quick check
 (:func:`atop.trainers.quick_check.robust_quick_check`: clean accuracy on the full test set,
-PGD-20 on the first images of ``eval_indices``); the full robustness evaluation is the
+PGD-20 on the first images of ``monitor_indices``); the full robustness evaluation is the
 evaluation stage's. Plain functions, no Kedro imports.
 """
 
@@ -22,13 +22,13 @@ def train_pgd_at(
     train_set: dict[str, torch.Tensor],
     test_set: dict[str, torch.Tensor],
     class_names: list[str],
-    eval_indices: list[int],
+    monitor_indices: list[int],
     params: PGDATParams,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
-    """:func:`atop.trainers.pgd_at.train_pgd_at`, monitored on ``eval_indices``; the history
+    """:func:`atop.trainers.pgd_at.train_pgd_at`, monitored on ``monitor_indices``; the history
     as a DataFrame (``epoch, loss, adv_acc, test_acc, lr, seconds``)."""
     checkpoint, history = pgd_at.train_pgd_at(
-        train_set, test_set, class_names, eval_indices, params
+        train_set, test_set, class_names, monitor_indices, params
     )
     return checkpoint, pd.DataFrame(history)
 
@@ -36,8 +36,8 @@ def train_pgd_at(
 def quick_check_pgd_at(
     classifier: dict[str, Any],
     test_set: dict[str, torch.Tensor],
-    eval_indices: list[int],
+    monitor_indices: list[int],
     params: PGDATParams,
 ) -> dict[str, Any]:
     """The quick check of the PGD-AT classifier (``params.robust_eval``)."""
-    return robust_quick_check(classifier, test_set, eval_indices, params, params.robust_eval)
+    return robust_quick_check(classifier, test_set, monitor_indices, params, params.robust_eval)

@@ -1,6 +1,6 @@
 """Wiring of the PGD adversarial-training stage.
 
-``train_set``, ``test_set``, ``class_names``, ``eval_indices`` (from data_ingestion) ->
+``train_set``, ``test_set``, ``class_names``, ``monitor_indices`` (from data_ingestion) ->
 ``train_pgd_at`` -> ``pgd_at_classifier`` (checkpoint), ``adversarial_training_history`` ->
 ``quick_check_pgd_at`` -> ``adversarial_training_metrics`` (clean and PGD-20 accuracy).
 """
@@ -22,7 +22,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "train_set",
                     "test_set",
                     "class_names",
-                    "eval_indices",
+                    "monitor_indices",
                     "params:adversarial_training",
                 ],
                 outputs=["pgd_at_classifier", "adversarial_training_history"],
@@ -33,7 +33,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=[
                     "pgd_at_classifier",
                     "test_set",
-                    "eval_indices",
+                    "monitor_indices",
                     "params:adversarial_training",
                 ],
                 outputs="adversarial_training_metrics",

@@ -1,11 +1,13 @@
-"""Node of the AToP fine-tuning stage (paper Eq. 9, Algorithm 1).
+"""Nodes of the fine-tuning stages: one per arm (paper Eq. 9 and its controls).
 
-A thin caller of :func:`atop.trainers.atop.finetune_purifier`; this module turns the history
-into the CSV's DataFrame. Plain functions, no Kedro imports.
+Thin callers of :func:`atop.trainers.atop.finetune_purifier`; this module only makes one
+node function per arm and turns the history into the CSV's DataFrame. Plain functions, no
+Kedro imports.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -14,16 +16,32 @@ from torch import Tensor
 from atop.trainers import atop as trainer
 from atop.trainers.atop import AToPParams
 
+#: The arms of the main job (``atop_finetuning``): the controls and AToP with FGSM.
+MAIN_ARMS = ("ap_continued", "ap_classifier_aware", "atop")
 
-def finetune_purifier(
-    classifier: dict[str, Any],
-    purifier: dict[str, Any],
-    train_set: dict[str, Tensor],
-    class_names: list[str],
-    params: AToPParams,
-) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
-    """:func:`atop.trainers.atop.finetune_purifier`; the history as a DataFrame."""
-    checkpoint, history, metrics = trainer.finetune_purifier(
-        classifier, purifier, train_set, class_names, params
-    )
-    return checkpoint, pd.DataFrame(history), metrics
+
+def finetune_node(
+    arm: str, suffix: str = ""
+) -> Callable[..., tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]]:
+    """The node function of arm ``arm`` (named ``finetune_<arm><suffix>``): the fine-tuned
+    purifier checkpoint, its history DataFrame and its metrics; its resume file is
+    ``resume_path`` with ``{arm}`` = ``<arm><suffix>``."""
+
+    def finetune(
+        classifier: dict[str, Any],
+        purifier: dict[str, Any],
+        train_set: dict[str, Tensor],
+        test_set: dict[str, Tensor],
+        monitor_indices: list[int],
+        class_names: list[str],
+        params: AToPParams,
+    ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
+        if params.resume_path:
+            params = params.replace(resume_path=params.resume_path.replace("{arm}", arm + suffix))
+        checkpoint, history, metrics = trainer.finetune_purifier(
+            classifier, purifier, train_set, test_set, monitor_indices, class_names, params, arm
+        )
+        return checkpoint, pd.DataFrame(history), metrics
+
+    finetune.__name__ = finetune.__qualname__ = f"finetune_{arm}{suffix}"
+    return finetune

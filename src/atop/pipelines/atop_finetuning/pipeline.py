@@ -1,29 +1,51 @@
-"""AToP fine-tuning: the pretrained purifier, fine-tuned adversarially (paper Eq. 9)."""
+"""Wiring of the fine-tuning stages: one node per arm, all from the same pretrained purifier.
+
+``classifier`` + ``purifier`` (+ the training split and the monitor images) ->
+``finetune_<arm>`` -> ``purifier_<arm>`` (checkpoint), ``finetuning_history_<arm>``,
+``finetuning_metrics_<arm>``. Each fine-tuned purifier is written beside the pretrained one,
+so the evaluation compares them all. ``atop_finetuning`` holds the main job's arms
+(:data:`MAIN_ARMS`); ``atop_pgd`` the PGD arm of the full comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.pipelines.atop_finetuning.nodes import finetune_purifier
+from atop.pipelines.atop_finetuning.nodes import MAIN_ARMS, finetune_node
+
+
+def arm_nodes(arms: Sequence[str], purifier: str = "purifier", suffix: str = "") -> list[Node]:
+    """One node per arm fine-tuning the checkpoint ``purifier``; outputs end in ``suffix``."""
+    return [
+        Node(
+            func=finetune_node(arm, suffix),
+            inputs={
+                "classifier": "classifier",
+                "purifier": purifier,
+                "train_set": "train_set",
+                "test_set": "test_set",
+                "monitor_indices": "monitor_indices",
+                "class_names": "class_names",
+                "params": "params:atop_finetuning",
+            },
+            outputs=[
+                f"purifier_{arm}{suffix}",
+                f"finetuning_history_{arm}{suffix}",
+                f"finetuning_metrics_{arm}{suffix}",
+            ],
+            name=f"finetune_{arm}{suffix}",
+        )
+        for arm in arms
+    ]
 
 
 def create_pipeline(**kwargs) -> Pipeline:
-    """The ``atop_finetuning`` pipeline: ``classifier`` + ``purifier`` -> ``atop_purifier``.
+    """The ``atop_finetuning`` pipeline: the main job's arms."""
+    return Pipeline(arm_nodes(MAIN_ARMS))
 
-    The fine-tuned purifier is written beside (not over) the pretrained one, so the
-    evaluation compares the purifier without AToP ("AP") and with it ("AToP").
-    """
-    return Pipeline(
-        [
-            Node(
-                finetune_purifier,
-                inputs=[
-                    "classifier",
-                    "purifier",
-                    "train_set",
-                    "class_names",
-                    "params:atop_finetuning",
-                ],
-                outputs=["atop_purifier", "atop_history", "atop_metrics"],
-                name="finetune_purifier",
-            )
-        ]
-    )
+
+def create_pgd_pipeline(**kwargs) -> Pipeline:
+    """The ``atop_pgd`` pipeline: AToP with a PGD inner maximisation (full comparison)."""
+    return Pipeline(arm_nodes(("atop_pgd",)))

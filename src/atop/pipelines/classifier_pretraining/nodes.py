@@ -22,11 +22,14 @@ def train_classifier(
     train_set: dict[str, torch.Tensor],
     test_set: dict[str, torch.Tensor],
     class_names: list[str],
+    monitor_indices: list[int],
     params: ClassifierParams,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """:func:`atop.trainers.classifier.train_classifier`; the history as a DataFrame with
     :data:`HISTORY_COLUMNS`."""
-    checkpoint, history = trainer.train_classifier(train_set, test_set, class_names, params)
+    checkpoint, history = trainer.train_classifier(
+        train_set, test_set, class_names, monitor_indices, params
+    )
     return checkpoint, pd.DataFrame(history)[HISTORY_COLUMNS]
 
 

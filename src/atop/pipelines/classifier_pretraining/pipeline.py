@@ -18,7 +18,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=train_classifier,
-                inputs=["train_set", "test_set", "class_names", "params:classifier_pretraining"],
+                inputs=[
+                    "train_set",
+                    "test_set",
+                    "class_names",
+                    "monitor_indices",
+                    "params:classifier_pretraining",
+                ],
                 outputs=["classifier", "classifier_history"],
                 name="train_classifier",
             ),

@@ -40,7 +40,7 @@ class DatasetFacts(Params):
 
 @dataclass(init=False, frozen=True)
 class EvalSubsetParams(Params):
-    """``data_ingestion.eval_subset``: the fixed evaluation subset shared by every defense."""
+    """``data_ingestion.eval_subset`` / ``monitor_subset``: a fixed subset of the test split."""
 
     images: int = spec(ge=1, unit="(test images; the paper: 512)")
     seed: int = spec(ge=0)
@@ -57,6 +57,7 @@ class IngestionParams(Params):
     download: bool = run_only()
     raw_dir: str = run_only()
     eval_subset: EvalSubsetParams
+    monitor_subset: EvalSubsetParams
     datasets: dict[str, DatasetFacts]
 
     def check(self) -> None:
@@ -161,3 +162,27 @@ def select_eval_subset(test_set: dict[str, torch.Tensor], params: IngestionParam
             f"choose 1 to {n}."
         )
     return [int(i) for i in random_subset(n, size, params.eval_subset.seed)]
+
+
+def select_monitor_subset(
+    test_set: dict[str, torch.Tensor], eval_indices: list[int], params: IngestionParams
+) -> list[int]:
+    """The held-out test images every stage monitors its training on (per-epoch accuracy,
+    PSNR, validation), drawn outside the evaluation subset: no evaluated image is ever seen
+    before the evaluation.
+
+    Returns:
+        ``monitor_subset.images`` test indices, sorted, disjoint from ``eval_indices``.
+
+    Raises:
+        ValueError: fewer test images outside the evaluation subset than asked for.
+    """
+    n = int(test_set["labels"].shape[0])
+    size = params.monitor_subset.images
+    if size > n - len(eval_indices):
+        raise ValueError(
+            f"data_ingestion.monitor_subset.images={size} but only {n - len(eval_indices)} test "
+            "images lie outside the evaluation subset: lower it."
+        )
+    chosen = random_subset(n, size, params.monitor_subset.seed, exclude=eval_indices)
+    return [int(i) for i in chosen]

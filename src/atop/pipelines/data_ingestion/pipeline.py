@@ -1,8 +1,14 @@
-"""Data ingestion: read -> validate with Great Expectations -> fix the evaluation subset."""
+"""Data ingestion: read -> validate with Great Expectations -> fix the evaluation subset and
+the disjoint monitor subset (held-out test images for training-time monitoring)."""
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.pipelines.data_ingestion.nodes import ingest_dataset, select_eval_subset, validate_dataset
+from atop.pipelines.data_ingestion.nodes import (
+    ingest_dataset,
+    select_eval_subset,
+    select_monitor_subset,
+    validate_dataset,
+)
 
 
 def create_pipeline(**kwargs) -> Pipeline:
@@ -29,6 +35,12 @@ def create_pipeline(**kwargs) -> Pipeline:
                 inputs=["test_set", "params:data_ingestion"],
                 outputs="eval_indices",
                 name="select_eval_subset",
+            ),
+            Node(
+                select_monitor_subset,
+                inputs=["test_set", "eval_indices", "params:data_ingestion"],
+                outputs="monitor_indices",
+                name="select_monitor_subset",
             ),
         ]
     )

@@ -50,7 +50,7 @@ IMAGENETTE_CLASSES = {
     "n03417042": "garbage truck",
     "n03425413": "gas pump",
     "n03445777": "golf ball",
-    "n03888605": "parachute",
+    "n03888257": "parachute",
 }
 IMAGENETTE_FOLDERS = ("imagenette2-224", "imagenette2-320", "imagenette2")
 
@@ -80,6 +80,13 @@ def candidate_roots(root: str | None, project_raw: Path) -> list[Path]:
     roots: list[Path] = []
     explicit = root or os.environ.get("ATOP_DATA_ROOT")
     if explicit:
+        if not Path(explicit).expanduser().is_dir():
+            source = "data_ingestion.root" if root else "ATOP_DATA_ROOT"
+            raise DatasetNotFoundError(
+                f"{source}={explicit!r} is not a folder (a typo?): point it at the folder that "
+                "holds the datasets (on the project machines ../shared/datasets), or unset it "
+                "to use data/01_raw."
+            )
         roots.append(Path(explicit).expanduser())
     roots.append(Path(project_raw))
     unique: list[Path] = []

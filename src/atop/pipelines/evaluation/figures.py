@@ -11,6 +11,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from atop.evaluation.protocol import per_image
 from atop.pipelines.evaluation.metrics import reference_attack
 from atop.pipelines.evaluation.report import NORM_TEXT
 
@@ -23,11 +24,12 @@ def plot_robust_accuracy_vs_eps(results: Mapping[str, Any]) -> Figure:
     axes = figure.add_subplot()
     for name, res in results["defenses"].items():
         xs = [p["eps"] * 255 if linf else p["eps"] for p in res["sweep"]]
-        axes.plot(xs, [100 * p["acc"] for p in res["sweep"]], marker="o", label=name)
+        ys = [100 * per_image(p["draws"], "single").mean().item() for p in res["sweep"]]
+        axes.plot(xs, ys, marker="o", label=name)
     axes.axvline(reference["eps"] * 255 if linf else reference["eps"], color="gray", ls=":", lw=1)
     spec = reference["spec"]
     axes.set_xlabel("ε (× 1/255)" if linf else "ε (ℓ2)")
-    axes.set_ylabel("robust accuracy (%)")
+    axes.set_ylabel("robust accuracy (%), single-draw")
     axes.set_ylim(-2, 102)
     axes.set_title(
         f"PGD-{spec['steps']} {NORM_TEXT[reference['norm']]}, EOT {spec['eot_iter']} "

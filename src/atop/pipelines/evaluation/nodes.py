@@ -24,10 +24,6 @@ from atop.training import resolve_device
 
 log = logging.getLogger(__name__)
 
-#: The checkpoints each defense's node takes: its own, plus the pretrained purifier for
-#: AToP's training-time accounting (AP's time is part of AToP's).
-INPUTS = {name: NEEDS[name] + (("purifier",) if name == "atop" else ()) for name in DEFENSES}
-
 
 def _gx_validator(tolerance: float) -> Callable[..., None]:
     """The Great Expectations suite of an attack's output (ε + ``tolerance``, [0, 1], shape)."""
@@ -45,7 +41,8 @@ def evaluate_node(name: str) -> Callable[..., dict[str, Any]]:
     """The node function of defense ``name`` (named ``evaluate_<name>``).
 
     Its inputs are ``test_set``, ``eval_indices``, ``class_names``, ``params`` (the
-    ``evaluation`` block) and the checkpoints of :data:`INPUTS`; its output is
+    ``evaluation`` block) and the checkpoints of :data:`atop.evaluation.defenses.NEEDS`; its
+    output is
     :func:`atop.evaluation.suite.evaluate_defense`'s result, or ``{"skipped": reason}``.
     """
 
@@ -76,10 +73,10 @@ def collect_results(
     params: EvalParams,
     eval_indices: list[int],
     class_names: list[str],
-    atop_purifier: dict[str, Any] | None,
+    purifier_atop: dict[str, Any] | None,
     **per_defense: dict[str, Any],
 ) -> dict[str, Any]:
-    """Gather the per-defense results (keyword ``<defense>``) for the report nodes.
+    """Gather the per-defense results (keyword ``<defense>``, report order) for the reports.
 
     Returns:
         ``settings``, ``attacks`` (entries), ``defenses`` (evaluated ones, report order),
@@ -90,10 +87,11 @@ def collect_results(
         ValueError: no defense was evaluated.
     """
     entries = params.entries
-    defenses = {n: per_defense[n] for n in DEFENSES if "skipped" not in per_defense[n]}
+    names = [n for n in DEFENSES if n in per_defense]
+    defenses = {n: per_defense[n] for n in names if "skipped" not in per_defense[n]}
     skipped = {
         n: per_defense[n]["skipped"]
-        for n in DEFENSES
+        for n in names
         if "skipped" in per_defense[n] and n in params.defenses
     }
     if not defenses:
@@ -106,6 +104,7 @@ def collect_results(
             params.grid.attack,
         )
     n_images = len(next(iter(defenses.values()))["clean"])
+    # torch files hold the per-draw verdicts; the report nodes read them as tensors
     sanity = params.sanity
     return {
         "settings": {
@@ -123,8 +122,7 @@ def collect_results(
                 "reference": sanity.reference,
                 "eps_sweep": sorted(set(sanity.eps_sweep)),
                 "stronger": dict(sanity.stronger),
-                "z": sanity.z,
-                "min_images": sanity.min_images,
+                "alpha": sanity.alpha,
                 "large_eps_max_acc": sanity.large_eps_max_acc,
             },
         },
@@ -134,7 +132,7 @@ def collect_results(
         ],
         "defenses": {n: {k: v for k, v in r.items() if k != "grid"} for n, r in defenses.items()},
         "skipped": skipped,
-        "unseen": unseen_attacks(atop_purifier, [(e.label, e.name, e.norm) for e in entries]),
+        "unseen": unseen_attacks(purifier_atop, [(e.label, e.name, e.norm) for e in entries]),
         "grid": grid,
         "class_names": list(class_names),
     }

@@ -1,28 +1,34 @@
-"""Wiring of the evaluation stage.
+"""Wiring of the evaluation stages.
 
-One node per defense (``evaluate_standard``, ``evaluate_ap``, ``evaluate_atop``,
-``evaluate_pgd_at``, ``evaluate_rvs``): ``test_set``, ``eval_indices``, ``class_names``,
-``params:evaluation`` and the defense's checkpoints -> ``evaluation_<defense>`` (per-image
-results, a torch file: a defense can be re-evaluated alone with
-``kedro run --pipelines evaluation --from-nodes evaluate_ap``). Then ``collect_results`` ->
-in-memory ``robustness_results`` -> ``robustness`` (metrics JSON) -> ``robustness_table``
-(CSV), ``robustness_report`` (Markdown), and the figures ``robust_accuracy_vs_eps`` and
-``adversarial_grid``.
+One node per defense (``evaluate_<defense>``): ``test_set``, ``eval_indices``,
+``class_names``, ``params:evaluation`` and the defense's checkpoints -> ``evaluation_<defense>``
+(per-image results, a torch file: a defense can be re-evaluated alone with
+``kedro run --pipelines evaluation --from-nodes evaluate_ap``). A gathering node then feeds
+the report nodes (metrics JSON, CSV table, Markdown report, figures).
 
-The baselines' checkpoints are ``optional`` catalog entries (``None`` when their stages have
-not run: that defense is skipped); taking them as inputs orders the evaluation after their
-stages in ``__default__``. If an attack's output fails its Great Expectations suite, its node
-raises and none of the report nodes run.
+* ``evaluation`` (the main job): the defenses of :data:`atop.evaluation.defenses.MAIN`,
+  reported as ``robustness*``.
+* ``comparison`` (the full comparison): evaluates the :data:`~atop.evaluation.defenses.EXTRA`
+  defenses and reports every defense together as ``comparison*``.
+
+If an attack's output fails its Great Expectations suite, its node raises and no report
+node runs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kedro.pipeline import Node, Pipeline
 
-from atop.evaluation.defenses import DEFENSES
+from atop.evaluation.defenses import DEFENSES, EXTRA, MAIN, NEEDS
 from atop.pipelines.evaluation.figures import plot_adversarial_grid, plot_robust_accuracy_vs_eps
-from atop.pipelines.evaluation.metrics import robustness_metrics, robustness_table
-from atop.pipelines.evaluation.nodes import INPUTS, collect_results, evaluate_node
+from atop.pipelines.evaluation.metrics import (
+    robustness_metrics,
+    robustness_table,
+    verdicts_table,
+)
+from atop.pipelines.evaluation.nodes import collect_results, evaluate_node
 from atop.pipelines.evaluation.report import robustness_report
 
 SHARED = {
@@ -33,46 +39,66 @@ SHARED = {
 }
 
 
-def create_pipeline(**kwargs) -> Pipeline:
-    """The evaluation pipeline: one node per defense, the gathering node, five report nodes."""
-    per_defense = [
+def defense_nodes(names: Sequence[str]) -> list[Node]:
+    """``evaluate_<name>`` for each defense: its checkpoints -> ``evaluation_<name>``."""
+    return [
         Node(
             func=evaluate_node(name),
-            inputs={**SHARED, **{key: key for key in INPUTS[name]}},
+            inputs={**SHARED, **{key: key for key in NEEDS[name]}},
             outputs=f"evaluation_{name}",
             name=f"evaluate_{name}",
         )
-        for name in DEFENSES
+        for name in names
     ]
+
+
+def report_nodes(names: Sequence[str], prefix: str) -> list[Node]:
+    """Gather the results of ``names`` and write ``<prefix>`` (JSON), ``<prefix>_table``,
+    ``<prefix>_verdicts`` (every per-image, per-draw verdict), ``<prefix>_report`` and
+    ``<prefix>_accuracy_vs_eps``."""
+    results = f"{prefix}_results"
+    return [
+        Node(
+            func=collect_results,
+            inputs={
+                "params": "params:evaluation",
+                "eval_indices": "eval_indices",
+                "class_names": "class_names",
+                "purifier_atop": "purifier_atop",
+                **{name: f"evaluation_{name}" for name in names},
+            },
+            outputs=results,
+            name=f"collect_{prefix}",
+        ),
+        Node(robustness_metrics, results, prefix, name=f"{prefix}_metrics"),
+        Node(robustness_table, prefix, f"{prefix}_table", name=f"{prefix}_table"),
+        Node(
+            verdicts_table,
+            [results, "eval_indices"],
+            f"{prefix}_verdicts",
+            name=f"{prefix}_verdicts",
+        ),
+        Node(
+            robustness_report,
+            [results, prefix, "convergence"],
+            f"{prefix}_report",
+            name=f"{prefix}_report",
+        ),
+        Node(
+            plot_robust_accuracy_vs_eps,
+            results,
+            f"{prefix}_accuracy_vs_eps",
+            name=f"plot_{prefix}_accuracy_vs_eps",
+        ),
+    ]
+
+
+def create_pipeline(**kwargs) -> Pipeline:
+    """The main job's evaluation: its defenses, the report and the adversarial grid."""
     return Pipeline(
         [
-            *per_defense,
-            Node(
-                func=collect_results,
-                inputs={
-                    "params": "params:evaluation",
-                    "eval_indices": "eval_indices",
-                    "class_names": "class_names",
-                    "atop_purifier": "atop_purifier",
-                    **{name: f"evaluation_{name}" for name in DEFENSES},
-                },
-                outputs="robustness_results",
-                name="collect_results",
-            ),
-            Node(robustness_metrics, "robustness_results", "robustness", name="robustness_metrics"),
-            Node(robustness_table, "robustness", "robustness_table", name="robustness_table"),
-            Node(
-                robustness_report,
-                ["robustness_results", "robustness"],
-                "robustness_report",
-                name="robustness_report",
-            ),
-            Node(
-                plot_robust_accuracy_vs_eps,
-                "robustness_results",
-                "robust_accuracy_vs_eps",
-                name="plot_robust_accuracy_vs_eps",
-            ),
+            *defense_nodes(MAIN),
+            *report_nodes(MAIN, "robustness"),
             Node(
                 plot_adversarial_grid,
                 "robustness_results",
@@ -81,3 +107,8 @@ def create_pipeline(**kwargs) -> Pipeline:
             ),
         ]
     )
+
+
+def create_comparison_pipeline(**kwargs) -> Pipeline:
+    """The full comparison: the extra defenses, then every defense in one report."""
+    return Pipeline([*defense_nodes(EXTRA), *report_nodes(DEFENSES, "comparison")])

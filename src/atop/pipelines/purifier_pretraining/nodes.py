@@ -22,11 +22,11 @@ HISTORY_COLUMNS = ["epoch", "loss", "l1", "gan_g", "d_loss", "val_psnr", "lr", "
 def train_purifier(
     train_set: dict[str, Tensor],
     test_set: dict[str, Tensor],
-    eval_indices: list[int],
+    monitor_indices: list[int],
     params: PurifierParams,
 ) -> tuple[dict[str, Any], pd.DataFrame]:
     """:func:`atop.trainers.purifier.train_purifier`; the history with :data:`HISTORY_COLUMNS`."""
-    checkpoint, history = trainer.train_purifier(train_set, test_set, eval_indices, params)
+    checkpoint, history = trainer.train_purifier(train_set, test_set, monitor_indices, params)
     return checkpoint, pd.DataFrame(history)[HISTORY_COLUMNS]
 
 

@@ -19,7 +19,7 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=train_purifier,
-                inputs=["train_set", "test_set", "eval_indices", "params:purifier_pretraining"],
+                inputs=["train_set", "test_set", "monitor_indices", "params:purifier_pretraining"],
                 outputs=["purifier", "purifier_history"],
                 name="train_purifier",
             ),

@@ -22,13 +22,13 @@ def train_rvs(
     train_set: dict[str, torch.Tensor],
     test_set: dict[str, torch.Tensor],
     class_names: list[str],
-    eval_indices: list[int],
+    monitor_indices: list[int],
     params: RvSParams,
 ) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
-    """:func:`atop.trainers.rvs.train_rvs`, monitored on ``eval_indices``; the history as a
+    """:func:`atop.trainers.rvs.train_rvs`, monitored on ``monitor_indices``; the history as a
     DataFrame (``epoch, loss, ce, ot, adv_acc, generator_ot, test_acc, lr, seconds``)."""
     classifier, generator, history = rvs.train_rvs(
-        train_set, test_set, class_names, eval_indices, params
+        train_set, test_set, class_names, monitor_indices, params
     )
     return classifier, generator, pd.DataFrame(history)
 
@@ -36,8 +36,8 @@ def train_rvs(
 def quick_check_rvs(
     classifier: dict[str, Any],
     test_set: dict[str, torch.Tensor],
-    eval_indices: list[int],
+    monitor_indices: list[int],
     params: RvSParams,
 ) -> dict[str, Any]:
     """The quick check of the RvS classifier (``params.robust_eval``)."""
-    return robust_quick_check(classifier, test_set, eval_indices, params, params.robust_eval)
+    return robust_quick_check(classifier, test_set, monitor_indices, params, params.robust_eval)

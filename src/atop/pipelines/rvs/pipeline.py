@@ -1,6 +1,6 @@
 """Wiring of the RvS stage.
 
-``train_set``, ``test_set``, ``class_names``, ``eval_indices`` (from data_ingestion) ->
+``train_set``, ``test_set``, ``class_names``, ``monitor_indices`` (from data_ingestion) ->
 ``train_rvs`` -> ``rvs_classifier``, ``rvs_generator`` (checkpoints), ``rvs_history`` ->
 ``quick_check_rvs`` -> ``rvs_metrics`` (clean and PGD-20 accuracy).
 """
@@ -18,13 +18,13 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             Node(
                 func=train_rvs,
-                inputs=["train_set", "test_set", "class_names", "eval_indices", "params:rvs"],
+                inputs=["train_set", "test_set", "class_names", "monitor_indices", "params:rvs"],
                 outputs=["rvs_classifier", "rvs_generator", "rvs_history"],
                 name="train_rvs",
             ),
             Node(
                 func=quick_check_rvs,
-                inputs=["rvs_classifier", "test_set", "eval_indices", "params:rvs"],
+                inputs=["rvs_classifier", "test_set", "monitor_indices", "params:rvs"],
                 outputs="rvs_metrics",
                 name="quick_check_rvs",
             ),

@@ -1,0 +1,161 @@
+"""The sigma ablation: the purifier pretrained and fine-tuned with AToP exactly as the main
+job, but with sigma 0.25 added at 32 px instead of the authors' 0.25 at 256 px."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from kedro.framework.session import KedroSession
+from kedro.framework.startup import bootstrap_project
+from kedro.io import DataCatalog, MemoryDataset
+from kedro.runner import SequentialRunner
+
+from atop.checkpoint import load_safe
+from atop.datasets import TorchDataset
+from atop.models import build_classifier, classifier_checkpoint
+from atop.models.purifier import load_purifier
+from atop.pipelines.sigma_ablation import create_pipeline
+from atop.pipelines.sigma_ablation import nodes as ablation_nodes
+from atop.pipelines.sigma_ablation.nodes import SigmaAblationParams, train_ablation_purifier
+from atop.transforms import TransformConfig
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
+
+#: The monitor subset of these tests: 40 of the 256 real test images.
+MONITOR = list(range(0, 240, 6))
+OUTPUTS = (
+    "purifier_sigma025",
+    "purifier_history_sigma025",
+    "purifier_atop_sigma025",
+    "finetuning_history_atop_sigma025",
+    "finetuning_metrics_atop_sigma025",
+)
+
+
+@pytest.fixture(scope="module")
+def splits(data_root, cifar10_test_batch) -> tuple[dict, dict]:
+    """256 real training images (data_batch_1) and the 256 real test images, as uint8."""
+    with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
+        batch = pickle.load(fh, encoding="latin1")  # the official CIFAR-10 python format
+    images = torch.from_numpy(np.asarray(batch["data"][:256], dtype=np.uint8))
+    train = {
+        "images": images.reshape(256, 3, 32, 32).contiguous(),
+        "labels": torch.tensor(batch["labels"][:256], dtype=torch.int64),
+    }
+    test_images, test_labels = cifar10_test_batch
+    test = {"images": (test_images * 255).round().to(torch.uint8), "labels": test_labels}
+    return train, test
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "paper"])
+def test_ablation_changes_only_where_sigma_is_added(env):
+    """The ablation's transform is the main one with noise_resolution null: sigma 0.25 at
+    the drawn side, 8x the authors' effective noise at 32 px."""
+    ablation = stage_params("sigma_ablation", env=env)
+    assert isinstance(ablation, SigmaAblationParams)
+    main = stage_params("purifier_pretraining", env=env).transform
+    assert ablation.transform == TransformConfig(
+        "rt2", sigma=0.25, missing_rate=0.25, mask_block=None, mask_number=4
+    )
+    assert main.noise_resolution == 256
+    assert ablation.transform.to_dict() == {**main.to_dict(), "noise_resolution": None}
+    assert ablation.transform.sigma_at(32) == 8 * main.sigma_at(32) == 0.25
+
+
+def test_ablation_pretrains_with_the_main_settings_but_its_transform(splits, monkeypatch):
+    seen = {}
+
+    def recording_train(train_set, test_set, monitor_indices, params):
+        seen.update(params=params, monitor=monitor_indices)
+        return {"meta": {}}, None
+
+    monkeypatch.setattr(ablation_nodes, "train_purifier", recording_train)
+    main = stage_params("purifier_pretraining")
+    ablation = stage_params("sigma_ablation")
+    train_ablation_purifier(*splits, MONITOR, main, ablation)
+    assert seen["monitor"] == MONITOR
+    assert seen["params"].transform == ablation.transform
+    # its own resume file (the main pretraining's is not overwritten); nothing else changed
+    assert seen["params"].resume_path == main.resume_path.replace(".pt", "_sigma025.pt")
+    same = seen["params"].replace(transform=main.transform, resume_path=main.resume_path)
+    assert same == main
+
+
+def test_pipeline_wires_pretraining_then_atop():
+    nodes = {node.name: node for node in create_pipeline().nodes}
+    assert set(nodes) == {"train_purifier_sigma025", "finetune_atop_sigma025"}
+    pretrain, atop = nodes["train_purifier_sigma025"], nodes["finetune_atop_sigma025"]
+    assert pretrain.inputs == [
+        "train_set",
+        "test_set",
+        "monitor_indices",
+        "params:purifier_pretraining",
+        "params:sigma_ablation",
+    ]
+    assert pretrain.outputs == ["purifier_sigma025", "purifier_history_sigma025"]
+    assert "purifier_sigma025" in atop.inputs and "purifier" not in atop.inputs
+    assert "params:atop_finetuning" in atop.inputs  # the main job's fine-tuning settings
+    assert atop.outputs == list(OUTPUTS[2:])
+
+
+def test_catalog_declares_the_outputs():
+    bootstrap_project(PROJECT_ROOT)
+    with KedroSession.create(project_path=PROJECT_ROOT, env="base") as session:
+        catalog = session.load_context().catalog
+    described = {name: str(catalog[name]) for name in OUTPUTS}
+    assert isinstance(catalog["purifier_sigma025"], TorchDataset)
+    assert isinstance(catalog["purifier_atop_sigma025"], TorchDataset)
+    assert "data/06_models/cifar10/purifier_sigma025.pt" in described["purifier_sigma025"]
+    assert "data/06_models/cifar10/purifier_atop_sigma025.pt" in described["purifier_atop_sigma025"]
+    assert "purifier_sigma025_history.csv" in described["purifier_history_sigma025"]
+    assert "finetuning_atop_sigma025_metrics.json" in described["finetuning_metrics_atop_sigma025"]
+
+
+def test_pipeline_runs_on_real_images(splits, tmp_path):
+    """Smoke profile on real CIFAR-10: the ablation purifier carries its transform, and AToP
+    fine-tunes that purifier (not the main one) with it."""
+    train, test = splits
+    torch.manual_seed(0)
+    config = {"num_classes": 10, "width": 8}
+    classifier = classifier_checkpoint(
+        build_classifier("resnet-fast", **config), "resnet-fast", config
+    )
+    pretraining = stage_params(
+        "purifier_pretraining", device="cpu", resume_path=str(tmp_path / "pretrain.pt")
+    )
+    finetuning = stage_params(
+        "atop_finetuning", device="cpu", resume_path=str(tmp_path / "finetune_{arm}.pt")
+    )
+    catalog = DataCatalog()
+    inputs = {
+        "train_set": train,
+        "test_set": test,
+        "monitor_indices": MONITOR,
+        "classifier": classifier,
+        "class_names": [str(i) for i in range(10)],
+        "params:purifier_pretraining": pretraining,
+        "params:sigma_ablation": stage_params("sigma_ablation"),
+        "params:atop_finetuning": finetuning,
+    }
+    for name, value in inputs.items():
+        catalog[name] = MemoryDataset(value, copy_mode="assign")
+    catalog["purifier_sigma025"] = TorchDataset(str(tmp_path / "purifier_sigma025.pt"))
+    for name in OUTPUTS[1:]:
+        catalog[name] = KeptMemoryDataset()
+    SequentialRunner().run(create_pipeline(), catalog)
+
+    ablated = load_safe(tmp_path / "purifier_sigma025.pt")
+    expected = {**pretraining.transform.to_dict(), "noise_resolution": None}
+    assert ablated["meta"]["transform"] == expected
+    assert ablated["meta"]["val_indices"] == MONITOR[:32]
+    atop = catalog["purifier_atop_sigma025"].load()
+    assert atop["meta"]["transform"] == expected and atop["meta"]["stage"] == "atop_finetuning"
+    metrics = catalog["finetuning_metrics_atop_sigma025"].load()
+    assert metrics["arm"] == "atop" and metrics["transform"] == expected
+    assert atop["meta"]["atop"] == metrics
+    assert atop["config"] == ablated["config"]
+    generator, discriminator = load_purifier(atop)
+    assert discriminator is not None
+    assert len(catalog["purifier_history_sigma025"].load()) == 1
