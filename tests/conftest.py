@@ -73,6 +73,15 @@ def cifar10_test_batch(data_root) -> tuple[torch.Tensor, torch.Tensor]:
     return images.float().div(255.0), labels
 
 
+def moved(entry: dict, path: Path) -> dict:
+    """A catalog entry with its ``filepath`` moved to ``path`` (and its ``metrics_filepath``,
+    if any, beside it under ``metrics/``), so a test never writes into the repository."""
+    entry = {**entry, "filepath": str(path)}
+    if "metrics_filepath" in entry:
+        entry["metrics_filepath"] = str(path.parent / "metrics" / path.name)
+    return entry
+
+
 def make_project_copy(tmp_path: Path) -> Path:
     """A throw-away copy of the Kedro project (conf, pyproject, empty data folders).
 

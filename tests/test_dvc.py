@@ -183,15 +183,16 @@ def _catalog_key(name: str) -> str | None:
     return next((key for key in config if "{" in key and parse.parse(key, name)), None)
 
 
-def _filepath(name: str) -> str | None:
-    """The resolved ``filepath`` of dataset ``name`` (None: in memory only)."""
+def _filepath(name: str, field: str = "filepath") -> str | None:
+    """The resolved ``filepath`` (or ``metrics_filepath``) of dataset ``name`` (None: in
+    memory only)."""
     import parse
 
     key = _catalog_key(name)
-    if key is None or "filepath" not in _catalog_config()[key]:
+    if key is None or field not in _catalog_config()[key]:
         return None
     fields = parse.parse(key, name).named if key != name else {}
-    return _catalog_config()[key]["filepath"].format(**fields)
+    return _catalog_config()[key][field].format(**fields)
 
 
 def _catalog_file(name: str) -> str:
@@ -211,15 +212,20 @@ def test_data_deps_and_outputs_match_the_kedro_pipeline(stage):
     produced = [n for n in pipeline.all_outputs() if _filepath(n)]
     consumed = [n for n in pipeline.inputs() if _filepath(n) and not n.startswith("params:")]
 
-    outputs = _paths(spec.get("outs")) + _paths(spec.get("metrics")) + _paths(spec.get("plots"))
+    outputs = _paths(spec.get("outs")) + _paths(spec.get("plots"))
     assert sorted(outputs) == sorted(_filepath(n) for n in produced)
+    # The metrics: the numbers-only JSON of each record that has a metrics_filepath.
+    numbers = [_filepath(n, "metrics_filepath") for n in produced]
+    assert sorted(_paths(spec.get("metrics"))) == sorted(p for p in numbers if p)
     data_deps = [d for d in _paths(spec["deps"]) if d.startswith("data/")]
     assert sorted(data_deps) == sorted(_filepath(n) for n in consumed)
     # The catalog files declaring the outputs are deps (they set formats and save_args).
     assert {_catalog_file(n) for n in produced} <= set(_paths(spec["deps"]))
-    # JSON under data/08_reporting is tracked by git: metrics with cache: false.
-    for entry in spec.get("metrics", []):
-        assert next(iter(entry.values())) == {"cache": False}
+    # JSON under data/08_reporting is tracked by git: records and metrics with cache: false.
+    for entry in spec.get("metrics", []) + spec.get("outs", []):
+        path = entry if isinstance(entry, str) else next(iter(entry))
+        if path.startswith("data/08_reporting/") and path.endswith(".json"):
+            assert entry[path] == {"cache": False}, path
 
 
 def test_resolved_parameters_are_what_kedro_runs_with(tmp_path):
@@ -399,12 +405,17 @@ class DvcCopy:
 def _cached_outputs(root: Path) -> list[Path]:
     """Outputs DVC caches (dvc.lock outs minus the git-tracked cache: false ones)."""
     stages = _dvc_yaml(root)["stages"]
-    uncached = {p for s in stages.values() for p in _paths(s.get("metrics"))}
-    uncached |= {p for p in _paths(stages["resolve_params"]["outs"])}
+    entries = [e for s in stages.values() for key in ("outs", "metrics") for e in s.get(key, [])]
+    uncached = set(_paths([e for e in entries if isinstance(e, dict) and not _cached(e)]))
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     paths = {o["path"] for s in lock.values() for o in s.get("outs", [])}
     paths = {p for p in paths if p not in uncached and not p.startswith("params/")}
     return [root / p for p in sorted(paths)]
+
+
+def _cached(entry: dict) -> bool:
+    """Whether a dvc.yaml ``{path: options}`` output is cached by DVC."""
+    return (next(iter(entry.values())) or {}).get("cache", True)
 
 
 def _upstream(stages: dict) -> dict[str, set[str]]:
@@ -580,7 +591,7 @@ def test_metrics_and_plots_commands(chain):
     # Against the committed first run: the purifier changed (fewer batches), so did its PSNR.
     diff = chain["metrics_diff"]
     assert set(diff) == metrics
-    purifier = diff["data/08_reporting/purifier_metrics.json"]
+    purifier = diff["data/08_reporting/metrics/purifier_metrics.json"]
     assert any(
         entry.get("diff") not in (0, None)
         for key, entry in purifier.items()

@@ -184,3 +184,22 @@ def test_imagenette_classes_have_their_names(data_root):
     folders = sorted(p.name for p in (data_root / "imagenette2-224" / "val").iterdir())
     assert sorted(IMAGENETTE_CLASSES) == folders
     assert IMAGENETTE_CLASSES["n03888257"] == "parachute"
+
+
+@pytest.mark.slow
+def test_a_retrain_with_the_same_settings_writes_the_same_checkpoint_bytes(tmp_path, data_root):
+    """Timings live in the history, not the checkpoint: DVC sees an identical retrain as
+    unchanged and reruns nothing downstream."""
+    import hashlib
+
+    os.environ["ATOP_DATA_ROOT"] = str(data_root)
+    project = make_project_copy(tmp_path)
+    run_kedro(project, "data_ingestion")
+    digests = []
+    for _ in range(2):
+        run_kedro(project, "classifier_pretraining")
+        checkpoint = project / "data" / "06_models" / "cifar10" / "classifier.pt"
+        digests.append(hashlib.sha256(checkpoint.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
+    history = project / "data" / "08_reporting" / "classifier_history.csv"
+    assert "seconds" in history.read_text().splitlines()[0]

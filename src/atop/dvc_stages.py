@@ -1,10 +1,11 @@
 """Write ``dvc.yaml`` from the Kedro pipelines: one DVC stage per registered stage.
 
 Each stage's ``deps`` are its code (the import closure of its pipeline module, the catalog
-files declaring its outputs) and the files it reads; its ``outs``, ``metrics`` (JSON under
-``data/08_reporting``, committed to git) and ``plots`` (history CSVs and figures) are the
-files its nodes write; its ``params`` are the blocks of ``params/<profile>.yaml`` that its
-nodes take. ``tests/test_dvc.py`` checks the committed file against the pipelines.
+files declaring its outputs) and the files it reads; its ``outs``, ``metrics`` (the numbers
+only JSON of a catalog entry's ``metrics_filepath``, committed to git) and ``plots`` (history
+CSVs, the robust accuracy vs eps CSVs, figures) are the files its nodes write; its ``params``
+are the blocks of ``params/<profile>.yaml`` that its nodes take. ``resolve_params`` depends on
+``conf/`` and on the overrides file ``params/overrides.yaml`` (:mod:`atop.config`). ``tests/test_dvc.py`` checks the committed file against the pipelines.
 
 Run from the project root after changing a pipeline or a catalog::
 
@@ -40,6 +41,16 @@ MODULES = {
     "atop_pgd": "atop.pipelines.atop_finetuning",
     "comparison": "atop.pipelines.evaluation",
 }
+#: The overrides file (``dvc exp run -S`` edits it), a dependency of ``resolve_params``.
+OVERRIDES = "params/overrides.yaml"
+#: The plot of the robust accuracy vs eps CSVs (``*_accuracy_vs_eps_table``): a line per
+#: defense (template ``.dvc/plots/accuracy_vs_eps.json``), dashed per revision.
+SWEEP_PLOT = {
+    "x": "eps",
+    "y": "robust_acc",
+    "template": "accuracy_vs_eps",
+    "title": "robust accuracy vs eps (single-draw)",
+}
 #: The y column of each history CSV's plot.
 PLOT_Y = {
     "classifier_history": "test_acc",
@@ -54,10 +65,12 @@ HEADER = """\
 #
 # Profile: `profile:` in params/profile.yaml (base | smoke | paper) picks the Kedro env of
 # every stage (`kedro run --env <profile>`). `resolve_params` writes the parameters that
-# profile really uses (conf/base deep-merged with conf/<profile>) to params/<profile>.yaml;
-# each stage tracks the blocks its nodes take. deps: the import closure of the stage's
-# pipeline, the catalog files declaring its outputs, the files it reads. `dvc repro` is the
-# full comparison; `kedro run --pipelines atop` (make run) is the main job.
+# profile really uses (conf/base deep-merged with conf/<profile>, then params/overrides.yaml,
+# which `dvc exp run -S` edits) to params/<profile>.yaml; each stage tracks the blocks its
+# nodes take. deps: the import closure of the stage's pipeline, the catalog files declaring
+# its outputs, the files it reads. metrics: numbers only (data/08_reporting/metrics/), the
+# full records beside them. `dvc repro` is the full comparison; `kedro run --pipelines atop`
+# (make run) is the main job.
 """
 
 
@@ -128,8 +141,12 @@ def stage_spec(root: Path, stage: str, pipeline: Any, catalog: Any) -> dict[str,
     outs, metrics, plots = [], [], []
     for name in produced:
         path = catalog.filepath(name)
+        if catalog.filepath(name, "metrics_filepath"):
+            metrics.append({catalog.filepath(name, "metrics_filepath"): {"cache": False}})
         if path.endswith(".json") and path.startswith("data/08_reporting/"):
-            metrics.append({path: {"cache": False}})
+            outs.append({path: {"cache": False}})  # a record, committed to git
+        elif name.endswith("_accuracy_vs_eps_table"):
+            plots.append({path: dict(SWEEP_PLOT)})
         elif path.endswith(".csv") and "history" in name:
             y = next((v for k, v in PLOT_Y.items() if name.startswith(k)), "val_adv_acc")
             plots.append({path: {"x": "epoch", "y": y}})
@@ -160,14 +177,14 @@ class _Catalog:
             return name
         return next((k for k in self.config if "{" in k and parse.parse(k, name)), None)
 
-    def filepath(self, name: str) -> str | None:
+    def filepath(self, name: str, field: str = "filepath") -> str | None:
         import parse
 
         key = self._key(name)
-        if key is None or "filepath" not in self.config[key]:
+        if key is None or field not in self.config[key]:
             return None
         fields = parse.parse(key, name).named if key != name else {}
-        path = self.config[key]["filepath"].format(**fields)
+        path = self.config[key][field].format(**fields)
         return path.replace(f"/{self.dataset}/", "/${dataset}/")
 
     def declared_in(self, name: str) -> str:
@@ -187,7 +204,11 @@ def dvc_yaml(root: Path) -> str:
     pipelines = register_pipelines()
     resolve = {
         "cmd": "python -m atop.dvc_params --env ${profile} --output params/${profile}.yaml",
-        "deps": [*_folders(root, import_closure(root, "atop.dvc_params", "atop.settings")), "conf"],
+        "deps": [
+            *_folders(root, import_closure(root, "atop.dvc_params", "atop.settings")),
+            "conf",
+            OVERRIDES,
+        ],
         "outs": [{"params/${profile}.yaml": {"cache": False}}],
     }
     stages = {"resolve_params": resolve}

@@ -1,4 +1,5 @@
-"""Kedro hooks of the project: telemetry off, and the guard every run goes through.
+"""Kedro hooks of the project: telemetry off, the guard every run goes through, and the
+Great Expectations Data Docs of each run (:class:`DataDocsHooks`).
 
 :class:`RunGuardHooks` runs after Kedro has built the typed parameters of the chosen
 pipeline (a bad value is refused there, before any node) and before the first node:
@@ -228,6 +229,48 @@ class RunGuardHooks:
         if self._cwd is not None:
             os.chdir(self._cwd)
             self._cwd = None
+
+
+class DataDocsHooks:
+    """Great Expectations Data Docs of every run: the validations of the ingested splits and
+    of the adversarial examples are stored in the file-backed GX project
+    ``data/08_reporting/gx`` under the run's pipeline names (replacing the previous run of
+    those pipelines), and the Data Docs are rebuilt once at the end of the run, failed or
+    not: ``data/08_reporting/gx/uncommitted/data_docs/local_site/index.html``."""
+
+    def __init__(self) -> None:
+        self._root: Path | None = None
+
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any]) -> None:
+        from atop.validation.core import start_data_docs
+
+        project = Path(run_params.get("project_path") or ".").resolve()
+        self._root = project / "data" / "08_reporting"
+        names = run_params.get("pipeline_names") or ["__default__"]
+        start_data_docs(self._root, "+".join(names))
+
+    @hook_impl
+    def after_pipeline_run(self) -> None:
+        self._build()
+
+    @hook_impl
+    def on_pipeline_error(self) -> None:
+        self._build()
+
+    def _build(self) -> None:
+        from atop.validation.core import build_data_docs, stop_data_docs
+
+        stop_data_docs()
+        if self._root is None:
+            return
+        try:
+            index = build_data_docs(self._root)
+            if index is not None:
+                log.info("Great Expectations Data Docs: %s", index)
+        except Exception as exc:  # the docs never fail a run
+            log.warning("Could not build the Great Expectations Data Docs: %s", exc)
+        self._root = None
 
 
 def _globals_dataset(project: Path, env: str | None) -> str:

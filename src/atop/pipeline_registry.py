@@ -5,6 +5,10 @@ Each stage is registered under its own name (``data_ingestion``, ``classifier_pr
 classifier pretraining -> purifier pretraining -> fine-tuning arms -> evaluation.
 ``__default__`` is the full comparison: the main job plus AToP with PGD, the robust-training
 baselines, the sigma ablation, their comparison report and the attack-convergence study.
+
+The training nodes and the per-defense evaluation nodes of every stage run data-parallel
+when their stage's ``distributed`` block asks for more than one process
+(:func:`atop.pipelines.distributed_launch.launch.scale_out`; README "Scaling out").
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from atop.pipelines import (
     sigma_ablation,
 )
 from atop.pipelines.atop_finetuning.pipeline import create_pgd_pipeline
+from atop.pipelines.distributed_launch.launch import scale_out
 from atop.pipelines.evaluation.pipeline import create_comparison_pipeline
 
 #: The stages of the paper's method, in DAG order.
@@ -59,8 +64,9 @@ _STAGES = {
 
 
 def register_pipelines() -> dict[str, Pipeline]:
-    """Register every stage, the ``atop`` main job and ``__default__`` (every stage)."""
-    pipelines = {name: create() for name, create in _STAGES.items()}
+    """Register every stage (its training and evaluation nodes launchable on several
+    processes), the ``atop`` main job and ``__default__`` (every stage)."""
+    pipelines = {name: scale_out(create()) for name, create in _STAGES.items()}
     pipelines["atop"] = sum((pipelines[n] for n in ATOP_STAGES), Pipeline([]))
     pipelines["__default__"] = sum(
         (pipelines[n] for n in ATOP_STAGES + COMPARISON_STAGES), Pipeline([])

@@ -1,10 +1,15 @@
 """Kedro project settings."""
 
-from atop.hooks import RunGuardHooks, TelemetryOffHooks
+from atop.config import AtopConfigLoader
+from atop.hooks import DataDocsHooks, RunGuardHooks, TelemetryOffHooks
 from atop.params import fraction
 
-HOOKS = (TelemetryOffHooks(), RunGuardHooks())
+# pluggy calls the last registered first: the run guard checks (and may refuse) the run
+# before the Data Docs hook starts recording it.
+HOOKS = (TelemetryOffHooks(), DataDocsHooks(), RunGuardHooks())
 
+# Parameters: conf/base, conf/<env>, then params/overrides.yaml (`dvc exp run -S`), then --params.
+CONFIG_LOADER_CLASS = AtopConfigLoader
 CONFIG_LOADER_ARGS = {
     "base_env": "base",
     # `conf/local` overlays `conf/base` by default; `--env smoke|paper` picks a profile.

@@ -12,7 +12,11 @@ what every trainer needs and nothing model-specific:
 * a guard against non-finite losses (:class:`NonFiniteLossError`);
 * an atomic per-epoch resume checkpoint (weights, optimizers, schedulers, history and every
   random-number-generator state), so an interrupted run continues where it stopped and ends
-  with the same weights as an uninterrupted one.
+  with the same weights as an uninterrupted one;
+* data-parallel training inside a ``torch.distributed`` group (:mod:`atop.distributed`):
+  each rank trains on its share of every global batch (:meth:`Batches.shard`), the epoch
+  means are averaged over the ranks, rank 0 alone logs and writes the resume file. Without a
+  group nothing of this runs.
 
 The model-specific work is the ``train_step(x, y)`` callable: it computes the loss, calls
 ``zero_grad``/``backward``/``step`` itself and returns its scalar terms.
@@ -23,6 +27,7 @@ Core module: imports only torch, numpy, tqdm and the standard library.
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import itertools
 import json
@@ -39,6 +44,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from atop import distributed
 from atop.checkpoint import load_safe, save_atomic
 from atop.data import to_unit
 from atop.progress import progress as progress_bar
@@ -208,6 +214,35 @@ class Batches:
         self.augment = augment
         self.drop_last = drop_last
         self.channels_last = channels_last
+        self.part: tuple[int, int] | None = None
+
+    def shard(self, rank: int, world_size: int) -> Batches:
+        """This rank's share of every batch, for data-parallel training.
+
+        The shard draws the order and the augmentation of each **global** batch exactly as
+        the whole does (from the shared ``generator``) and yields the ``rank``-th of
+        ``world_size`` contiguous, equal parts of it: the union over the ranks of a global
+        batch is the single-process batch, image for image, and ``len`` is unchanged (every
+        rank takes the same number of steps). The images and the generator are shared.
+
+        Raises:
+            ValueError: ``rank`` outside ``[0, world_size)``, or a batch that does not split
+                into equal parts (``batch_size`` not divisible by ``world_size``, or a last
+                incomplete batch that does not, without ``drop_last``).
+        """
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size}).")
+        last = len(self.labels) % self.batch_size
+        if self.batch_size % world_size or (not self.drop_last and last % world_size):
+            raise ValueError(
+                f"A batch of {self.batch_size} images (last batch: {last or self.batch_size}) "
+                f"does not split into {world_size} equal shares: choose a batch_size "
+                f"divisible by the {world_size} processes (the global batch is the same as "
+                "with one process)."
+            )
+        part = copy.copy(self)
+        part.part = (rank, world_size)
+        return part
 
     def __len__(self) -> int:
         """Number of batches per epoch."""
@@ -219,28 +254,38 @@ class Batches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for b in range(len(self)):
             index = order[b * self.batch_size : (b + 1) * self.batch_size]
-            x = self._augmented(index) if self.augment else self.images[index.to(self.device)]
+            if self.augment:
+                x, index = self._augmented(index)
+            else:
+                if self.part is not None:
+                    index = index[distributed.part_of(len(index), *self.part)]
+                x = self.images[index.to(self.device)]
             x = to_unit(x)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, self.labels[index.to(self.device)]
 
-    def _augmented(self, index: Tensor) -> Tensor:
-        """Random crop (pad 4, reflect) + flip of ``images[index]`` as one uint8 gather."""
+    def _augmented(self, index: Tensor) -> tuple[Tensor, Tensor]:
+        """Random crop (pad 4, reflect) + flip of ``images[index]`` as one uint8 gather, and
+        the indices gathered (a shard draws for the whole global batch and keeps its part)."""
         size = len(index)
         height, width = self.images.shape[2:]
         shift = torch.randint(0, 2 * CROP_PADDING + 1, (size, 2), generator=self.generator)
         flip = torch.randint(0, 2, (size, 1), generator=self.generator).bool()
+        if self.part is not None:
+            keep = distributed.part_of(size, *self.part)
+            index, shift, flip = index[keep], shift[keep], flip[keep]
         rows = _reflect(shift[:, :1] - CROP_PADDING + torch.arange(height), height)
         cols = _reflect(shift[:, 1:] - CROP_PADDING + torch.arange(width), width)
         cols = torch.where(flip, cols.flip(1), cols)
         dev = self.device
-        return self.images[
+        images = self.images[
             index.to(dev)[:, None, None, None],
             torch.arange(3, device=dev)[None, :, None, None],
             rows.to(dev)[:, None, :, None],
             cols.to(dev)[:, None, None, :],
         ]
+        return images, index
 
 
 def _reflect(coords: Tensor, size: int) -> Tensor:
@@ -309,6 +354,18 @@ def fit(
     atomically. On success the resume file is deleted: the stage's output goes through the
     catalog.
 
+    Inside a ``torch.distributed`` group of W processes (:mod:`atop.distributed`; the
+    trainers run their forward passes through :func:`atop.distributed.data_parallel`
+    wrappers of the modules): every rank iterates its share of each global batch
+    (:meth:`Batches.shard`: ``batch_size`` must be divisible by W) with its own stream of the
+    global random numbers (:func:`atop.distributed.decorrelate_ranks`); each row's training
+    terms are the mean over the ranks of their epoch means; ``evaluate`` runs on every rank
+    (the same weights; it must not use collectives) and rank 0's row is everyone's; rank 0
+    alone shows progress, logs and writes the resume file, which holds every rank's random
+    state and is read back by rank 0 and broadcast. The world size joins the fingerprint
+    (a resume file is taken up by the same W only), and at the end every rank holds rank
+    0's weights.
+
     Args:
         modules: every module whose state must be checkpointed (trainable or not).
         optimizers: every optimizer (the first one's learning rate is logged as ``lr``).
@@ -335,29 +392,37 @@ def fit(
         raise ValueError("fit needs at least one optimizer (its lr goes into the history).")
     schedulers = schedulers or {}
     steps = config.steps_per_epoch(batches)
-    fingerprint = _json_normal(
-        {
-            "user": config.fingerprint,
-            "epochs": config.epochs,
-            "max_batches_per_epoch": config.max_batches_per_epoch,
-            "batches_per_epoch": len(batches),
-        }
-    )
+    world = distributed.world_size()
+    main = distributed.is_main()
+    fingerprint = {
+        "user": config.fingerprint,
+        "epochs": config.epochs,
+        "max_batches_per_epoch": config.max_batches_per_epoch,
+        "batches_per_epoch": len(batches),
+    }
+    local = batches
+    if world > 1:
+        fingerprint["world_size"] = world
+        local = batches.shard(distributed.rank(), world)
+        distributed.decorrelate_ranks()
+    fingerprint = _json_normal(fingerprint)
     first_optimizer = next(iter(optimizers.values()))
 
     history: list[dict[str, float]] = []
     start = 1
     if config.resume_path is not None:
-        state = _load_resume(config.resume_path, fingerprint)
+        state = _load_resume(config.resume_path, fingerprint) if main else None
+        state = distributed.broadcast_object(state)
         if state is not None:
             _restore(state, modules, optimizers, schedulers, batches)
             history = [dict(row) for row in state["history"]]
             start = int(state["epoch"]) + 1
-            log.info("%s: resuming from %s at epoch %d", config.desc, config.resume_path, start)
+            if main:
+                log.info("%s: resuming from %s at epoch %d", config.desc, config.resume_path, start)
 
     epoch_bar = progress_bar(
         range(start, config.epochs + 1),
-        config.progress,
+        config.progress and main,
         desc=config.desc,
         unit="epoch",
         initial=start - 1,
@@ -368,29 +433,39 @@ def fit(
             module.train()
         began = time.perf_counter()
         terms, lr = _train_epoch(
-            train_step, batches, steps, schedulers, first_optimizer, epoch, config
+            train_step, local, steps, schedulers, first_optimizer, epoch, config, main
         )
+        terms = distributed.all_reduce_mean(terms)
         row: dict[str, float] = {"epoch": epoch, **terms, "lr": lr}
         row["seconds"] = time.perf_counter() - began
         if evaluate is not None:
             row.update({key: float(value) for key, value in evaluate(epoch).items()})
+        row = distributed.broadcast_object(row)
         history.append(row)
         epoch_bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"})
-        log.info(
-            "%s epoch %d/%d: %s",
-            config.desc,
-            epoch,
-            config.epochs,
-            ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
-        )
-        if config.resume_path is not None:
-            save_atomic(
-                _snapshot(epoch, modules, optimizers, schedulers, batches, history, fingerprint),
-                config.resume_path,
+        if main:
+            log.info(
+                "%s epoch %d/%d: %s",
+                config.desc,
+                epoch,
+                config.epochs,
+                ", ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"),
             )
+        if config.resume_path is not None:
+            rngs = distributed.all_gather_objects(_rng_state(batches)) if world > 1 else None
+            if main:
+                snapshot = _snapshot(
+                    epoch, modules, optimizers, schedulers, batches, history, fingerprint
+                )
+                if rngs is not None:
+                    snapshot["rank_rng"] = rngs  # every rank's own random state
+                save_atomic(snapshot, config.resume_path)
     epoch_bar.close()
-    if config.resume_path is not None:
+    if world > 1:
+        distributed.broadcast_module_states(modules.values())
+    if config.resume_path is not None and main:
         Path(config.resume_path).unlink(missing_ok=True)
+    distributed.barrier()
     return history
 
 
@@ -408,6 +483,7 @@ def _train_epoch(
     first_optimizer: torch.optim.Optimizer,
     epoch: int,
     config: LoopConfig,
+    show: bool = True,
 ) -> tuple[dict[str, float], float]:
     """One pass over ``batches``; returns the mean of each term and the last step's lr."""
     sums: dict[str, float] = {}
@@ -435,7 +511,7 @@ def _train_epoch(
 
     bar = progress_bar(
         itertools.islice(batches, steps),
-        config.progress,
+        config.progress and show,
         total=steps,
         desc=f"{config.desc} {epoch}/{config.epochs}",
         unit="batch",
@@ -500,8 +576,21 @@ def _snapshot(
     fingerprint: Any,
 ) -> dict[str, Any]:
     """Everything needed to continue after ``epoch``: tensors and primitives only."""
+    return {
+        "epoch": epoch,
+        "modules": {name: m.state_dict() for name, m in modules.items()},
+        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
+        "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
+        "history": history,
+        "rng": _rng_state(batches),
+        "fingerprint": fingerprint,
+    }
+
+
+def _rng_state(batches: Batches) -> dict[str, Any]:
+    """Every random-number-generator state of this process (tensors and primitives)."""
     np_state = np.random.get_state()
-    rng: dict[str, Any] = {
+    return {
         "torch": torch.get_rng_state(),
         "numpy": {
             "name": np_state[0],
@@ -513,15 +602,6 @@ def _snapshot(
         "python": _python_rng_to_primitive(random.getstate()),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "batches": batches.generator.get_state() if batches.generator is not None else None,
-    }
-    return {
-        "epoch": epoch,
-        "modules": {name: m.state_dict() for name, m in modules.items()},
-        "optimizers": {name: o.state_dict() for name, o in optimizers.items()},
-        "schedulers": {name: s.state_dict() for name, s in schedulers.items()},
-        "history": history,
-        "rng": rng,
-        "fingerprint": fingerprint,
     }
 
 
@@ -546,6 +626,8 @@ def _restore(
         for name, obj in live.items():
             obj.load_state_dict(state[group][name])
     rng = state["rng"]
+    if len(state.get("rank_rng", ())) == distributed.world_size():
+        rng = state["rank_rng"][distributed.rank()]  # a data-parallel run: this rank's own
     torch.set_rng_state(rng["torch"])
     np_rng = rng["numpy"]
     np.random.set_state(

@@ -62,9 +62,7 @@ def trained_classifier_dict(data_root: Path) -> dict:
             loss.backward()
             optimizer.step()
     model.eval()
-    return classifier_checkpoint(
-        model, "resnet-fast", CLASSIFIER_CONFIG, meta={"train_seconds": 3.0}
-    )
+    return classifier_checkpoint(model, "resnet-fast", CLASSIFIER_CONFIG, meta={})
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ from atop.evaluation.defenses import (
     DEFENSES,
     DESCRIPTIONS,
     EXTRA,
+    HISTORIES,
     MAIN,
     NEEDS,
     PURIFIED,
@@ -101,34 +102,57 @@ def test_every_defense_has_a_description_and_its_checkpoints():
     assert all(NEEDS[name][0] == "classifier" for name in PURIFIED)
 
 
-def test_build_defense_records_stochasticity_transform_and_training_time():
+def test_every_defense_sums_the_training_histories_of_its_stages():
+    """The training time of a defense: the classifier's, the purifier's pretraining and the
+    arm's fine-tuning histories (catalog names), never the checkpoints."""
+    assert set(HISTORIES) == set(DEFENSES)
+    assert HISTORIES["standard"] == ("classifier_history",)
+    assert HISTORIES["ap"] == ("classifier_history", "purifier_history")  # no fine-tuning
+    for arm in ("ap_continued", "ap_classifier_aware", "atop", "atop_pgd"):
+        assert HISTORIES[arm] == (
+            "classifier_history",
+            "purifier_history",
+            f"finetuning_history_{arm}",
+        )
+    assert HISTORIES["pgd_at"] == ("adversarial_training_history",)
+    assert HISTORIES["rvs"] == ("rvs_history",)
+    assert HISTORIES["ap_sigma025"] == ("classifier_history", "purifier_history_sigma025")
+    assert HISTORIES["atop_sigma025"] == (
+        "classifier_history",
+        "purifier_history_sigma025",
+        "finetuning_history_atop_sigma025",
+    )
+
+
+def test_build_defense_records_stochasticity_transform_and_no_training_time():
     checkpoints = {
+        # a checkpoint written before timings left them: its seconds are not read
         "classifier": classifier_dict(meta={"train_seconds": 3.0}),
-        "purifier": purifier_dict(meta={"transform": TRANSFORM, "train_seconds": 7.0}),
-        "purifier_atop": purifier_dict(
-            1, meta={"transform": TRANSFORM, "train_seconds": 7.0, "atop": {"train_seconds": 5.0}}
-        ),
+        "purifier": purifier_dict(meta={"transform": TRANSFORM}),
+        "purifier_atop": purifier_dict(1, meta={"transform": TRANSFORM, "atop": {"arm": "atop"}}),
         "pgd_at_classifier": classifier_dict(2, meta={}),
     }
     standard = build_defense("standard", checkpoints, CPU)
     assert not standard.stochastic and standard.transform is None
-    assert standard.train_seconds == {"classifier": 3.0} and standard.total_train_seconds == 3.0
+    # the checkpoints hold no timing: the evaluation fills it in from the histories
+    assert standard.train_seconds == {} and standard.total_train_seconds is None
     atop = build_defense("atop", checkpoints, CPU)
     assert atop.stochastic and _frozen(atop.model)
     assert atop.transform == build_transform(TRANSFORM).config.to_dict()  # with its defaults
-    # the fine-tuned checkpoint carries the pretraining's meta and its own fine-tuning time
-    assert atop.train_seconds == {"classifier": 3.0, "purifier": 7.0, "finetuning": 5.0}
-    assert atop.total_train_seconds == 15.0
+    assert atop.train_seconds == {} and atop.total_train_seconds is None
     # AP uses the pretrained purifier: different weights from AToP's
     ap = build_defense("ap", checkpoints, CPU)
-    assert ap.train_seconds == {"classifier": 3.0, "purifier": 7.0}  # no fine-tuning stage
-    assert ap.total_train_seconds == 10.0
+    assert ap.train_seconds == {}
     assert not torch.equal(
         next(iter(ap.model.purifier.parameters())), next(iter(atop.model.purifier.parameters()))
     )
     pgd_at = build_defense("pgd_at", checkpoints, CPU)
-    assert pgd_at.train_seconds == {"pgd_at_classifier": None}
-    assert pgd_at.total_train_seconds is None  # unknown, not made up
+    assert pgd_at.train_seconds == {} and pgd_at.total_train_seconds is None
+    # the total over the stages (history name -> seconds), unknown when any stage is
+    atop.train_seconds = dict(zip(HISTORIES["atop"], (3.0, 7.0, 5.0), strict=True))
+    assert atop.total_train_seconds == 15.0
+    ap.train_seconds = {"classifier_history": 3.0, "purifier_history": None}
+    assert ap.total_train_seconds is None  # unknown, not made up
     assert Defense("x", standard.model, False).total_train_seconds is None
 
 

@@ -205,11 +205,15 @@ def test_evaluate_defense_adds_the_fixed_randomness_diagnostic_when_asked(
         fixed_randomness=on,
         sanity={**smoke.sanity.to_dict(), "eps_sweep": [0, "8/255"], "stronger": {}},
     )
-    result = evaluate_defense(_purified(), _data(cifar10_test_batch, 2), params)
+    defense = _purified()
+    # the evaluation node fills in the stages' times from their histories (one unknown)
+    stages = {"classifier_history": 3.0, "purifier_history": None, "finetuning_history_atop": 5.0}
+    defense.train_seconds = dict(stages)
+    result = evaluate_defense(defense, _data(cifar10_test_batch, 2), params)
     assert list(result["attacks"]) == ["fgsm", "pgd_linf", "bpda_linf"]
     assert result["clean"].shape == (2, params.draws)  # fresh draws judge a random defense
     assert result["attacks"]["pgd_linf"]["eot_iter"] == 2
-    assert result["train_seconds"] == {"classifier": None, "purifier": None}
+    assert result["train_seconds"] == stages and result["total_train_seconds"] is None
     if on:
         fixed = result["fixed_randomness"]
         assert fixed["attack"] == "pgd_linf" and fixed["draws"].shape == (2, 1)

@@ -48,11 +48,38 @@ class AtomicSave:
 
 
 class JSONDataset(AtomicSave, _JSONDataset):
-    """``json.JSONDataset``, saved atomically."""
+    """``json.JSONDataset``, saved atomically. With ``metrics_filepath`` (a stage's record
+    under ``data/08_reporting``), each save also writes the record's metrics there
+    (:func:`atop.datasets.metrics.metrics_only`: numbers only), for ``dvc metrics``."""
+
+    def __init__(self, *, metrics_filepath: str | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._metrics_filepath = metrics_filepath
+
+    def save(self, data: Any) -> None:
+        super().save(data)
+        if self._metrics_filepath:
+            from atop.datasets.metrics import metrics_only
+
+            metrics = JSONDataset(filepath=self._metrics_filepath, save_args={"indent": 2})
+            metrics.save(metrics_only(data))
+
+    def _describe(self) -> dict[str, Any]:
+        return {**super()._describe(), "metrics_filepath": self._metrics_filepath}
 
 
 class CSVDataset(AtomicSave, _CSVDataset):
-    """``pandas.CSVDataset``, saved atomically."""
+    """``pandas.CSVDataset``, saved atomically. ``optional=True``: :meth:`load` returns
+    ``None`` for a missing file (the history of a baseline the evaluation may skip)."""
+
+    def __init__(self, *, optional: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._optional = optional
+
+    def load(self) -> Any:
+        if self._optional and not Path(str(self._get_load_path())).is_file():
+            return None
+        return super().load()
 
 
 class TextDataset(AtomicSave, _TextDataset):

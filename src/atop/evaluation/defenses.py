@@ -64,6 +64,24 @@ NEEDS = {
     "ap_sigma025": ("classifier", "purifier_sigma025"),
     "atop_sigma025": ("classifier", "purifier_atop_sigma025"),
 }
+#: The training histories (catalog names) whose epochs add up to each defense's training
+#: time: the classifier's, the purifier's pretraining, the arm's fine-tuning.
+HISTORIES = {
+    "standard": ("classifier_history",),
+    "ap": ("classifier_history", "purifier_history"),
+    **{
+        arm: ("classifier_history", "purifier_history", f"finetuning_history_{arm}")
+        for arm in ("ap_continued", "ap_classifier_aware", "atop", "atop_pgd")
+    },
+    "pgd_at": ("adversarial_training_history",),
+    "rvs": ("rvs_history",),
+    "ap_sigma025": ("classifier_history", "purifier_history_sigma025"),
+    "atop_sigma025": (
+        "classifier_history",
+        "purifier_history_sigma025",
+        "finetuning_history_atop_sigma025",
+    ),
+}
 #: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).
 PURIFIED = tuple(name for name, needs in NEEDS.items() if len(needs) == 2)
 
@@ -78,8 +96,8 @@ class Defense:
         name: one of :data:`DEFENSES` (or any label for a user's model).
         model: float32 ``[N, 3, H, W]`` in ``[0, 1]`` -> logits; eval mode, frozen.
         stochastic: random at inference (purified defenses): EOT and fresh-draw judging.
-        train_seconds: training time of each stage needed to obtain the defense (from the
-            checkpoints' ``meta``; ``None`` where one does not record it).
+        train_seconds: training time of each stage needed to obtain the defense (history
+            name -> seconds, :data:`HISTORIES`; the evaluation fills it in).
         transform: the random transform's parameters (purified defenses).
     """
 
@@ -94,13 +112,6 @@ class Defense:
         """Sum over the stages, ``None`` when any stage's time is unknown."""
         values = list(self.train_seconds.values())
         return None if not values or None in values else float(sum(values))
-
-
-def _seconds(checkpoint: Mapping[str, Any] | None, *path: str) -> float | None:
-    value: Any = (checkpoint or {}).get("meta", {})
-    for key in path:
-        value = value.get(key, {}) if isinstance(value, Mapping) else None
-    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
@@ -125,7 +136,7 @@ def build_defense(
     if name not in PURIFIED:
         key = NEEDS[name][0]
         model = _frozen(load_classifier(checkpoints[key], device), device)
-        return Defense(name, model, False, {key: _seconds(checkpoints[key], "train_seconds")})
+        return Defense(name, model, False)
     purifier_key = NEEDS[name][1]
     purifier = checkpoints[purifier_key]
     transform = purifier.get("meta", {}).get("transform")
@@ -146,13 +157,7 @@ def build_defense(
     generator, _ = load_purifier(purifier, device)
     classifier = load_classifier(checkpoints["classifier"], device)
     model = PurifiedClassifier(classifier, generator, build_transform(transform))
-    seconds = {
-        "classifier": _seconds(checkpoints["classifier"], "train_seconds"),
-        "purifier": _seconds(purifier, "train_seconds"),
-    }
-    if "atop" in purifier.get("meta", {}):
-        seconds["finetuning"] = _seconds(purifier, "atop", "train_seconds")
-    return Defense(name, _frozen(model, device), True, seconds, model.transform.config.to_dict())
+    return Defense(name, _frozen(model, device), True, {}, model.transform.config.to_dict())
 
 
 def build_defenses(

@@ -20,6 +20,14 @@ The rules that keep the numbers honest (method.md §4):
   draw is right: an attacker who can resubmit). Deterministic models need one pass.
 * Every attack run starts from ``seed_everything(seed)``: a model's numbers do not depend on
   what ran before.
+* **Sharded evaluation**: inside a ``torch.distributed`` group (:mod:`atop.distributed`) the
+  batches of ``batch_size`` images are dealt to the ranks, whole, and the verdicts and
+  adversarial images gathered in image order. Every batch is then seeded on its own, from
+  ``(seed, batch index)`` for its attack and ``(seed, batch index, run label)`` for its
+  judging (:func:`atop.distributed.batch_seed`), so a verdict does not depend on the number
+  of ranks: a one-process run with ``EvalSettings(batch_seeds=True)`` gives the same
+  verdicts, for deterministic and stochastic defenses alike. (One process without it draws
+  one stream through all batches, as it always did: the same distribution, other draws.)
 * The headline is the per-image worst case over clean and every ε-bounded attack of one
   threat model (ℓ∞ and ℓ2 separately; :func:`worst_cases`): single-draw = the mean over
   images of each image's lowest single-draw accuracy over the attacks.
@@ -35,7 +43,9 @@ Core module: torch, torchattacks and the project's core modules only.
 from __future__ import annotations
 
 import logging
+import math
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,6 +54,7 @@ import torch
 from torch import Tensor, nn
 from torchattacks.attack import Attack
 
+from atop import distributed
 from atop.attacks import build_attack, draw_correct, run_attack
 from atop.data import to_unit
 from atop.evaluation.defenses import DESCRIPTIONS, Defense
@@ -160,6 +171,9 @@ class EvalSettings:
         progress: tqdm bars.
         attack_amp: compute the attacks' gradients under bf16 autocast
             (:func:`atop.training.autocast`); judging is always float32.
+        batch_seeds: seed every batch of an attack and of its judging from its index
+            (module doc): what a sharded evaluation always does, so that one process
+            reproduces its verdicts. ``False``: one stream from ``seed`` through all batches.
     """
 
     batch_size: int = 64
@@ -167,6 +181,17 @@ class EvalSettings:
     seed: int = 0
     progress: bool = False
     attack_amp: bool = False
+    batch_seeds: bool = False
+
+    @property
+    def by_batch(self) -> bool:
+        """Whether batches are seeded one by one: ``batch_seeds``, or a sharded run (a
+        ``torch.distributed`` group of several ranks)."""
+        return self.batch_seeds or distributed.world_size() > 1
+
+
+#: :func:`atop.distributed.batch_seed` stream of the attacks' batches.
+ATTACK_STREAM = 0
 
 
 @dataclass
@@ -305,11 +330,85 @@ def defense_spec(entry: AttackEntry, defense: Defense, draws: int, seed: int) ->
     return spec
 
 
-def judge(defense: Defense, images: Tensor, labels: Tensor, settings: EvalSettings) -> Tensor:
+def judge(
+    defense: Defense,
+    images: Tensor,
+    labels: Tensor,
+    settings: EvalSettings,
+    stream: str = "clean",
+) -> Tensor:
     """Per-image, per-draw verdicts (bool ``[N, D]``, CPU, float32): ``settings.draws``
-    fresh passes of a stochastic defense, one pass of a deterministic one."""
+    fresh passes of a stochastic defense, one pass of a deterministic one.
+
+    With :attr:`EvalSettings.by_batch` each batch is judged after seeding from ``(seed,
+    batch index, stream)`` (``stream``: the run's label), on the rank it is dealt to, and the
+    verdicts are gathered."""
     draws = settings.draws if defense.stochastic else 1
-    return draw_correct(defense.model, images, labels, draws, settings.batch_size)
+    if not settings.by_batch:
+        return draw_correct(defense.model, images, labels, draws, settings.batch_size)
+    key = zlib.crc32(f"judge:{stream}".encode())
+    size = settings.batch_size
+
+    def verdicts(k: int, rows: slice) -> Tensor:
+        seed_everything(distributed.batch_seed(settings.seed, key, k))
+        return draw_correct(defense.model, images[rows], labels[rows], draws, size)
+
+    pieces = _gather_batches(_by_batch(len(labels), size, verdicts), len(labels), size)
+    return torch.cat(pieces) if pieces else torch.zeros(0, draws, dtype=torch.bool)
+
+
+def _by_batch(n: int, size: int, work: Callable[[int, slice], Any]) -> dict[int, Any]:
+    """``work(k, rows)`` for the batches of ``n`` images dealt to this rank."""
+    return {
+        k: work(k, slice(k * size, (k + 1) * size)) for k in distributed.shard(_batches(n, size))
+    }
+
+
+def _batches(n: int, size: int) -> int:
+    return math.ceil(n / size)
+
+
+def _gather_batches(mine: dict[int, Any], n: int, size: int) -> list[Any]:
+    """Every rank's per-batch results, in batch order (CPU tensors travel)."""
+    merged: dict[int, Any] = {}
+    for part in distributed.all_gather_objects(mine):
+        merged.update(part)
+    return [merged[k] for k in range(_batches(n, size))]
+
+
+def _attack_by_batch(
+    attack: Attack,
+    spec: Mapping[str, Any],
+    eps: float | None,
+    data: EvalData,
+    settings: EvalSettings,
+    check: Callable[[Sequence[int], Tensor], None] | None,
+) -> tuple[Tensor, float]:
+    """The attack on this rank's batches, each from ``seed_everything(batch_seed(seed,
+    ATTACK_STREAM, k))``, C&W cut to ``eps``, ``check(rows, adversarial)`` on this rank's
+    share; gathered in image order. Returns the adversarial images (on the images' device)
+    and the slowest rank's attack seconds."""
+    size, n = settings.batch_size, len(data.labels)
+    spent = 0.0
+
+    def attack_batch(k: int, rows: slice) -> Tensor:
+        nonlocal spent
+        seed_everything(distributed.batch_seed(settings.seed, ATTACK_STREAM, k))
+        began = time.perf_counter()
+        with autocast(data.images.device, settings.attack_amp):
+            adversarial = run_attack(attack, data.images[rows], data.labels[rows], size, False)
+        spent += time.perf_counter() - began
+        if spec["name"] == "cw" and eps is not None:
+            adversarial = bound_l2(data.images[rows], adversarial, eps)
+        return adversarial.cpu()
+
+    mine = _by_batch(n, size, attack_batch)
+    if check is not None and mine:
+        rows = [i for k in mine for i in range(k * size, min((k + 1) * size, n))]
+        check(rows, torch.cat(list(mine.values())))
+    pieces = _gather_batches(mine, n, size)
+    adversarial = torch.cat(pieces).to(data.images.device) if pieces else data.images.clone()
+    return adversarial, distributed.all_reduce_max(spent)
 
 
 def run_one(
@@ -331,28 +430,30 @@ def run_one(
     spec = dict(attack) if isinstance(attack, Mapping) else {"name": type(attack).__name__}
     if isinstance(attack, Mapping):
         attack = build_attack(defense.model, spec, data.n_classes)
-    began = time.perf_counter()
-    with autocast(data.images.device, settings.attack_amp):
-        adversarial = run_attack(
-            attack, data.images, data.labels, settings.batch_size, settings.progress
-        )
-    seconds = time.perf_counter() - began
-    if spec["name"] == "cw" and eps is not None:
-        adversarial = bound_l2(data.images, adversarial, eps)
-    if validate is not None:
-        validate(
-            data.images,
-            adversarial,
-            data.labels,
-            eps,
-            norm,
-            f"{defense.name}_{label}",
-            data.indices,
-        )
+    name = f"{defense.name}_{label}"
+    if settings.by_batch:  # sharded (or seeded batch by batch): each rank checks its share
+
+        def check(rows: Sequence[int], adversarial: Tensor) -> None:
+            if validate is not None:
+                clean, labels = data.images[list(rows)], data.labels[list(rows)]
+                indices = [data.indices[i] for i in rows]
+                validate(clean, adversarial.to(clean.device), labels, eps, norm, name, indices)
+
+        adversarial, seconds = _attack_by_batch(attack, spec, eps, data, settings, check)
+    else:
+        began = time.perf_counter()
+        with autocast(data.images.device, settings.attack_amp):
+            adversarial = run_attack(
+                attack, data.images, data.labels, settings.batch_size, settings.progress
+            )
+        seconds = time.perf_counter() - began
+        if spec["name"] == "cw" and eps is not None:
+            adversarial = bound_l2(data.images, adversarial, eps)
+        if validate is not None:
+            validate(data.images, adversarial, data.labels, eps, norm, name, data.indices)
     largest = max_perturbation(data.images, adversarial, norm)
-    run = AttackRun(
-        judge(defense, adversarial, data.labels, settings), adversarial, seconds, largest, spec
-    )
+    verdicts = judge(defense, adversarial, data.labels, settings, stream=label)
+    run = AttackRun(verdicts, adversarial, seconds, largest, spec)
     log.info(
         "%s / %s: robust accuracy %.4f single-draw, %.4f worst-of-%d (%.1f s, max perturbation %.4g)",
         defense.name,

@@ -24,6 +24,7 @@ from atop.defense import (
     to_working,
     working_side,
 )
+from atop.distributed import DistributedParams
 from atop.evaluation.defenses import DEFENSES, Defense
 from atop.evaluation.protocol import (
     AttackEntry,
@@ -73,6 +74,7 @@ class EvalParams(Params):
     attacks: list[dict[str, Any]]
     sanity: SanityParams
     grid: GridParams
+    distributed: DistributedParams
 
     def check(self) -> None:
         try:

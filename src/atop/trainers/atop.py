@@ -284,7 +284,9 @@ def finetune_purifier(
         "val_adv_acc": last["val_adv_acc"],
         "val_attack": dict(params.val_attack),
     }
-    meta = {**purifier_ckpt.get("meta", {}), "stage": "atop_finetuning", "atop": metrics}
+    timing = {"train_seconds"}  # in the metrics, not the checkpoint: same settings, same bytes
+    settings_only = {k: v for k, v in metrics.items() if k not in timing}
+    meta = {**purifier_ckpt.get("meta", {}), "stage": "atop_finetuning", "atop": settings_only}
     checkpoint = purifier_checkpoint(generator, discriminator, meta=meta)
     log.info(
         "%s fine-tuning done in %.0f s: validation clean %.3f, adversarial %.3f (single draw)",

@@ -105,7 +105,9 @@ def train_classifier(
         decay_all=True,
     )
     model, optimizer = setup.classifier, setup.optimizer
-    step = classifier_step(model, optimizer, setup.device, params.amp, params.label_smoothing)
+    step = classifier_step(
+        setup.network, optimizer, setup.device, params.amp, params.label_smoothing
+    )
     history = training_loop(setup, {"classifier": model}, {"sgd": optimizer}, step, params)
     checkpoint = classifier_checkpoint(
         model, params.arch, setup.config, training_meta(setup, history, class_names)
@@ -114,7 +116,10 @@ def train_classifier(
 
 
 def evaluate_classifier(
-    classifier: dict[str, Any], test_set: dict[str, torch.Tensor], params: ClassifierParams
+    classifier: dict[str, Any],
+    test_set: dict[str, torch.Tensor],
+    params: ClassifierParams,
+    train_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Clean accuracy (in ``[0, 1]``) of a saved classifier on the **full** test set, with its
     training facts: ``{"clean_test_acc", "train_seconds", "epochs", "arch", "device",
@@ -138,4 +143,5 @@ def evaluate_classifier(
         progress=params.progress,
     )
     log.info("classifier %s: clean test accuracy %.4f", classifier["arch"], acc)
-    return {"clean_test_acc": acc, **training_summary(classifier, len(test_set["labels"]))}
+    summary = training_summary(classifier, train_seconds, len(test_set["labels"]))
+    return {"clean_test_acc": acc, **summary}

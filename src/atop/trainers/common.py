@@ -8,7 +8,9 @@ learning-rate schedule and random crop + flip, and score held-out images after e
 * :class:`ClassifierTrainingParams`: the shared parameter keys;
 * :func:`prepare_training`: seed, device, the classifier (normalized by the training
   images' :func:`channel_stats`), its SGD (:func:`classifier_sgd`), the batches, the loop
-  settings with the resume fingerprint, the monitor images;
+  settings with the resume fingerprint, the monitor images, and the ``network`` the
+  training forward passes run through (the classifier itself, or its data-parallel wrapper
+  inside a ``torch.distributed`` group: :mod:`atop.distributed`);
 * :func:`training_loop`: :func:`atop.training.fit` with the :func:`lr_factor` schedule and the
   per-epoch ``test_acc``;
 * :func:`training_meta` / :func:`training_summary`: the checkpoint's ``meta`` and the stage's
@@ -28,6 +30,7 @@ import torch
 from torch import nn
 
 from atop.data import random_subset
+from atop.distributed import DistributedParams, data_parallel
 from atop.models import CLASSIFIERS, build_classifier
 from atop.params import Params, run_only, spec
 from atop.training import (
@@ -37,7 +40,6 @@ from atop.training import (
     fit,
     resolve_device,
     seed_everything,
-    training_seconds,
 )
 
 SCHEDULES = ("constant", "cosine", "multistep", "onecycle")
@@ -84,6 +86,7 @@ class ClassifierTrainingParams(Params):
     max_batches_per_epoch: int | None = spec(ge=1)
     resume_path: str | None = run_only()
     progress: bool = run_only()
+    distributed: DistributedParams
 
 
 def channel_stats(images_uint8: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -174,6 +177,10 @@ class TrainingSetup:
         loop: epochs, resume file and fingerprint, caps, progress.
         monitor_images: uint8 ``[M, 3, H, W]`` test images scored after each epoch.
         monitor_labels: int64 ``[M]``.
+        network: what the training forward passes run through: ``classifier`` itself in one
+            process, its :func:`atop.distributed.data_parallel` wrapper (gradients averaged
+            over the ranks, batch norm over the global batch) in data-parallel training.
+            Attacks and evaluation use ``classifier``.
     """
 
     device: torch.device
@@ -185,6 +192,11 @@ class TrainingSetup:
     loop: LoopConfig
     monitor_images: torch.Tensor
     monitor_labels: torch.Tensor
+    network: nn.Module | None = None
+
+    def __post_init__(self) -> None:
+        if self.network is None:
+            self.network = self.classifier
 
 
 def prepare_training(
@@ -237,6 +249,7 @@ def prepare_training(
     classifier = build_classifier(params.arch, **config).to(device)
     if channels_last:
         classifier = classifier.to(memory_format=torch.channels_last)
+    network = data_parallel(classifier)  # classifier itself in one process
     batches = Batches(
         images,
         labels,
@@ -270,6 +283,7 @@ def prepare_training(
         loop=loop,
         monitor_images=test_set["images"][monitor],
         monitor_labels=test_set["labels"][monitor],
+        network=network,
     )
 
 
@@ -316,25 +330,27 @@ def training_loop(
 def training_meta(
     setup: TrainingSetup, history: list[dict[str, float]], class_names: list[str]
 ) -> dict[str, Any]:
-    """The checkpoint's ``meta``: ``class_names``, ``epochs``, ``train_seconds``
-    (:func:`atop.training.training_seconds`), ``device``, ``n_train`` (images trained on)
-    and ``last_epoch_test_acc``."""
+    """The checkpoint's ``meta``: ``class_names``, ``epochs``, ``device``, ``n_train`` (images
+    trained on) and ``last_epoch_test_acc``. No timing: a retrain with the same settings
+    writes the same bytes (the history CSV holds the seconds), so DVC sees no change."""
     return {
         "class_names": list(class_names),
         "epochs": setup.loop.epochs,
-        "train_seconds": training_seconds(history),
         "device": str(setup.device),
         "n_train": len(setup.batches.labels),
         "last_epoch_test_acc": history[-1]["test_acc"],
     }
 
 
-def training_summary(checkpoint: dict[str, Any], n_test: int) -> dict[str, Any]:
+def training_summary(
+    checkpoint: dict[str, Any], train_seconds: float | None, n_test: int
+) -> dict[str, Any]:
     """``{"train_seconds", "epochs", "arch", "device", "n_train", "n_test"}`` of a classifier
-    checkpoint whose ``meta`` came from :func:`training_meta`, for a stage's metrics."""
+    checkpoint whose ``meta`` came from :func:`training_meta`, for a stage's metrics
+    (``train_seconds``: the sum of the history's epochs, :func:`atop.training.training_seconds`)."""
     meta = checkpoint["meta"]
     return {
-        "train_seconds": meta["train_seconds"],
+        "train_seconds": train_seconds,
         "epochs": meta["epochs"],
         "arch": checkpoint["arch"],
         "device": meta["device"],

@@ -68,10 +68,13 @@ def pgd_at_step(
     *,
     attack: Attack,
     amp: bool = True,
+    network: nn.Module | None = None,
 ) -> dict[str, float]:
     """One Madry PGD-AT step: attack the batch (float32 ``[B, 3, H, W]`` in ``[0, 1]``,
     labels int64 ``[B]``), then one optimizer step on the adversarial examples only.
 
+    The attack runs on ``classifier``; the update's forward pass through ``network`` (its
+    data-parallel wrapper, :func:`atop.distributed.data_parallel`; default: ``classifier``).
     The classifier is left in ``train()`` mode. Returns ``{"loss", "adv_acc"}`` (floats, on
     the adversarial batch, before the update).
 
@@ -87,7 +90,7 @@ def pgd_at_step(
         x_adv = attack(x, y)
     classifier.train()
     with autocast(x.device, enabled=amp):
-        logits = classifier(x_adv)
+        logits = (classifier if network is None else network)(x_adv)
     loss = F.cross_entropy(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -131,7 +134,9 @@ def train_pgd_at(
     attack = pgd_attack(model, params.attack, len(class_names))
 
     def train_step(x: Tensor, y: Tensor) -> dict[str, float]:
-        return pgd_at_step(model, optimizer, x, y, attack=attack, amp=params.amp)
+        return pgd_at_step(
+            model, optimizer, x, y, attack=attack, amp=params.amp, network=setup.network
+        )
 
     history = training_loop(setup, {"classifier": model}, {"sgd": optimizer}, train_step, params)
     meta = {**training_meta(setup, history, class_names), "attack": params.attack.to_dict()}

@@ -41,6 +41,7 @@ from atop.defense import (
     to_working,
     working_side,
 )
+from atop.distributed import DistributedParams, data_parallel
 from atop.models import load_classifier
 from atop.models.purifier import (
     build_purifier,
@@ -86,6 +87,7 @@ class GANParams(Params):
     max_batches_per_epoch: int | None = spec(ge=1)
     resume_path: str | None = run_only()
     progress: bool = run_only()
+    distributed: DistributedParams
 
     def check(self) -> None:
         if len(self.betas) != 2:
@@ -128,6 +130,11 @@ class PurifierStep:
         l1_weight, gan_weight: weights of the L1 and adversarial terms of ``L_org``.
         device: where the modules live (bf16 autocast on CUDA when ``amp``).
         amp: mixed precision on CUDA.
+
+    Inside a ``torch.distributed`` group, ``g`` and ``D`` are run through
+    :func:`atop.distributed.data_parallel` wrappers (``self.generator``,
+    ``self.discriminator``): both updates average their gradients over the ranks. In one
+    process they are the modules themselves.
     """
 
     def __init__(
@@ -143,8 +150,8 @@ class PurifierStep:
         device: torch.device | str = "cpu",
         amp: bool = True,
     ) -> None:
-        self.generator = generator
-        self.discriminator = discriminator
+        self.generator = data_parallel(generator)
+        self.discriminator = data_parallel(discriminator)
         self.transform = transform
         self.opt_generator = opt_generator
         self.opt_discriminator = opt_discriminator
@@ -337,7 +344,8 @@ def train_purifier(
     Returns:
         ``(checkpoint, history)``: :func:`atop.models.purifier.purifier_checkpoint` of ``g``
         and ``D`` with ``meta`` = ``{"transform", "stage", "epochs", "n_train",
-        "train_seconds", "val_psnr" (dB, last epoch), "n_val", "val_indices", "device"}``,
+        "val_psnr" (dB, last epoch), "n_val", "val_indices", "device"}`` (no timing: the same
+        settings give the same bytes; the seconds are in the history),
         and one row per epoch (``epoch, loss, l1, gan_g, d_loss, val_psnr, lr, seconds``:
         g's total loss, L1 of coarse + refined, hinge generator term, D's hinge loss, means
         over the epoch; val_psnr in dB; lr the generator's).
@@ -409,7 +417,6 @@ def train_purifier(
         "stage": STAGE,
         "epochs": params.epochs,
         "n_train": len(train["labels"]),
-        "train_seconds": training_seconds(history),
         "val_psnr": history[-1]["val_psnr"],
         "n_val": len(val_index),
         "val_indices": val_index.tolist(),
@@ -417,7 +424,7 @@ def train_purifier(
     }
     log.info(
         "purifier pretrained in %.0f s on %d images: held-out PSNR %.2f dB",
-        meta["train_seconds"],
+        training_seconds(history),
         meta["n_train"],
         meta["val_psnr"],
     )
@@ -442,6 +449,7 @@ def evaluate_purifier(
     test_set: dict[str, Tensor],
     eval_indices: list[int],
     params: PurifierParams,
+    train_seconds: float | None = None,
 ) -> PurifierEvaluation:
     """PSNR and "AP" clean accuracy of the pretrained purifier on its held-out test images.
 
@@ -508,7 +516,7 @@ def evaluate_purifier(
         "classifier_clean_acc": raw_correct.float().mean().item(),
         "draws": draws,
         "n_val": len(index),
-        "train_seconds": meta.get("train_seconds"),
+        "train_seconds": train_seconds,
         "epochs": meta.get("epochs"),
         "n_train": meta.get("n_train"),
         "transform": dict(meta["transform"]),

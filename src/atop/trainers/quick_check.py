@@ -39,6 +39,7 @@ def robust_quick_check(
     monitor_indices: Sequence[int],
     params: ClassifierTrainingParams,
     check: RobustEvalParams,
+    train_seconds: float | None = None,
 ) -> dict[str, Any]:
     """Clean accuracy on the full test set, clean and PGD-``steps`` accuracy on the first
     ``check.images`` of ``monitor_indices`` (accuracies in ``[0, 1]``): the baselines' quick
@@ -73,7 +74,7 @@ def robust_quick_check(
         "pgd_steps": check.steps,
         "robust_images": len(index),
         "eps": check.eps,
-        **training_summary(classifier, len(test_set["labels"])),
+        **training_summary(classifier, train_seconds, len(test_set["labels"])),
     }
     log.info(
         "%s: clean %.4f, PGD-%d robust %.4f on %d images, trained in %.0f s",

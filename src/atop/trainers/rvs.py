@@ -27,7 +27,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
+from atop.distributed import data_parallel
 from atop.models import classifier_checkpoint
 from atop.models.rvs import RvSGenerator, sample_adversarial
 from atop.params import Params, spec
@@ -84,7 +86,8 @@ def features_of(classifier: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     Raises:
         TypeError: the classifier's ``forward`` has no ``return_features`` argument.
     """
-    if "return_features" not in inspect.signature(classifier.forward).parameters:
+    module = classifier.module if isinstance(classifier, DistributedDataParallel) else classifier
+    if "return_features" not in inspect.signature(module.forward).parameters:
         raise TypeError(
             f"{type(classifier).__name__} cannot return penultimate features: RvS needs a "
             "classifier whose forward accepts `return_features=True` and returns (logits, "
@@ -197,8 +200,11 @@ def rvs_generator_step(
 ) -> float:
     """One RvS generator update: ascend :func:`rvs_generator_loss` (generator loss ``-OT``).
 
-    Only the generator's parameters receive gradients (``torch.autograd.grad``), so the
-    classifier's ``.grad`` fields are left untouched. The generator never sees labels.
+    Only the generator's parameters receive gradients (``backward(inputs=...)``), so the
+    classifier's ``.grad`` fields are left untouched. The generator never sees labels. In
+    data-parallel training ``generator`` is its :func:`atop.distributed.data_parallel`
+    wrapper (the backward pass averages its gradients over the ranks) and ``classifier`` the
+    bare module (no gradient of its own to average).
 
     Args:
         classifier, generator, x, ot_fn, rng, amp: see :func:`rvs_generator_loss`.
@@ -209,10 +215,8 @@ def rvs_generator_step(
     """
     ot_term = rvs_generator_loss(classifier, generator, x, ot_fn=ot_fn, rng=rng, amp=amp)
     params = [p for p in generator.parameters() if p.requires_grad]
-    grads = torch.autograd.grad(-ot_term, params)
     optimizer.zero_grad(set_to_none=True)
-    for param, grad in zip(params, grads, strict=True):
-        param.grad = grad
+    (-ot_term).backward(inputs=params)
     optimizer.step()
     return ot_term.item()
 
@@ -268,6 +272,7 @@ def rvs_step(
     ot_weight: float = 1.0,
     rng: torch.Generator | None = None,
     amp: bool = True,
+    network: nn.Module | None = None,
 ) -> dict[str, float]:
     """One RvS training step on a batch: one generator step, then one classifier step
     (Baytaş & Deb 2023, Algorithm 1; authors' code).
@@ -293,6 +298,11 @@ def rvs_step(
         ot_weight: weight of the OT term in the classifier loss (1.0).
         rng: random-number generator on ``x``'s device (``None``: global RNG).
         amp: forward passes under :func:`atop.training.autocast`.
+        network: what the classifier step's forward passes run through (its data-parallel
+            wrapper, :func:`atop.distributed.data_parallel`; default ``classifier``). In a
+            data-parallel run the OT term couples the features of each rank's share of the
+            batch (the global batch, learning rate and cross-entropy are those of one
+            process).
 
     Returns:
         Floats: ``loss`` (classifier loss), ``ce``, ``ot`` (classifier step), ``adv_acc``
@@ -305,7 +315,7 @@ def rvs_step(
     with torch.no_grad(), autocast(x.device, enabled=amp):
         x_adv = sample_adversarial(generator, x, rng)
     terms = rvs_classifier_step(
-        classifier,
+        classifier if network is None else network,
         opt_classifier,
         x,
         x_adv,
@@ -364,11 +374,12 @@ def train_rvs(
     ).to(setup.device)
     opt_generator = torch.optim.SGD(generator.parameters(), lr=gen.lr, momentum=gen.momentum)
     ot_fn = functools.partial(entropic_ot, reg=params.ot.reg, num_iter=params.ot.num_iter)
+    generator_network = data_parallel(generator)  # generator itself in one process
 
     def train_step(x: Tensor, y: Tensor) -> dict[str, float]:
         return rvs_step(
             model,
-            generator,
+            generator_network,
             opt_classifier,
             opt_generator,
             x,
@@ -377,6 +388,7 @@ def train_rvs(
             label_smoothing=params.label_smoothing,
             ot_weight=params.ot.weight,
             amp=params.amp,
+            network=setup.network,
         )
 
     history = training_loop(

@@ -182,12 +182,14 @@ def base_params(**changes) -> AToPParams:
 
 
 def outputs(arm: str) -> tuple[str, str, str]:
-    return f"purifier_{arm}", f"finetuning_history_{arm}", f"finetuning_metrics_{arm}"
+    """The outputs of arm ``arm``'s node, in the order Kedro saves them: the checkpoint last
+    (a failed save of the history or metrics leaves the previous checkpoint)."""
+    return f"finetuning_history_{arm}", f"finetuning_metrics_{arm}", f"purifier_{arm}"
 
 
 def run_stage(params, classifier_ckpt, purifier_ckpt, splits, arms=("atop",), pipeline=None):
     """Run the nodes of ``arms`` (or ``pipeline``, whose arms they are) on an in-memory
-    catalog; returns {arm: [checkpoint, history, metrics]}."""
+    catalog; returns {arm: [history, metrics, checkpoint]} (:func:`outputs`' order)."""
     train_set, test_set = splits
     catalog = DataCatalog()
     catalog["classifier"] = MemoryDataset(classifier_ckpt)
@@ -238,14 +240,19 @@ def test_stage_smoke_profile(stage_inputs, splits, tmp_path):
         params, classifier_ckpt, purifier_ckpt, splits, MAIN_ARMS, pipeline=create_pipeline()
     )
     before, _ = load_purifier(purifier_ckpt)
-    for arm, (checkpoint, history, metrics) in runs.items():
+    for arm, (history, metrics, checkpoint) in runs.items():
         TorchDataset(str(tmp_path / f"{arm}.pt")).save(checkpoint)
         generator, discriminator = load_purifier(TorchDataset(str(tmp_path / f"{arm}.pt")).load())
         assert discriminator is not None and checkpoint["arch"] == "gan-purifier"
         assert checkpoint["config"] == purifier_ckpt["config"]
         assert checkpoint["meta"]["transform"] == TRANSFORM
         assert checkpoint["meta"]["stage"] == "atop_finetuning"
-        assert checkpoint["meta"]["atop"] == metrics
+        # the metrics without the timing: a retrain with the same settings, the same bytes
+        assert checkpoint["meta"]["atop"] == {
+            k: v for k, v in metrics.items() if k != "train_seconds"
+        }
+        assert "train_seconds" not in checkpoint["meta"]["atop"]
+        assert metrics["train_seconds"] == pytest.approx(history["seconds"].sum())
         assert any(
             not torch.equal(a, b)
             for a, b in zip(
@@ -260,10 +267,10 @@ def test_stage_smoke_profile(stage_inputs, splits, tmp_path):
         assert (metrics["val_images"], metrics["val_draws"]) == (32, 1)  # monitor images
         assert metrics["val_clean_acc"] == history["val_clean_acc"].iloc[-1]
         assert not (tmp_path / f"resume_{arm}.pt").exists()  # removed after success
-    assert runs["atop"][2]["attack"] == {"name": "fgsm", "eps": pytest.approx(EPS)}
-    assert runs["ap_continued"][2]["attack"] is runs["ap_classifier_aware"][2]["attack"] is None
+    assert runs["atop"][1]["attack"] == {"name": "fgsm", "eps": pytest.approx(EPS)}
+    assert runs["ap_continued"][1]["attack"] is runs["ap_classifier_aware"][1]["attack"] is None
     # ap_continued is plain pretraining: its loss has no CE term
-    history = runs["ap_continued"][1]
+    history = runs["ap_continued"][0]
     assert history["loss"].iloc[0] == pytest.approx(
         params.l1_weight * history["l1"].iloc[0] + params.gan_weight * history["gan_g"].iloc[0],
         rel=1e-4,
@@ -298,7 +305,7 @@ def test_catalog_declares_every_arms_outputs():
     with KedroSession.create(project_path=PROJECT_ROOT, env="base") as session:
         catalog = session.load_context().catalog
     for arm in ALL_ARMS:
-        purifier, history, metrics = (str(catalog[name]) for name in outputs(arm))
+        history, metrics, purifier = (str(catalog[name]) for name in outputs(arm))
         assert isinstance(catalog[f"purifier_{arm}"], TorchDataset)
         assert f"data/06_models/cifar10/purifier_{arm}.pt" in purifier
         assert f"data/08_reporting/finetuning_{arm}_history.csv" in history
@@ -471,7 +478,7 @@ def test_stage_resumes_after_interruption(stage_inputs, splits, tmp_path, monkey
     assert (tmp_path / "resume_atop.pt").exists() and steps["n"] == 2
 
     monkeypatch.setattr(trainer, "fit", fit_counting_steps(interrupt=False))
-    _, history, _ = run_stage(params, classifier_ckpt, purifier_ckpt, splits)["atop"]
+    history, _, _ = run_stage(params, classifier_ckpt, purifier_ckpt, splits)["atop"]
     assert history["epoch"].tolist() == [1, 2]
     assert steps["n"] == 4  # the resumed run trained epoch 2 only (2 batches)
     assert not (tmp_path / "resume_atop.pt").exists()

@@ -25,7 +25,7 @@ from atop.pipeline_registry import register_pipelines
 from atop.pipelines.convergence import create_pipeline
 from atop.pipelines.convergence.nodes import convergence_report, study_node
 from atop.pipelines.convergence.pipeline import STUDIED
-from tests.conftest import PROJECT_ROOT, stage_params
+from tests.conftest import PROJECT_ROOT, moved, stage_params
 from tests.evaluation.conftest import classifier_dict, purifier_dict
 
 OUTPUTS = {
@@ -57,7 +57,7 @@ def studied(params, cifar10_test_batch, tmp_path_factory) -> dict:
     config = {}
     for name, entry in _catalog_config().items():
         if name in OUTPUTS:
-            config[name] = {**entry, "filepath": str(folder / Path(entry["filepath"]).name)}
+            config[name] = moved(entry, folder / Path(entry["filepath"]).name)
         elif name == "convergence_{defense}":
             config[name] = {**entry, "filepath": str(folder / "studies" / "{defense}.pt")}
     assert "convergence_{defense}" in config and set(OUTPUTS) <= set(config)

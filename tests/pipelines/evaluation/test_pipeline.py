@@ -2,7 +2,8 @@
 
 The checkpoints are built here in seconds: a small classifier briefly trained on 512 real
 training images and randomly initialised purifiers (cnum 8) standing for the pretrained
-(AP) purifier and the fine-tuning arms. The main job (``evaluation``: the MAIN defenses,
+(AP) purifier and the fine-tuning arms, with hand-made training histories (the defenses'
+training times). The main job (``evaluation``: the MAIN defenses,
 reports ``robustness*``) runs first; the full comparison (``comparison``: the EXTRA defenses,
 then one report over every defense, ``comparison*``) runs after it on the same catalog and
 reads the main job's per-defense torch files. Every per-defense result and report output is
@@ -29,9 +30,9 @@ from kedro.runner import SequentialRunner
 from scipy import stats as scipy_stats
 
 from atop.checkpoint import CheckpointError
-from atop.datasets import OptionalJSONDataset, TorchDataset
+from atop.datasets import CSVDataset, OptionalJSONDataset, TorchDataset
 from atop.evaluation import protocol
-from atop.evaluation.defenses import DEFENSES, EXTRA, MAIN, NEEDS, PURIFIED
+from atop.evaluation.defenses import DEFENSES, EXTRA, HISTORIES, MAIN, NEEDS, PURIFIED
 from atop.evaluation.suite import EvalParams
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, purifier_checkpoint
@@ -47,7 +48,7 @@ from atop.pipelines.evaluation.pipeline import (
 from atop.pipelines.evaluation.report import robustness_report
 from atop.validation import DataValidationError
 from atop.validation import adversarial as gx_adversarial
-from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
+from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, moved, stage_params
 
 #: Report outputs of each job (catalog name -> file name).
 REPORTS = {
@@ -56,6 +57,7 @@ REPORTS = {
     "robustness_verdicts": "robustness_verdicts.csv",
     "robustness_report": "robustness_report.md",
     "robustness_accuracy_vs_eps": "robust_accuracy_vs_eps.png",
+    "robustness_accuracy_vs_eps_table": "robust_accuracy_vs_eps.csv",
     "adversarial_grid": "adversarial_grid.png",
 }
 COMPARISON = {
@@ -64,6 +66,7 @@ COMPARISON = {
     "comparison_verdicts": "comparison_verdicts.csv",
     "comparison_report": "comparison_report.md",
     "comparison_accuracy_vs_eps": "comparison_accuracy_vs_eps.png",
+    "comparison_accuracy_vs_eps_table": "comparison_accuracy_vs_eps.csv",
 }
 #: RT1 (masks only): the known pixels stay clean, so the briefly trained classifier keeps
 #: some accuracy through a random purifier and fresh draws disagree (informative verdicts;
@@ -73,6 +76,8 @@ FGSM_TRAINING = {"name": "fgsm", "eps": 8 / 255}
 CLASS_NAMES = "airplane automobile bird cat deer dog frog horse ship truck".split()
 #: Every checkpoint the two jobs read (the classifier and the purifiers by catalog name).
 CHECKPOINTS = sorted({key for needs in NEEDS.values() for key in needs})
+#: Every training history the two jobs read (the defenses' training times, by catalog name).
+HISTORY_NAMES = sorted({key for names in HISTORIES.values() for key in names})
 #: The per-defense results: one catalog entry per defense (a dataset factory).
 RESULTS_PATTERN = "evaluation_{defense}"
 #: Evaluated in this run (checkpoints present): the main job's, and pgd_at in the comparison.
@@ -103,8 +108,8 @@ def catalog_config(env: str = "smoke") -> dict:
 @pytest.fixture(scope="module")
 def inputs(data_root, cifar10_test_batch) -> dict:
     """Real CIFAR-10: a classifier trained briefly on 512 training images, the 256 test
-    images, an evaluation subset of 5 images it gets right and 3 it gets wrong, and the
-    checkpoints (``None``: the stage did not run)."""
+    images, an evaluation subset of 5 images it gets right and 3 it gets wrong, the
+    checkpoints and the training histories (``None``: the stage did not run)."""
     with open(data_root / "cifar-10-batches-py" / "data_batch_1", "rb") as fh:
         batch = pickle.load(fh, encoding="latin1")  # the official CIFAR-10 python format
     train_x = torch.from_numpy(np.asarray(batch["data"][:512], dtype=np.uint8))
@@ -127,9 +132,7 @@ def inputs(data_root, cifar10_test_batch) -> dict:
     correct, wrong = right.nonzero().flatten(), (~right).nonzero().flatten()
     assert len(correct) >= 5, "the briefly trained classifier should be right on a few images"
     eval_indices = sorted(correct[:5].tolist() + wrong[:3].tolist())
-    classifier = classifier_checkpoint(
-        model, "resnet-fast", {"num_classes": 10, "width": 8}, meta={"train_seconds": 3.0}
-    )
+    classifier = classifier_checkpoint(model, "resnet-fast", {"num_classes": 10, "width": 8})
 
     def purifier(seed: int, atop: dict | None = None, transform: dict = TRANSFORM) -> dict:
         torch.manual_seed(seed)
@@ -141,11 +144,22 @@ def inputs(data_root, cifar10_test_batch) -> dict:
     checkpoints.update(
         classifier=classifier,
         purifier=purifier(0),
-        purifier_ap_continued=purifier(
-            2, {"attack": None, "train_seconds": 4.0}, {**TRANSFORM, "mask_block": 8}
-        ),
-        purifier_atop=purifier(1, {"attack": FGSM_TRAINING, "train_seconds": 5.0}),
+        purifier_ap_continued=purifier(2, {"attack": None}, {**TRANSFORM, "mask_block": 8}),
+        purifier_atop=purifier(1, {"attack": FGSM_TRAINING}),
         pgd_at_classifier=classifier,  # the baseline's checkpoint exists (a stand-in)
+    )
+
+    def history(*seconds: float) -> pd.DataFrame:
+        return pd.DataFrame({"epoch": range(1, len(seconds) + 1), "seconds": seconds})
+
+    # the training times: the sum of each history's epochs; the hand-made purifier (AP) has
+    # no pretraining history
+    histories = dict.fromkeys(HISTORY_NAMES)
+    histories.update(
+        classifier_history=history(1.0, 2.0),
+        finetuning_history_ap_continued=history(4.0),
+        finetuning_history_atop=history(2.0, 3.0),
+        adversarial_training_history=history(6.0),
     )
     return {
         "data": {
@@ -154,17 +168,19 @@ def inputs(data_root, cifar10_test_batch) -> dict:
             "class_names": CLASS_NAMES,
         },
         "checkpoints": checkpoints,
+        "histories": histories,
     }
 
 
 def make_catalog(inputs: dict, folder: Path, params: EvalParams) -> DataCatalog:
     """The real per-defense result, report and convergence datasets of the catalog (paths
-    moved to ``folder``), the data in memory, and every checkpoint as an optional
-    TorchDataset (``None``: file missing, the defense is skipped)."""
+    moved to ``folder``), the data in memory, every checkpoint as an optional
+    TorchDataset (``None``: file missing, the defense is skipped) and every training history
+    as a CSV file (``None`` in memory: the stage did not run, its time is unknown)."""
     config = {}
     for name, entry in catalog_config().items():
         if name in REPORTS or name in COMPARISON or name == "convergence":
-            config[name] = {**entry, "filepath": str(folder / Path(entry["filepath"]).name)}
+            config[name] = moved(entry, folder / Path(entry["filepath"]).name)
         elif name == RESULTS_PATTERN:
             results = folder / "evaluation" / Path(entry["filepath"]).name
             config[name] = {**entry, "filepath": str(results)}
@@ -177,6 +193,14 @@ def make_catalog(inputs: dict, folder: Path, params: EvalParams) -> DataCatalog:
         if checkpoint is not None:
             TorchDataset(str(path)).save(checkpoint)
         catalog[name] = TorchDataset(str(path), optional=True)
+    for name, history in inputs["histories"].items():
+        if history is None:
+            catalog[name] = MemoryDataset(None, copy_mode="assign")
+            continue
+        catalog[name] = CSVDataset(
+            filepath=str(folder / "histories" / f"{name}.csv"), save_args={"index": False}
+        )
+        catalog[name].save(history)
     catalog["params:evaluation"] = MemoryDataset(params, copy_mode="assign")
     catalog["robustness_results"] = KeptMemoryDataset()
     catalog["comparison_results"] = KeptMemoryDataset()
@@ -268,7 +292,7 @@ def _same(a, b) -> bool:
 def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
     main, comparison = create_pipeline(), create_comparison_pipeline()
     report = {"collect_{}", "{}_metrics", "{}_table", "{}_verdicts", "{}_report",
-              "plot_{}_accuracy_vs_eps"}  # fmt: skip
+              "plot_{}_accuracy_vs_eps", "{}_accuracy_vs_eps_table"}  # fmt: skip
     assert {n.name for n in main.nodes} == {f"evaluate_{d}" for d in MAIN} | {
         name.format("robustness") for name in report
     } | {"plot_adversarial_grid"}
@@ -283,6 +307,11 @@ def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
     extra_checkpoints = {key for d in EXTRA for key in NEEDS[d]} - {"classifier"}
     assert not extra_checkpoints & main.inputs()
     assert extra_checkpoints <= comparison.inputs()
+    # nor the comparison's training histories
+    main_histories = {key for d in MAIN for key in HISTORIES[d]}
+    extra_histories = {key for d in EXTRA for key in HISTORIES[d]} - main_histories
+    assert main_histories <= main.inputs() and not extra_histories & main.inputs()
+    assert extra_histories <= comparison.inputs()
     assert "convergence" in main.inputs() and "convergence" in comparison.inputs()
     # the comparison reports every defense: the main job's results are read from their files
     assert {f"evaluation_{d}" for d in MAIN} <= comparison.inputs()
@@ -293,16 +322,21 @@ def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
 
 def test_one_node_per_defense_then_one_that_gathers_them():
     """Each defense can be re-evaluated alone (``--from-nodes evaluate_ap``): its node takes
-    only its own checkpoints and writes ``evaluation_<defense>``."""
+    only its own checkpoints and training histories and writes ``evaluation_<defense>``."""
     nodes = {node.name: node for node in defense_nodes(DEFENSES)}
     shared = set(SHARED.values())
     assert shared == {"test_set", "eval_indices", "class_names", "params:evaluation"}
     for name in DEFENSES:
         node = nodes[f"evaluate_{name}"]
-        assert set(node.inputs) == shared | set(NEEDS[name]), name
+        assert set(node.inputs) == shared | set(NEEDS[name]) | set(HISTORIES[name]), name
         assert node.outputs == [f"evaluation_{name}"]
     assert NEEDS["atop"] == ("classifier", "purifier_atop")
     assert NEEDS["pgd_at"] == ("pgd_at_classifier",) and NEEDS["rvs"] == ("rvs_classifier",)
+    assert HISTORIES["atop"] == (
+        "classifier_history",
+        "purifier_history",
+        "finetuning_history_atop",
+    )
     gather = next(n for n in report_nodes(["standard", "ap"], "x") if n.name == "collect_x")
     assert set(gather.inputs) == {"params:evaluation", "eval_indices", "class_names",
                                   "purifier_atop", "evaluation_standard", "evaluation_ap"}  # fmt: skip
@@ -671,25 +705,40 @@ def test_sanity_checks_run_and_are_reported(evaluated):
     assert report.count("| ap | ") >= 5 and "BPDA vs exact gradients" in report
 
 
-def test_unseen_attacks_and_training_time_come_from_the_checkpoints(evaluated):
+def test_unseen_attacks_come_from_the_checkpoints_and_training_time_from_the_histories(
+    evaluated,
+):
     metrics = evaluated["metrics"]
     assert metrics["unseen"]["training_attack"] == "fgsm Linf 8/255"
     seen = metrics["unseen"]["seen"]
     assert seen["fgsm"] is True and not any(v for k, v in seen.items() if k != "fgsm")
-    # the purifier checkpoints record no pretraining time: the total is unknown, not made up
+    # no purifier pretraining history: the total is unknown, not made up
     assert metrics["defenses"]["standard"]["train_seconds"] == 3.0
     assert metrics["defenses"]["atop"]["train_seconds"] is None
-    stages = evaluated["results"]["defenses"]["atop"]["train_seconds"]
-    assert stages == {"classifier": 3.0, "purifier": None, "finetuning": 5.0}
-    continued = evaluated["results"]["defenses"]["ap_continued"]["train_seconds"]
-    assert continued == {"classifier": 3.0, "purifier": None, "finetuning": 4.0}
-    assert evaluated["results"]["defenses"]["ap"]["train_seconds"] == {
-        "classifier": 3.0,
-        "purifier": None,
+    defenses = evaluated["results"]["defenses"]
+    assert defenses["standard"]["train_seconds"] == {"classifier_history": 3.0}
+    stages = defenses["atop"]["train_seconds"]
+    assert stages == {
+        "classifier_history": 3.0,
+        "purifier_history": None,
+        "finetuning_history_atop": 5.0,
     }
+    continued = defenses["ap_continued"]["train_seconds"]
+    assert continued == {
+        "classifier_history": 3.0,
+        "purifier_history": None,
+        "finetuning_history_ap_continued": 4.0,
+    }
+    assert defenses["ap"]["train_seconds"] == {
+        "classifier_history": 3.0,
+        "purifier_history": None,
+    }
+    pgd_at = evaluated["comparison_results"]["defenses"]["pgd_at"]
+    assert pgd_at["train_seconds"] == {"adversarial_training_history": 6.0}
+    assert pgd_at["total_train_seconds"] == 6.0
     report = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
     assert "fine-tuned with **fgsm Linf 8/255**" in report
-    assert "atop: `purifier` records no training time" in report
+    assert "atop: `purifier_history` records no training time" in report
     assert "ap_classifier_aware: not evaluated" in report
     assert (
         "rvs: not evaluated" in (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()

@@ -98,6 +98,7 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
     assert ckpt["config"]["image_size"] == 32  # from the data
     meta = ckpt["meta"]
     assert meta["stage"] == "purifier_pretraining"
+    assert "train_seconds" not in meta  # same settings, same bytes: the history has the seconds
     assert meta["transform"] == {  # the authors' noise: sigma 0.25 at 256 px
         "kind": "rt2",
         "sigma": 0.25,
@@ -224,12 +225,21 @@ def test_dataset_purifier_mismatch_is_refused(splits, classifier, smoke_params):
     generator, discriminator = build_purifier({"cnum": 8, "disc_cnum": 8, "image_size": 64})
     meta = {"transform": {"kind": "rt2"}, "val_indices": MONITOR[:4]}
     ckpt = purifier_checkpoint(generator, discriminator, meta=meta)
+    history = pd.DataFrame({"epoch": [1], "seconds": [2.0]})
     with pytest.raises(ValueError, match="trained on 64x64 images but test_set holds 32x32"):
-        evaluate_purifier(ckpt, classifier, test, EVAL_INDICES, smoke_params)
+        evaluate_purifier(ckpt, classifier, test, EVAL_INDICES, history, smoke_params)
     small, small_d = build_purifier({"cnum": 8, "disc_cnum": 8})
     bad = purifier_checkpoint(small, small_d, meta={**meta, "val_indices": EVAL_INDICES[:4]})
     with pytest.raises(ValueError, match="in the evaluation subset"):
-        evaluate_purifier(bad, classifier, test, EVAL_INDICES, smoke_params)
+        evaluate_purifier(bad, classifier, test, EVAL_INDICES, history, smoke_params)
+
+
+def test_the_checkpoint_is_saved_last_and_its_time_read_from_the_history():
+    """Kedro saves a node's outputs in their listed order: the history first, so a failed
+    save of it leaves the previous checkpoint; the evaluation reads the time from it."""
+    nodes = {node.name: node for node in create_pipeline().nodes}
+    assert nodes["train_purifier"].outputs == ["purifier_history", "purifier"]
+    assert "purifier_history" in nodes["evaluate_purifier"].inputs
 
 
 def test_catalog_declares_the_outputs(tmp_path):

@@ -25,7 +25,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "monitor_indices",
                     "params:adversarial_training",
                 ],
-                outputs=["pgd_at_classifier", "adversarial_training_history"],
+                outputs=["adversarial_training_history", "pgd_at_classifier"],
                 name="train_pgd_at",
             ),
             Node(
@@ -34,6 +34,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "pgd_at_classifier",
                     "test_set",
                     "monitor_indices",
+                    "adversarial_training_history",
                     "params:adversarial_training",
                 ],
                 outputs="adversarial_training_metrics",

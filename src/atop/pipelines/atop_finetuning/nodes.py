@@ -22,9 +22,9 @@ MAIN_ARMS = ("ap_continued", "ap_classifier_aware", "atop")
 
 def finetune_node(
     arm: str, suffix: str = ""
-) -> Callable[..., tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]]:
-    """The node function of arm ``arm`` (named ``finetune_<arm><suffix>``): the fine-tuned
-    purifier checkpoint, its history DataFrame and its metrics; its resume file is
+) -> Callable[..., tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]]:
+    """The node function of arm ``arm`` (named ``finetune_<arm><suffix>``): its history
+    DataFrame, its metrics and the fine-tuned purifier checkpoint (saved last); its resume file is
     ``resume_path`` with ``{arm}`` = ``<arm><suffix>``."""
 
     def finetune(
@@ -35,13 +35,13 @@ def finetune_node(
         monitor_indices: list[int],
         class_names: list[str],
         params: AToPParams,
-    ) -> tuple[dict[str, Any], pd.DataFrame, dict[str, Any]]:
+    ) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
         if params.resume_path:
             params = params.replace(resume_path=params.resume_path.replace("{arm}", arm + suffix))
         checkpoint, history, metrics = trainer.finetune_purifier(
             classifier, purifier, train_set, test_set, monitor_indices, class_names, params, arm
         )
-        return checkpoint, pd.DataFrame(history), metrics
+        return pd.DataFrame(history), metrics, checkpoint  # the checkpoint saved last
 
     finetune.__name__ = finetune.__qualname__ = f"finetune_{arm}{suffix}"
     return finetune

@@ -30,10 +30,10 @@ def arm_nodes(arms: Sequence[str], purifier: str = "purifier", suffix: str = "")
                 "class_names": "class_names",
                 "params": "params:atop_finetuning",
             },
-            outputs=[
-                f"purifier_{arm}{suffix}",
+            outputs=[  # the checkpoint saved last
                 f"finetuning_history_{arm}{suffix}",
                 f"finetuning_metrics_{arm}{suffix}",
+                f"purifier_{arm}{suffix}",
             ],
             name=f"finetune_{arm}{suffix}",
         )

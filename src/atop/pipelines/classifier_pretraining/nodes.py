@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from atop.pipelines import history_seconds
 from atop.trainers import classifier as trainer
 from atop.trainers.classifier import ClassifierParams
 
@@ -24,17 +25,22 @@ def train_classifier(
     class_names: list[str],
     monitor_indices: list[int],
     params: ClassifierParams,
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """:func:`atop.trainers.classifier.train_classifier`; the history as a DataFrame with
-    :data:`HISTORY_COLUMNS`."""
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`atop.trainers.classifier.train_classifier`: the history as a DataFrame with
+    :data:`HISTORY_COLUMNS`, then the checkpoint (saved last: a failed save of the history
+    leaves the previous checkpoint)."""
     checkpoint, history = trainer.train_classifier(
         train_set, test_set, class_names, monitor_indices, params
     )
-    return checkpoint, pd.DataFrame(history)[HISTORY_COLUMNS]
+    return pd.DataFrame(history)[HISTORY_COLUMNS], checkpoint
 
 
 def evaluate_classifier(
-    classifier: dict[str, Any], test_set: dict[str, torch.Tensor], params: ClassifierParams
+    classifier: dict[str, Any],
+    test_set: dict[str, torch.Tensor],
+    history: pd.DataFrame,
+    params: ClassifierParams,
 ) -> dict[str, Any]:
-    """:func:`atop.trainers.classifier.evaluate_classifier` (clean accuracy, full test set)."""
-    return trainer.evaluate_classifier(classifier, test_set, params)
+    """:func:`atop.trainers.classifier.evaluate_classifier` (clean accuracy, full test set),
+    with the training time from the history."""
+    return trainer.evaluate_classifier(classifier, test_set, params, history_seconds(history))

@@ -25,12 +25,17 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "monitor_indices",
                     "params:classifier_pretraining",
                 ],
-                outputs=["classifier", "classifier_history"],
+                outputs=["classifier_history", "classifier"],  # the checkpoint saved last
                 name="train_classifier",
             ),
             Node(
                 func=evaluate_classifier,
-                inputs=["classifier", "test_set", "params:classifier_pretraining"],
+                inputs=[
+                    "classifier",
+                    "test_set",
+                    "classifier_history",
+                    "params:classifier_pretraining",
+                ],
                 outputs="classifier_metrics",
                 name="evaluate_classifier",
             ),

@@ -1,4 +1,4 @@
-"""The evaluation's numbers: the metrics JSON (``dvc metrics show``) and the CSV table.
+"""The evaluation's numbers: the metrics JSON (``dvc metrics show``), the CSV tables.
 
 Every number of the report comes from :func:`robustness_metrics`; the CSV and the Markdown
 tables are formatted from it, so they always agree. Accuracies are fractions in ``[0, 1]``.
@@ -229,6 +229,29 @@ def robustness_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
             row["draws"] = metrics["settings"]["draws"]
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def accuracy_vs_eps_table(results: Mapping[str, Any]) -> pd.DataFrame:
+    """The ε sweep of the reference attack (``evaluation.sanity``), one row per defense and
+    ε: the CSV that ``dvc.yaml`` plots (x = ``eps``, y = ``robust_acc``, a line per
+    defense) so that ``dvc plots diff`` overlays runs.
+
+    Columns: ``defense``, ``norm``, ``eps`` (the budget on the [0, 1] pixel scale),
+    ``eps_label`` (``"8/255"``), ``robust_acc`` (single-draw accuracy in ``[0, 1]``).
+    """
+    norm = reference_attack(results)["norm"]
+    rows = [
+        {
+            "defense": name,
+            "norm": norm,
+            "eps": point["eps"],
+            "eps_label": eps_key(point["eps"], norm),
+            "robust_acc": per_image(point["draws"], "single").mean().item(),
+        }
+        for name, res in results["defenses"].items()
+        for point in res["sweep"]
+    ]
+    return pd.DataFrame(rows, columns=["defense", "norm", "eps", "eps_label", "robust_acc"])
 
 
 def verdicts_table(results: Mapping[str, Any], eval_indices: Sequence[int]) -> pd.DataFrame:

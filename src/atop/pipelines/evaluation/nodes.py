@@ -17,9 +17,16 @@ from typing import Any
 
 from torch import Tensor
 
-from atop.evaluation.defenses import DEFENSES, NEEDS, build_defense, unseen_attacks
+from atop.evaluation.defenses import (
+    DEFENSES,
+    HISTORIES,
+    NEEDS,
+    build_defense,
+    unseen_attacks,
+)
 from atop.evaluation.protocol import select_images
 from atop.evaluation.suite import EvalParams, evaluate_defense
+from atop.pipelines import history_seconds
 from atop.training import resolve_device
 
 log = logging.getLogger(__name__)
@@ -41,8 +48,8 @@ def evaluate_node(name: str) -> Callable[..., dict[str, Any]]:
     """The node function of defense ``name`` (named ``evaluate_<name>``).
 
     Its inputs are ``test_set``, ``eval_indices``, ``class_names``, ``params`` (the
-    ``evaluation`` block) and the checkpoints of :data:`atop.evaluation.defenses.NEEDS`; its
-    output is
+    ``evaluation`` block), the checkpoints of :data:`atop.evaluation.defenses.NEEDS` and the
+    training histories of :data:`~atop.evaluation.defenses.HISTORIES`; its output is
     :func:`atop.evaluation.suite.evaluate_defense`'s result, or ``{"skipped": reason}``.
     """
 
@@ -51,8 +58,9 @@ def evaluate_node(name: str) -> Callable[..., dict[str, Any]]:
         eval_indices: list[int],
         class_names: list[str],
         params: EvalParams,
-        **checkpoints: dict[str, Any] | None,
+        **inputs: Any,
     ) -> dict[str, Any]:
+        checkpoints = {key: inputs.get(key) for key in NEEDS[name]}
         if name not in params.defenses:
             return {"skipped": "not listed in evaluation.defenses"}
         missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
@@ -63,6 +71,7 @@ def evaluate_node(name: str) -> Callable[..., dict[str, Any]]:
         device = resolve_device(params.device)
         data = select_images(test_set, eval_indices, params.images, len(class_names), device)
         defense = build_defense(name, checkpoints, device)
+        defense.train_seconds = {h: history_seconds(inputs.get(h)) for h in HISTORIES[name]}
         return evaluate_defense(defense, data, params, _gx_validator(params.tolerance))
 
     evaluate.__name__ = evaluate.__qualname__ = f"evaluate_{name}"

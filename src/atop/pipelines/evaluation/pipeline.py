@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.evaluation.defenses import DEFENSES, EXTRA, MAIN, NEEDS
+from atop.evaluation.defenses import DEFENSES, EXTRA, HISTORIES, MAIN, NEEDS
 from atop.pipelines.evaluation.figures import plot_adversarial_grid, plot_robust_accuracy_vs_eps
 from atop.pipelines.evaluation.metrics import (
+    accuracy_vs_eps_table,
     robustness_metrics,
     robustness_table,
     verdicts_table,
@@ -44,7 +45,7 @@ def defense_nodes(names: Sequence[str]) -> list[Node]:
     return [
         Node(
             func=evaluate_node(name),
-            inputs={**SHARED, **{key: key for key in NEEDS[name]}},
+            inputs={**SHARED, **{key: key for key in NEEDS[name] + HISTORIES[name]}},
             outputs=f"evaluation_{name}",
             name=f"evaluate_{name}",
         )
@@ -54,8 +55,9 @@ def defense_nodes(names: Sequence[str]) -> list[Node]:
 
 def report_nodes(names: Sequence[str], prefix: str) -> list[Node]:
     """Gather the results of ``names`` and write ``<prefix>`` (JSON), ``<prefix>_table``,
-    ``<prefix>_verdicts`` (every per-image, per-draw verdict), ``<prefix>_report`` and
-    ``<prefix>_accuracy_vs_eps``."""
+    ``<prefix>_verdicts`` (every per-image, per-draw verdict), ``<prefix>_report``,
+    ``<prefix>_accuracy_vs_eps`` (figure) and ``<prefix>_accuracy_vs_eps_table`` (its CSV,
+    a DVC plot)."""
     results = f"{prefix}_results"
     return [
         Node(
@@ -89,6 +91,12 @@ def report_nodes(names: Sequence[str], prefix: str) -> list[Node]:
             results,
             f"{prefix}_accuracy_vs_eps",
             name=f"plot_{prefix}_accuracy_vs_eps",
+        ),
+        Node(
+            accuracy_vs_eps_table,
+            results,
+            f"{prefix}_accuracy_vs_eps_table",
+            name=f"{prefix}_accuracy_vs_eps_table",
         ),
     ]
 

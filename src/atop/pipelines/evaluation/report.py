@@ -442,7 +442,7 @@ def _time_sections(
     out = [
         "## Training time",
         "",
-        "From each checkpoint's `meta` (seconds of training per stage).",
+        "From each stage's history CSV (sum of its per-epoch `seconds`).",
         "",
     ]
     rows, gaps = [], []

@@ -12,6 +12,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from torch import Tensor
 
+from atop.pipelines import history_seconds
 from atop.trainers import purifier as trainer
 from atop.trainers.purifier import PurifierParams, psnr
 
@@ -24,10 +25,11 @@ def train_purifier(
     test_set: dict[str, Tensor],
     monitor_indices: list[int],
     params: PurifierParams,
-) -> tuple[dict[str, Any], pd.DataFrame]:
-    """:func:`atop.trainers.purifier.train_purifier`; the history with :data:`HISTORY_COLUMNS`."""
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """:func:`atop.trainers.purifier.train_purifier`: the history with
+    :data:`HISTORY_COLUMNS`, then the checkpoint (saved last)."""
     checkpoint, history = trainer.train_purifier(train_set, test_set, monitor_indices, params)
-    return checkpoint, pd.DataFrame(history)[HISTORY_COLUMNS]
+    return pd.DataFrame(history)[HISTORY_COLUMNS], checkpoint
 
 
 def evaluate_purifier(
@@ -35,11 +37,15 @@ def evaluate_purifier(
     classifier: dict[str, Any],
     test_set: dict[str, Tensor],
     eval_indices: list[int],
+    history: pd.DataFrame,
     params: PurifierParams,
 ) -> tuple[dict[str, Any], Figure]:
     """:func:`atop.trainers.purifier.evaluate_purifier`'s metrics and the samples figure
     (clean, transformed with grey holes, purified; ``sample_images`` columns)."""
-    result = trainer.evaluate_purifier(purifier, classifier, test_set, eval_indices, params)
+    seconds = history_seconds(history)
+    result = trainer.evaluate_purifier(
+        purifier, classifier, test_set, eval_indices, params, seconds
+    )
     transform = result.metrics["transform"]
     figure = samples_figure(
         result.clean,

@@ -20,7 +20,7 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=train_purifier,
                 inputs=["train_set", "test_set", "monitor_indices", "params:purifier_pretraining"],
-                outputs=["purifier", "purifier_history"],
+                outputs=["purifier_history", "purifier"],  # the checkpoint saved last
                 name="train_purifier",
             ),
             Node(
@@ -30,6 +30,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "classifier",
                     "test_set",
                     "eval_indices",
+                    "purifier_history",
                     "params:purifier_pretraining",
                 ],
                 outputs=["purifier_metrics", "purifier_samples"],

@@ -13,6 +13,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from atop.pipelines import history_seconds
 from atop.trainers import rvs
 from atop.trainers.quick_check import robust_quick_check
 from atop.trainers.rvs import RvSParams
@@ -24,20 +25,23 @@ def train_rvs(
     class_names: list[str],
     monitor_indices: list[int],
     params: RvSParams,
-) -> tuple[dict[str, Any], dict[str, Any], pd.DataFrame]:
+) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
     """:func:`atop.trainers.rvs.train_rvs`, monitored on ``monitor_indices``; the history as a
     DataFrame (``epoch, loss, ce, ot, adv_acc, generator_ot, test_acc, lr, seconds``)."""
     classifier, generator, history = rvs.train_rvs(
         train_set, test_set, class_names, monitor_indices, params
     )
-    return classifier, generator, pd.DataFrame(history)
+    return pd.DataFrame(history), generator, classifier  # the classifier saved last
 
 
 def quick_check_rvs(
     classifier: dict[str, Any],
     test_set: dict[str, torch.Tensor],
     monitor_indices: list[int],
+    history: pd.DataFrame,
     params: RvSParams,
 ) -> dict[str, Any]:
     """The quick check of the RvS classifier (``params.robust_eval``)."""
-    return robust_quick_check(classifier, test_set, monitor_indices, params, params.robust_eval)
+    check = params.robust_eval
+    seconds = history_seconds(history)
+    return robust_quick_check(classifier, test_set, monitor_indices, params, check, seconds)

@@ -19,12 +19,18 @@ def create_pipeline(**kwargs) -> Pipeline:
             Node(
                 func=train_rvs,
                 inputs=["train_set", "test_set", "class_names", "monitor_indices", "params:rvs"],
-                outputs=["rvs_classifier", "rvs_generator", "rvs_history"],
+                outputs=["rvs_history", "rvs_generator", "rvs_classifier"],
                 name="train_rvs",
             ),
             Node(
                 func=quick_check_rvs,
-                inputs=["rvs_classifier", "test_set", "monitor_indices", "params:rvs"],
+                inputs=[
+                    "rvs_classifier",
+                    "test_set",
+                    "monitor_indices",
+                    "rvs_history",
+                    "params:rvs",
+                ],
                 outputs="rvs_metrics",
                 name="quick_check_rvs",
             ),

@@ -36,7 +36,7 @@ def train_ablation_purifier(
     monitor_indices: list[int],
     params: PurifierParams,
     ablation: SigmaAblationParams,
-) -> tuple[dict[str, Any], pd.DataFrame]:
+) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Purifier pretraining (``params``) with the ablation's transform instead of the base one."""
     resume = params.resume_path and params.resume_path.replace(".pt", "_sigma025.pt")
     ablated = params.replace(transform=ablation.transform, resume_path=resume)

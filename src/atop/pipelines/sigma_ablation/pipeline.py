@@ -27,7 +27,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                     "params:purifier_pretraining",
                     "params:sigma_ablation",
                 ],
-                outputs=["purifier_sigma025", "purifier_history_sigma025"],
+                outputs=["purifier_history_sigma025", "purifier_sigma025"],
                 name="train_purifier_sigma025",
             ),
             *arm_nodes(("atop",), purifier="purifier_sigma025", suffix="_sigma025"),
