@@ -124,6 +124,18 @@ def test_parse_attacks_reads_which_defenses_an_entry_applies_to():
         parse_attacks([{"label": "x", "name": "fgsm", "eps": EPS, "applies_to": "random"}])
 
 
+def test_an_entry_can_name_the_defenses_it_runs_on(bare, purified):
+    (bpda,) = parse_attacks(
+        [{"label": "bpda", "name": "bpda", "eps": EPS, "alpha": 2 / 255, "steps": 2,
+          "defenses": ["ap", "atop"]}]
+    )  # fmt: skip
+    assert bpda.defenses == ("ap", "atop") and "defenses" not in bpda.spec
+    assert defense_spec(bpda, Defense("atop", purified, True), 5, 3) == bpda.spec
+    assert defense_spec(bpda, Defense("ap_continued", purified, True), 5, 3) is None
+    with pytest.raises(ValueError, match="defenses must be a list"):
+        parse_attacks([{"label": "x", "name": "fgsm", "eps": EPS, "defenses": "atop"}])
+
+
 @pytest.mark.parametrize(
     ("entries", "message"),
     [

@@ -37,6 +37,7 @@ REFERENCE = ENTRIES[1]
 def sanity_params(**changes) -> SanityParams:
     values = {
         "reference": "pgd_linf",
+        "defenses": None,
         "eps_sweep": [0, EPS, "64/255"],
         "stronger": {},
         "images": None,

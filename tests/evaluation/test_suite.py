@@ -65,6 +65,8 @@ def test_the_typed_block_gives_entries_and_settings(smoke):
         ({"fixed_randomness": 1}, r"evaluation.fixed_randomness"),
         ({"attacks": [*FAST_ATTACKS, {**FAST_ATTACKS[0], "label": "x", "applies_to": "some"}]},
          "applies_to must be one of"),
+        ({"attacks": [*FAST_ATTACKS, {**FAST_ATTACKS[0], "label": "x", "defenses": ["madry"]}]},
+         r"evaluation.attacks.x.defenses: unknown defenses \['madry'\]"),
     ],
 )  # fmt: skip
 def test_the_typed_block_refuses_bad_values_with_the_key_and_the_fix(smoke, changes, message):
@@ -80,6 +82,29 @@ def test_nested_blocks_are_checked_too(smoke):
     sanity = {**smoke.sanity.to_dict(), "reference": "fgsm"}
     with pytest.raises(ParameterError, match="evaluation.sanity.reference: 'fgsm'"):
         smoke.replace(sanity=sanity)
+    sanity = {**smoke.sanity.to_dict(), "defenses": ["atop", "madry"]}
+    with pytest.raises(ParameterError, match=r"evaluation.sanity.defenses: unknown defenses"):
+        smoke.replace(sanity=sanity)
+
+
+def test_a_defense_outside_sanity_defenses_gets_the_attacks_but_no_checks(
+    smoke, cifar10_test_batch
+):
+    sanity = {**smoke.sanity.to_dict(), "eps_sweep": [0, "8/255", "32/255"], "stronger": {},
+              "defenses": ["ap", "atop"]}  # fmt: skip
+    params = smoke.replace(attacks=FAST_ATTACKS, fixed_randomness=True, sanity=sanity)
+    defense = _purified()
+    defense.name = "ap_continued"
+    result = evaluate_defense(defense, _data(cifar10_test_batch, 2), params)
+    assert list(result["attacks"]) == ["fgsm", "pgd_linf", "bpda_linf"]
+    assert result["sweep"] == [] and result["fixed_randomness"] is None
+    statuses = {check: value["status"] for check, value in result["sanity"].items()}
+    assert statuses["eps_monotonic"] == statuses["large_eps_near_zero"] == "not run"
+    # the checks that compare attacks already run cost nothing and still run
+    assert statuses["iterative_beats_single_step"] in ("pass", "fail")
+    defense.name = "atop"
+    result = evaluate_defense(defense, _data(cifar10_test_batch, 2), params)
+    assert len(result["sweep"]) == 3 and result["fixed_randomness"] is not None
 
 
 def _data(cifar10_test_batch, n: int) -> EvalData:

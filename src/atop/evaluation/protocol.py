@@ -65,7 +65,7 @@ from atop.training import autocast, seed_everything
 log = logging.getLogger(__name__)
 
 #: Keys an attack entry may have besides its ``build_attack`` spec.
-ENTRY_ONLY_KEYS = ("label", "applies_to")
+ENTRY_ONLY_KEYS = ("label", "applies_to", "defenses")
 #: ``applies_to`` values: which defenses an entry runs on.
 APPLIES_TO = ("all", "deterministic", "stochastic")
 #: Keys set by the evaluation itself (one home: the settings' ``seed`` and ``draws``).
@@ -95,6 +95,8 @@ class AttackEntry:
         eps: perturbation bound on the ``[0, 1]`` scale, or ``None`` (unbounded C&W).
         applies_to: ``all``, ``deterministic`` or ``stochastic`` defenses (e.g.
             AutoAttack-standard, ~10x the cost of -rand per image, on the deterministic ones).
+        defenses: the names of the defenses it runs on (``None``: every defense), e.g. BPDA
+            on AP and AToP only where the budget is tight.
     """
 
     label: str
@@ -102,6 +104,7 @@ class AttackEntry:
     norm: str
     eps: float | None
     applies_to: str = "all"
+    defenses: tuple[str, ...] | None = None
 
     @property
     def name(self) -> str:
@@ -155,7 +158,11 @@ def parse_attacks(entries: Sequence[Mapping[str, Any]]) -> list[AttackEntry]:
         applies_to = str(entry.get("applies_to", "all"))
         if applies_to not in APPLIES_TO:
             raise ValueError(f"Attack {label!r}: applies_to must be one of {APPLIES_TO}.")
-        parsed.append(AttackEntry(label, spec, norm, eps, applies_to))
+        names = entry.get("defenses")
+        if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
+            raise ValueError(f"Attack {label!r}: defenses must be a list of names or null.")
+        names = None if names is None else tuple(str(n) for n in names)
+        parsed.append(AttackEntry(label, spec, norm, eps, applies_to, names))
     return parsed
 
 
@@ -318,6 +325,8 @@ def defense_spec(entry: AttackEntry, defense: Defense, draws: int, seed: int) ->
     if entry.name == "bpda" and not hasattr(defense.model, "bpda"):
         return None
     if entry.applies_to != "all" and (entry.applies_to == "stochastic") != defense.stochastic:
+        return None
+    if entry.defenses is not None and defense.name not in entry.defenses:
         return None
     spec = dict(entry.spec)
     if not defense.stochastic and "eot_iter" in spec:

@@ -38,9 +38,11 @@ from atop.params import Params, spec
 @dataclass(init=False, frozen=True)
 class SanityParams(Params):
     """``evaluation.sanity``: the reference PGD entry, the ε sweep, the stronger attack, the
-    images they run on and the test's level."""
+    images and defenses they run on (``defenses``: names, ``None`` = every defense; the
+    fixed-randomness diagnostic follows it) and the test's level."""
 
     reference: str
+    defenses: list[str] | None
     eps_sweep: list[float] = spec(ge=0, le=1, unit="on the [0, 1] pixel scale")
     stronger: dict[str, Any]
     images: int | None = spec(ge=1)

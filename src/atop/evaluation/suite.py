@@ -88,6 +88,12 @@ class EvalParams(Params):
                 f"{self.sanity.reference!r} must be the label of a 'pgd' attack entry "
                 f"(have {[e.label for e in entries]}).",
             )
+        named = {"sanity.defenses": self.sanity.defenses or []}
+        named.update({f"attacks.{e.label}.defenses": e.defenses or [] for e in entries})
+        for key, names in named.items():
+            unknown = sorted(set(names) - set(DEFENSES))
+            if unknown:
+                self.fail(key, f"unknown defenses {unknown}; choose from {list(DEFENSES)}.")
 
     @property
     def entries(self) -> list[AttackEntry]:
@@ -141,14 +147,18 @@ def evaluate_defense(
 
     runs = attack_defense(defense, entries, data, settings, validate)
     clean = runs.pop("clean").draws
-    sweep, stronger = sanity_runs(
-        defense, reference, runs, clean, sweep_eps, sanity_data, params.sanity, settings, validate
-    )
+    checked = params.sanity.defenses is None or defense.name in params.sanity.defenses
+    sweep, stronger = [], None  # the checks of a defense outside sanity.defenses: "not run"
+    if checked:
+        sweep, stronger = sanity_runs(
+            defense, reference, runs, clean, sweep_eps, sanity_data, params.sanity, settings,
+            validate,
+        )  # fmt: skip
     n = len(sanity_data.labels)
     checks = sanity_checks(clean[:n], runs, entries, sweep, stronger, reference, params.sanity)
     result = defense_results(defense, clean, runs, sweep, checks)
     result["fixed_randomness"] = None
-    if params.fixed_randomness and defense.stochastic:
+    if params.fixed_randomness and defense.stochastic and checked:
         result["fixed_randomness"] = fixed_randomness_run(defense, reference, data, settings)
     grid = params.grid
     result["grid"] = None

@@ -23,6 +23,8 @@ def plot_robust_accuracy_vs_eps(results: Mapping[str, Any]) -> Figure:
     figure = Figure(figsize=(6, 4), dpi=120)
     axes = figure.add_subplot()
     for name, res in results["defenses"].items():
+        if not res["sweep"]:  # a defense outside evaluation.sanity.defenses
+            continue
         xs = [p["eps"] * 255 if linf else p["eps"] for p in res["sweep"]]
         ys = [100 * per_image(p["draws"], "single").mean().item() for p in res["sweep"]]
         axes.plot(xs, ys, marker="o", label=name)

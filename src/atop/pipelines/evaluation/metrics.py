@@ -158,10 +158,11 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
                 "label": fixed["attack"],
             }
         defenses[name] = entry
-        vs_eps[name] = {
-            eps_key(p["eps"], reference["norm"]): per_image(p["draws"], "single").mean().item()
-            for p in res["sweep"]
-        }
+        if res["sweep"]:  # empty for a defense outside evaluation.sanity.defenses
+            vs_eps[name] = {
+                eps_key(p["eps"], reference["norm"]): per_image(p["draws"], "single").mean().item()
+                for p in res["sweep"]
+            }
         sanity[name] = {check: value["status"] for check, value in res["sanity"].items()}
     focus = results["defenses"].get(FOCUS)
     paired = {}
