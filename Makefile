@@ -47,9 +47,10 @@ run-all: $(STAMP)
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
-## The test suite (real data from ../shared/datasets).
+## The test suite (real data from ../shared/datasets), on two worker processes (one torch
+## thread each; a test file stays on one worker, so its module fixtures are built once).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
 
 ## The tests without the slow end-to-end ones (marked `slow`): a quick check while editing.
 test-fast: $(STAMP)

@@ -8,6 +8,10 @@ import os
 # Idle OpenMP threads sleep instead of spinning: on a shared 2-core machine the spinning
 # threads of one torch process starve the others (measured: 5-10x slower test steps).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist (`make test`: two workers on two cores) each worker takes one thread,
+# and so do the processes its tests start (Kedro, DVC and torchrun children).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 
 import numpy as np

@@ -367,6 +367,11 @@ class DvcCopy:
             "DO_NOT_TRACK": "1",
             "DVC_NO_ANALYTICS": "1",
             "GX_ANALYTICS_ENABLED": "false",
+            # `dvc exp run` commits the experiment: an identity without a global git config
+            "GIT_AUTHOR_NAME": "atop tests",
+            "GIT_AUTHOR_EMAIL": "tests@atop.invalid",
+            "GIT_COMMITTER_NAME": "atop tests",
+            "GIT_COMMITTER_EMAIL": "tests@atop.invalid",
         }
         _copy_repository(root)
         # The documented ways to pick the remote (config.local) and the profile.
@@ -514,6 +519,7 @@ def chain(tmp_path_factory, data_root) -> dict:
     repo.dvc("pull")
     steps["hashes_after"] = {p: _sha256(p) if p.is_file() else None for p in outputs}
     steps["status_after_pull"] = repo.changed_stages()
+    steps["repo"] = repo
     print("dvc chain:", ", ".join(f"{cmd} {sec:.0f}s" for cmd, sec in repo.timings))
     return steps
 
@@ -614,3 +620,46 @@ def test_push_then_pull_restores_outputs_byte_for_byte(chain):
     assert chain["md5"] <= remote
     assert chain["hashes_after"] == chain["hashes_before"]
     assert chain["status_after_pull"] == set()
+
+
+def _values(tree, key: str) -> list:
+    """Every value stored under ``key`` at any depth of a JSON tree."""
+    if isinstance(tree, dict):
+        found = [tree[key]] if key in tree else []
+        return found + [v for item in tree.values() for v in _values(item, key)]
+    if isinstance(tree, list):
+        return [v for item in tree for v in _values(item, key)]
+    return []
+
+
+@pytest.fixture(scope="module")
+def experiment(chain) -> dict:
+    """After the chain: `dvc exp run -S` edits the overrides file, which Kedro merges last."""
+    repo = chain["repo"]
+    out = repo.dvc(
+        "exp", "run", "-S", "params/overrides.yaml:++atop_finetuning.arms.atop.lambda_cls=0.2"
+    )
+    return {"run": out, "show": json.loads(repo.dvc("exp", "show", "--json"))}
+
+
+@pytest.mark.slow
+def test_dvc_exp_run_changes_a_hyper_parameter_through_the_overrides_file(experiment):
+    ran = re.findall(r"^Running stage '([^']+)'", experiment["run"], flags=re.MULTILINE)
+    assert ran[0] == "resolve_params" and "atop_finetuning" in ran and "evaluation" in ran
+    assert "data_ingestion" not in ran and "classifier_pretraining" not in ran
+    # `dvc exp show` lists the experiment with the new value and the metrics it produced
+    rows = [
+        row for row in _rows(experiment["show"]) if 0.2 in _values(row.get("params"), "lambda_cls")
+    ]
+    assert rows, experiment["show"]
+    assert all(_values(row.get("metrics"), "val_adv_acc") for row in rows)
+
+
+def _rows(tree) -> list[dict]:
+    """The ``data`` blocks (params and metrics of one revision) of ``dvc exp show --json``."""
+    if isinstance(tree, list):
+        return [row for item in tree for row in _rows(item)]
+    if not isinstance(tree, dict):
+        return []
+    here = [tree["data"]] if isinstance(tree.get("data"), dict) else []
+    return here + [row for value in tree.values() for row in _rows(value)]

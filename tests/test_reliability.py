@@ -203,3 +203,23 @@ def test_a_retrain_with_the_same_settings_writes_the_same_checkpoint_bytes(tmp_p
     assert digests[0] == digests[1]
     history = project / "data" / "08_reporting" / "classifier_history.csv"
     assert "seconds" in history.read_text().splitlines()[0]
+
+
+def test_every_record_says_which_dataset_profile_and_code_it_describes(ingested_project):
+    import json
+
+    from atop.hooks import code_commit
+
+    reports = ingested_project / "data" / "08_reporting"
+    record = json.loads((reports / "data_validation.json").read_text())
+    assert record["provenance"] == {
+        "dataset": "cifar10",
+        "profile": "smoke",
+        "commit": code_commit(),
+    }
+    assert code_commit() == "unknown" or len(code_commit().split("+")[0]) == 40
+    # the DVC metrics beside it stay numbers only
+    assert "provenance" not in json.loads(
+        (reports / "metrics" / "data_validation.json").read_text()
+    )
+    assert "ATOP_PROVENANCE" not in os.environ  # only during a run

@@ -17,14 +17,18 @@ pipeline (a bad value is refused there, before any node) and before the first no
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+
+from atop.datasets.atomic import PROVENANCE_ENV
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +188,27 @@ def remove_orphans(data_dir: Path) -> list[Path]:
     return orphans
 
 
+def code_commit() -> str:
+    """The git commit of the code that runs (the ``atop`` package's checkout), with
+    ``+dirty`` when ``src/`` or ``conf/`` differ from it; ``"unknown"`` outside a git
+    checkout (an installed wheel) or without git."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return "unknown"
+    try:
+        head = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(root), "diff", "--quiet", "HEAD", "--", "src", "conf"],
+            capture_output=True, timeout=30,
+        ).returncode != 0  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 class RunGuardHooks:
     """Refuse bad runs before any node, lock the outputs, clean orphans (module doc)."""
 
@@ -213,6 +238,12 @@ class RunGuardHooks:
             self._release()
             raise
         remove_orphans(data_dir)
+        provenance = {
+            "dataset": dataset,
+            "profile": run_params.get("env") or "base",
+            "commit": code_commit(),
+        }
+        os.environ[PROVENANCE_ENV] = json.dumps(provenance)
 
     @hook_impl
     def after_pipeline_run(self) -> None:
@@ -223,6 +254,7 @@ class RunGuardHooks:
         self._release()
 
     def _release(self) -> None:
+        os.environ.pop(PROVENANCE_ENV, None)
         if self._lock is not None:
             self._lock.release()
             self._lock = None

@@ -8,6 +8,7 @@ failure, and the next run removes any a killed process left (:func:`atop.hooks.r
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from pathlib import Path, PurePosixPath
@@ -20,6 +21,9 @@ from kedro_datasets.text import TextDataset as _TextDataset
 
 #: The glob of the temporary files of an interrupted atomic save.
 TEMPORARY = ".*.tmp-*"
+#: Environment variable holding the running pipeline's provenance as JSON (dataset, profile,
+#: commit), set by :class:`atop.hooks.RunGuardHooks` for the duration of a Kedro run.
+PROVENANCE_ENV = "ATOP_PROVENANCE"
 
 
 class AtomicSave:
@@ -48,20 +52,31 @@ class AtomicSave:
 
 
 class JSONDataset(AtomicSave, _JSONDataset):
-    """``json.JSONDataset``, saved atomically. With ``metrics_filepath`` (a stage's record
-    under ``data/08_reporting``), each save also writes the record's metrics there
-    (:func:`atop.datasets.metrics.metrics_only`: numbers only), for ``dvc metrics``."""
+    """``json.JSONDataset``, saved atomically. During a Kedro run a dict record gains a
+    ``provenance`` block (``dataset``, ``profile``, ``commit``: :data:`PROVENANCE_ENV`). With
+    ``metrics_filepath`` (a stage's record under ``data/08_reporting``), each save also writes
+    the record's metrics there (:func:`atop.datasets.metrics.metrics_only`: numbers only), for
+    ``dvc metrics``."""
 
-    def __init__(self, *, metrics_filepath: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, *, metrics_filepath: str | None = None, provenance: bool = True, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self._metrics_filepath = metrics_filepath
+        self._provenance = provenance
 
     def save(self, data: Any) -> None:
+        provenance = os.environ.get(PROVENANCE_ENV) if self._provenance else None
+        if provenance and isinstance(data, dict) and "provenance" not in data:
+            # which dataset, profile and code the record describes (text: not a DVC metric)
+            data = {**data, "provenance": json.loads(provenance)}
         super().save(data)
         if self._metrics_filepath:
             from atop.datasets.metrics import metrics_only
 
-            metrics = JSONDataset(filepath=self._metrics_filepath, save_args={"indent": 2})
+            metrics = JSONDataset(
+                filepath=self._metrics_filepath, save_args={"indent": 2}, provenance=False
+            )
             metrics.save(metrics_only(data))
 
     def _describe(self) -> dict[str, Any]:

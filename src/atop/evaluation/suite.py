@@ -88,6 +88,13 @@ class EvalParams(Params):
                 f"{self.sanity.reference!r} must be the label of a 'pgd' attack entry "
                 f"(have {[e.label for e in entries]}).",
             )
+        covered = set(self.sanity.defenses or DEFENSES)
+        if reference.defenses is not None and not covered <= set(reference.defenses):
+            self.fail(
+                "sanity.defenses",
+                f"{sorted(covered - set(reference.defenses))} are not attacked by the "
+                f"reference {reference.label!r} (its defenses: {list(reference.defenses)}).",
+            )
         named = {"sanity.defenses": self.sanity.defenses or []}
         named.update({f"attacks.{e.label}.defenses": e.defenses or [] for e in entries})
         for key, names in named.items():
