@@ -760,7 +760,9 @@ def autoattack_check(argv: list[str]) -> None:
     reference = AutoAttack(model, norm="Linf", eps=eps, version="rand", seed=0, device=device)
     reference.apgd.n_iter, reference.apgd.eot_iter = args.steps, args.eot
     began = time.perf_counter()
-    outputs["pyautoattack rand"] = reference.run_standard_evaluation(x, y, batch_size=len(x))
+    result = reference.run_standard_evaluation(x, y, batch_size=len(x))
+    # pyautoattack returns (adversarial images, labels); the original package the images
+    outputs["pyautoattack rand"] = result[0] if isinstance(result, tuple) else result
     theirs = time.perf_counter() - began
     print(
         f"{args.images} images, APGD-CE + APGD-DLR, {args.steps} steps, EOT {args.eot}; judged "
@@ -1061,6 +1063,62 @@ def paper_projection(argv: list[str]) -> None:
         print(f"| {name} | {total / 1e15:,.0f} | {total / rate / 3600:,.1f} |")
 
 
+# --------------------------------------------------------------------------- bf16 parity
+
+
+def parity(argv: list[str]) -> None:
+    """Section ``parity``: the accuracy of a training stage under bf16 autocast vs float32,
+    the same seeds and data (the base profile's parameters).
+
+    ``classifier``: the classifier stage retrained with ``amp: false`` and scored on the
+    full test set, against the bf16 run's ``classifier_metrics.json``. ``purifier``: the
+    purifier stage for ``--purifier-steps`` steps in each precision, then PSNR and AP clean
+    accuracy (:func:`atop.trainers.purifier.evaluate_purifier`). Reads the splits, indices
+    and classifier of a finished run (``--run``: the project folder of a ``make run``).
+    """
+    from atop.checkpoint import load_safe
+    from atop.dvc_params import typed_parameters
+    from atop.trainers.classifier import evaluate_classifier, train_classifier
+    from atop.trainers.purifier import evaluate_purifier, train_purifier
+    from atop.training import training_seconds
+
+    parser = argparse.ArgumentParser(prog="benchmark.py parity")
+    parser.add_argument("stage", choices=("classifier", "purifier"))
+    parser.add_argument("--run", default=str(PROJECT_ROOT), help="project folder of a run")
+    parser.add_argument("--purifier-steps", type=int, default=150)
+    add_common(parser)
+    args = parser.parse_args(argv)
+    setup_device(args)
+    data = Path(args.run) / "data"
+    split = data / "02_intermediate" / "cifar10"
+    indices = data / "05_model_input" / "cifar10"
+    train = torch.load(split / "train.pt", weights_only=True)
+    test = torch.load(split / "test.pt", weights_only=True)
+    monitor = json.loads((indices / "monitor_indices.json").read_text())
+    params = typed_parameters(PROJECT_ROOT, "base")
+    if args.stage == "classifier":
+        names = json.loads((split / "class_names.json").read_text())
+        p = params["classifier_pretraining"].replace(amp=False, progress=False, resume_path=None)
+        checkpoint, history = train_classifier(train, test, names, monitor, p)
+        fp32 = evaluate_classifier(checkpoint, test, p, training_seconds(history))
+        bf16 = json.loads((data / "08_reporting" / "classifier_metrics.json").read_text())
+        print(f"classifier clean test accuracy: fp32 {fp32['clean_test_acc']:.4f}, "
+              f"bf16 {bf16['clean_test_acc']:.4f}")  # fmt: skip
+        return
+    evals = json.loads((indices / "eval_indices.json").read_text())
+    classifier = load_safe(data / "06_models" / "cifar10" / "classifier.pt")
+    for amp in (True, False):
+        p = params["purifier_pretraining"].replace(
+            amp=amp, progress=False, resume_path=None, epochs=1,
+            max_batches_per_epoch=args.purifier_steps,
+        )  # fmt: skip
+        checkpoint, history = train_purifier(train, test, monitor, p)
+        m = evaluate_purifier(checkpoint, classifier, test, evals, p).metrics
+        print(f"purifier {'bf16' if amp else 'fp32'}, {args.purifier_steps} steps "
+              f"({training_seconds(history):.0f} s): PSNR {m['psnr']:.3f} dB, "
+              f"AP clean accuracy {m['ap_clean_acc']:.4f}", flush=True)  # fmt: skip
+
+
 SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "classifier": classifier,
     "atop": atop,
@@ -1071,6 +1129,7 @@ SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "evaluation": evaluation,
     "stages": stages,
     "paper-projection": paper_projection,
+    "parity": parity,
 }
 
 

@@ -19,11 +19,20 @@ def test_snippet_is_short_and_uses_the_library():
     code = readme_snippet()
     assert len(code.strip().splitlines()) <= 10
     assert "from atop import evaluate, load_defense" in code and "torchattacks" in code
-    assert "purifier_atop.pt" in code  # the AToP arm's checkpoint (data/06_models/<dataset>/)
+    assert 'load_defense("release/atop")' in code  # the AToP export (`atop export`)
     assert ".accuracy()" in code  # single-draw, the default rule
 
 
 def test_snippet_loads_and_attacks_the_atop_defense(atop_project):
+    from atop.checkpoint import load_safe
+    from atop.export import export_defense
+
+    models = atop_project / "data" / "06_models" / "cifar10"
+    export_defense(
+        load_safe(models / "classifier.pt"),
+        load_safe(models / "purifier_atop.pt"),
+        atop_project / "release" / "atop",
+    )
     check = (
         "\nimport sys\n"
         "assert not {'kedro', 'great_expectations', 'dvc'} & set(sys.modules), sys.modules\n"

@@ -223,3 +223,34 @@ def test_every_record_says_which_dataset_profile_and_code_it_describes(ingested_
         (reports / "metrics" / "data_validation.json").read_text()
     )
     assert "ATOP_PROVENANCE" not in os.environ  # only during a run
+
+
+@pytest.mark.slow
+def test_a_rerun_after_an_interrupted_fine_tuning_skips_the_finished_stages(atop_project, tmp_path):
+    """`make resume` (`kedro run --only-missing-outputs`) after a run killed during the AToP
+    fine-tuning: ingestion, classifier and purifier are not redone."""
+    import shutil
+
+    from kedro.framework.session import KedroSession
+    from kedro.framework.startup import bootstrap_project
+
+    project = tmp_path / "project"
+    shutil.copytree(atop_project, project)
+    models = project / "data" / "06_models" / "cifar10"
+    done = [models / "classifier.pt", models / "purifier.pt",
+            project / "data" / "02_intermediate" / "cifar10" / "train.pt"]  # fmt: skip
+    before = {path: path.stat().st_mtime_ns for path in done}
+    # the state a kill during finetune_atop leaves: its outputs and everything after missing
+    (models / "purifier_atop.pt").unlink()
+    for path in (project / "data" / "07_model_output").rglob("atop.pt"):
+        path.unlink()
+    previous = Path.cwd()
+    os.chdir(project)
+    try:
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env="smoke") as session:
+            session.run(pipeline_names=["atop"], only_missing_outputs=True)
+    finally:
+        os.chdir(previous)
+    assert (models / "purifier_atop.pt").is_file()
+    assert {path: path.stat().st_mtime_ns for path in done} == before
