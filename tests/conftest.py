@@ -114,14 +114,27 @@ def make_project_copy(tmp_path: Path) -> Path:
     return target
 
 
-def run_kedro(project: Path, pipeline: str, env: str | None = "smoke", params: dict | None = None):
-    """Run a registered pipeline of the project copy with a real KedroSession (real catalog)."""
+def run_kedro(
+    project: Path,
+    pipeline: str | list[str],
+    env: str | None = "smoke",
+    params: dict | None = None,
+    only_missing_outputs: bool = False,
+):
+    """Run registered pipelines of the project copy with a real KedroSession (real catalog),
+    from the project folder (the stages' resume paths are relative to it)."""
     from kedro.framework.session import KedroSession
     from kedro.framework.startup import bootstrap_project
 
-    bootstrap_project(project)
-    with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
-        return session.run(pipeline_names=[pipeline])
+    names = [pipeline] if isinstance(pipeline, str) else list(pipeline)
+    previous = Path.cwd()
+    os.chdir(project)
+    try:
+        bootstrap_project(project)
+        with KedroSession.create(project_path=project, env=env, runtime_params=params) as session:
+            return session.run(pipeline_names=names, only_missing_outputs=only_missing_outputs)
+    finally:
+        os.chdir(previous)
 
 
 @pytest.fixture(scope="session")
@@ -137,12 +150,7 @@ def ingested_project(tmp_path_factory, data_root) -> Path:
 def atop_project(ingested_project) -> Path:
     """The ingested project copy after a whole ``atop`` run (smoke env): classifier, purifier,
     AToP purifier and the robustness report on the real CIFAR-10."""
-    previous = Path.cwd()
-    os.chdir(ingested_project)  # the stages' resume paths are relative to the project
-    try:
-        run_kedro(ingested_project, "atop")
-    finally:
-        os.chdir(previous)
+    run_kedro(ingested_project, "atop")
     return ingested_project
 
 

@@ -14,7 +14,6 @@ smoke runs test it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES
-from tests.conftest import _profile_params, make_project_copy
+from tests.conftest import _profile_params, make_project_copy, run_kedro
 
 pytestmark = pytest.mark.slow
 
@@ -87,9 +86,6 @@ def shrink(value: Any) -> Any:
 
 
 def test_every_paper_stage_runs_at_its_real_model_sizes(tmp_path, ingested_project):
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     paper = _profile_params("paper")
     overrides = {key: shrink(block.to_dict()) for key, block in paper.items()}
     for block in overrides.values():
@@ -100,14 +96,7 @@ def test_every_paper_stage_runs_at_its_real_model_sizes(tmp_path, ingested_proje
     project = make_project_copy(tmp_path)
     tiny_splits(ingested_project, project)
     stages = [name for name in (*ATOP_STAGES, *COMPARISON_STAGES) if name != "data_ingestion"]
-    previous = Path.cwd()
-    os.chdir(project)  # resume files are relative to the project
-    try:
-        bootstrap_project(project)
-        with KedroSession.create(project_path=project, env="paper", runtime_params=overrides) as s:
-            s.run(pipeline_names=stages)
-    finally:
-        os.chdir(previous)
+    run_kedro(project, stages, env="paper", params=overrides)
 
     models = project / "data" / "06_models" / "cifar10"
 

@@ -231,9 +231,6 @@ def test_a_rerun_after_an_interrupted_fine_tuning_skips_the_finished_stages(atop
     fine-tuning: ingestion, classifier and purifier are not redone."""
     import shutil
 
-    from kedro.framework.session import KedroSession
-    from kedro.framework.startup import bootstrap_project
-
     project = tmp_path / "project"
     shutil.copytree(atop_project, project)
     models = project / "data" / "06_models" / "cifar10"
@@ -244,13 +241,6 @@ def test_a_rerun_after_an_interrupted_fine_tuning_skips_the_finished_stages(atop
     (models / "purifier_atop.pt").unlink()
     for path in (project / "data" / "07_model_output").rglob("atop.pt"):
         path.unlink()
-    previous = Path.cwd()
-    os.chdir(project)
-    try:
-        bootstrap_project(project)
-        with KedroSession.create(project_path=project, env="smoke") as session:
-            session.run(pipeline_names=["atop"], only_missing_outputs=True)
-    finally:
-        os.chdir(previous)
+    run_kedro(project, "atop", only_missing_outputs=True)
     assert (models / "purifier_atop.pt").is_file()
     assert {path: path.stat().st_mtime_ns for path in done} == before
