@@ -1083,9 +1083,12 @@ def parity(argv: list[str]) -> None:
     from atop.training import training_seconds
 
     parser = argparse.ArgumentParser(prog="benchmark.py parity")
-    parser.add_argument("stage", choices=("classifier", "purifier"))
+    parser.add_argument("stage", choices=("classifier", "purifier", "attacks"))
     parser.add_argument("--run", default=str(PROJECT_ROOT), help="project folder of a run")
     parser.add_argument("--purifier-steps", type=int, default=150)
+    parser.add_argument(
+        "--attacks", default="pgd_linf,pgd_l2", help="attacks: labels of evaluation.attacks"
+    )
     add_common(parser)
     args = parser.parse_args(argv)
     setup_device(args)
@@ -1107,6 +1110,9 @@ def parity(argv: list[str]) -> None:
         return
     evals = json.loads((indices / "eval_indices.json").read_text())
     classifier = load_safe(data / "06_models" / "cifar10" / "classifier.pt")
+    if args.stage == "attacks":
+        attack_parity(data, test, evals, classifier, params["evaluation"], args.attacks.split(","))
+        return
     for amp in (True, False):
         p = params["purifier_pretraining"].replace(
             amp=amp, progress=False, resume_path=None, epochs=1,
@@ -1117,6 +1123,51 @@ def parity(argv: list[str]) -> None:
         print(f"purifier {'bf16' if amp else 'fp32'}, {args.purifier_steps} steps "
               f"({training_seconds(history):.0f} s): PSNR {m['psnr']:.3f} dB, "
               f"AP clean accuracy {m['ap_clean_acc']:.4f}", flush=True)  # fmt: skip
+
+
+def attack_parity(
+    data: Path, test: Any, evals: list[int], classifier: Any, params: Any, labels: list[str]
+) -> None:
+    """``parity attacks``: the base profile's attacks ``labels`` (its steps and EOT; default
+    PGD l-inf and l2) with bf16 vs float32 gradients on AP and AToP, the same images and seeds, both judged in
+    float32 with N fresh draws. bf16 is acceptable only where its robust accuracy is not
+    higher: a one-sided exact McNemar test (bf16 right more often than fp32) on the
+    first-draw and the worst-of-N verdicts, and the single-draw difference."""
+    from atop.checkpoint import load_safe
+    from atop.evaluation import Defense, EvalSettings, evaluate, load_defense
+    from atop.evaluation.protocol import per_image
+    from atop.evaluation.stats import mcnemar
+
+    rows = evals[: params.images]
+    x, y = to_unit(test["images"][rows]), test["labels"][rows]
+    attacks = {e.label: e for e in params.entries if e.label in labels}
+    if set(labels) - set(attacks):
+        sys.exit(f"unknown attacks {sorted(set(labels) - set(attacks))}: see evaluation.attacks")
+    models = data / "06_models" / "cifar10"
+    print(f"{len(rows)} evaluation images, N = {params.draws} draws, attacks {list(attacks)}")
+    for name, file in (("ap", "purifier.pt"), ("atop", "purifier_atop.pt")):
+        defense = Defense(name, load_defense(classifier, load_safe(models / file)), True)
+        specs = {k: dict(e.spec) for k, e in attacks.items()}
+        results = {}
+        for amp in (False, True):
+            settings = EvalSettings(params.batch_size, params.draws, params.seed, False, amp)
+            results[amp] = evaluate(defense, x, y, specs, settings)
+        for label in attacks:
+            fp32, bf16 = (results[amp].runs[label] for amp in (False, True))
+            single = [per_image(r.draws, "single").mean().item() for r in (fp32, bf16)]
+            tests = {
+                rule: mcnemar(per_image(bf16.draws, rule), per_image(fp32.draws, rule), "greater")
+                for rule in ("first", "worst_of_n")
+            }
+            text = ", ".join(
+                f"{rule} +{t.only_a}/-{t.only_b} p = {t.p_value:.3g}" for rule, t in tests.items()
+            )
+            print(
+                f"  {name:5s} {label:9s} fp32 {100 * single[0]:6.2f} % ({fp32.seconds:5.1f} s) | "
+                f"bf16 {100 * single[1]:6.2f} % ({bf16.seconds:5.1f} s) | speed-up "
+                f"{fp32.seconds / bf16.seconds:4.2f}x | bf16 weaker? {text}",
+                flush=True,
+            )
 
 
 SECTIONS: dict[str, Callable[[list[str]], None]] = {

@@ -395,6 +395,20 @@ def test_attack_amp_computes_the_attack_under_autocast_and_judges_in_float32(
         assert run.max_perturbation <= EPS + 1e-6
 
 
+def test_only_the_attacks_checked_in_bf16_run_under_autocast(bare, data):
+    on, off = EvalSettings(8, 1, attack_amp=True), EvalSettings(8, 1)
+    checked = [{"name": "fgsm"}, {"name": "pgd"}, {"name": "bpda"},
+               {"name": "autoattack", "version": "rand"}]  # fmt: skip
+    assert all(protocol.uses_amp(spec, on) and not protocol.uses_amp(spec, off) for spec in checked)
+    unchecked = [{"name": "cw"}, {"name": "autoattack", "version": "standard"}, {"name": "PGD"}]
+    assert not any(protocol.uses_amp(spec, on) for spec in unchecked)
+    # AutoAttack-standard runs in float32 even with attack_amp (APGD-T cannot hold bf16 losses)
+    spec = {"name": "autoattack", "version": "standard", "norm": "Linf", "eps": EPS, "steps": 1,
+            "n_queries": 5, "seed": 0, "draws": 1}  # fmt: skip
+    run = run_one(Defense("standard", bare, False), "aa", spec, "Linf", EPS, data, on)
+    assert run.max_perturbation <= EPS + 1e-6
+
+
 def test_attack_defense_skips_what_does_not_apply_and_results_are_a_torch_file(
     bare, data, tmp_path
 ):

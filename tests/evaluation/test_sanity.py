@@ -57,8 +57,9 @@ def verdicts(*rows: str) -> torch.Tensor:
     return torch.tensor([[c == "1" for c in row] for row in rows])
 
 
-def runs_of(**draws: torch.Tensor) -> dict[str, AttackRun]:
-    return {k: AttackRun(v, torch.zeros(len(v), 3, 2, 2), 0.0, 0.0) for k, v in draws.items()}
+def runs_of(**draws: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Attack label -> bool ``[N, D]`` verdicts, as :func:`sanity_checks` takes them."""
+    return dict(draws)
 
 
 def _binomtest(k: int, n: int) -> float:
@@ -248,7 +249,7 @@ def test_sanity_runs_reuse_clean_and_reference_and_run_the_rest(
     sweep, stronger = sanity_runs(
         defense,
         REFERENCE,
-        {"pgd_linf": reference},
+        reference.draws,
         clean,
         [0.0, EPS, 32 / 255],
         data.head(4),  # the sanity checks run on the first images only
@@ -277,7 +278,7 @@ def test_sanity_runs_keep_eot_for_stochastic_defenses_and_skip_an_empty_stronger
     reference = AttackRun(correct(2, 4), images, 0.0, 0.0)  # [4, 2]: two draws
     calls = []
     monkeypatch.setattr(sanity_module, "run_one", _recording(calls, fake=True))
-    args = (defense, REFERENCE, {"pgd_linf": reference}, correct(3, 4), [0.0, EPS], data)
+    args = (defense, REFERENCE, reference.draws, correct(3, 4), [0.0, EPS], data)
     settings = EvalSettings(batch_size=4, draws=2)
     sweep, stronger = sanity_runs(*args, sanity_params(stronger={"steps": 4}), settings)
     assert calls == [("pgd_linf_stronger", {**REFERENCE.spec, "steps": 4}, EPS)]

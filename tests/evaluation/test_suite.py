@@ -11,6 +11,7 @@ from atop.evaluation.protocol import AttackRun, EvalData, EvalSettings, parse_at
 from atop.evaluation.suite import (
     EvalParams,
     FixedRandomness,
+    complete_sanity,
     evaluate_defense,
     fixed_randomness_run,
     grid_images,
@@ -100,11 +101,38 @@ def test_a_defense_outside_sanity_defenses_gets_the_attacks_but_no_checks(
     assert result["sweep"] == [] and result["fixed_randomness"] is None
     statuses = {check: value["status"] for check, value in result["sanity"].items()}
     assert statuses["eps_monotonic"] == statuses["large_eps_near_zero"] == "not run"
+    assert "not in evaluation.sanity.defenses" in result["sanity"]["stronger_attack"]["detail"]
     # the checks that compare attacks already run cost nothing and still run
     assert statuses["iterative_beats_single_step"] in ("pass", "fail")
     defense.name = "atop"
     result = evaluate_defense(defense, _data(cifar10_test_batch, 2), params)
     assert len(result["sweep"]) == 3 and result["fixed_randomness"] is not None
+
+
+def test_the_main_job_split_gives_the_same_result_as_one_evaluation(smoke, cifar10_test_batch):
+    """evaluate_defense(sanity=False) (main job) then complete_sanity (full comparison) equals
+    evaluate_defense with the checks: the split moves time, not results."""
+    sanity = {**smoke.sanity.to_dict(), "eps_sweep": [0, "8/255", "32/255"],
+              "stronger": {"steps": 3}, "defenses": None}  # fmt: skip
+    params = smoke.replace(attacks=FAST_ATTACKS, fixed_randomness=True, sanity=sanity)
+    data = _data(cifar10_test_batch, 2)
+    whole = evaluate_defense(_purified(), data, params)
+    main = evaluate_defense(_purified(), data, params, sanity=False)
+    assert main["sweep"] == [] and main["fixed_randomness"] is None
+    deferred = {c: v["detail"] for c, v in main["sanity"].items() if v["status"] == "not run"}
+    assert set(deferred) == {"eps_monotonic", "large_eps_near_zero", "stronger_attack"}
+    assert all("full comparison" in detail for detail in deferred.values())
+    done = complete_sanity(_purified(), data, params, main)
+    assert done["sanity"] == whole["sanity"]
+    assert [p["eps"] for p in done["sweep"]] == [p["eps"] for p in whole["sweep"]]
+    for a, b in zip(done["sweep"], whole["sweep"], strict=True):
+        assert torch.equal(a["draws"], b["draws"])
+    for key in ("clean", "draws"):
+        assert torch.equal(done["fixed_randomness"][key], whole["fixed_randomness"][key])
+    assert all(
+        torch.equal(done["attacks"][k]["draws"], whole["attacks"][k]["draws"])
+        for k in whole["attacks"]
+    )
 
 
 def _data(cifar10_test_batch, n: int) -> EvalData:

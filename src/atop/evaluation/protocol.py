@@ -177,7 +177,8 @@ class EvalSettings:
         seed: every attack run starts from ``seed_everything(seed)``.
         progress: tqdm bars.
         attack_amp: compute the attacks' gradients under bf16 autocast
-            (:func:`atop.training.autocast`); judging is always float32.
+            (:func:`atop.training.autocast`) where checked (:func:`uses_amp`); judging is
+            always float32.
         batch_seeds: seed every batch of an attack and of its judging from its index
             (module doc): what a sharded evaluation always does, so that one process
             reproduces its verdicts. ``False``: one stream from ``seed`` through all batches.
@@ -195,6 +196,19 @@ class EvalSettings:
         """Whether batches are seeded one by one: ``batch_seeds``, or a sharded run (a
         ``torch.distributed`` group of several ranks)."""
         return self.batch_seeds or distributed.world_size() > 1
+
+
+def uses_amp(spec: Mapping[str, Any], settings: EvalSettings) -> bool:
+    """Whether an attack runs its gradients under bf16 autocast: ``settings.attack_amp`` and
+    an attack whose bf16 strength was checked against float32 (FGSM, PGD, BPDA,
+    AutoAttack-rand; docs/benchmarks.md). C&W and AutoAttack-standard stay float32 (its
+    APGD-T / FAB-T / Square were not checked, and torchattacks' APGD-T cannot hold bf16
+    losses)."""
+    name = spec.get("name")
+    checked = name in ("fgsm", "pgd", "bpda") or (
+        name == "autoattack" and spec.get("version") == "rand"
+    )
+    return settings.attack_amp and checked
 
 
 #: :func:`atop.distributed.batch_seed` stream of the attacks' batches.
@@ -404,7 +418,7 @@ def _attack_by_batch(
         nonlocal spent
         seed_everything(distributed.batch_seed(settings.seed, ATTACK_STREAM, k))
         began = time.perf_counter()
-        with autocast(data.images.device, settings.attack_amp):
+        with autocast(data.images.device, uses_amp(spec, settings)):
             adversarial = run_attack(attack, data.images[rows], data.labels[rows], size, False)
         spent += time.perf_counter() - began
         if spec["name"] == "cw" and eps is not None:
@@ -451,7 +465,7 @@ def run_one(
         adversarial, seconds = _attack_by_batch(attack, spec, eps, data, settings, check)
     else:
         began = time.perf_counter()
-        with autocast(data.images.device, settings.attack_amp):
+        with autocast(data.images.device, uses_amp(spec, settings)):
             adversarial = run_attack(
                 attack, data.images, data.labels, settings.batch_size, settings.progress
             )

@@ -22,7 +22,6 @@ from torch import Tensor
 from atop.evaluation.defenses import Defense
 from atop.evaluation.protocol import (
     AttackEntry,
-    AttackRun,
     EvalData,
     EvalSettings,
     Validator,
@@ -83,12 +82,13 @@ def _text(rise: Mapping[str, Any]) -> str:
 
 def sanity_checks(
     clean: Tensor,
-    runs: Mapping[str, AttackRun],
+    draws: Mapping[str, Tensor],
     entries: Sequence[AttackEntry],
     sweep: Sequence[tuple[float, Tensor]],
     stronger: Tensor | None,
     reference: AttackEntry,
     params: SanityParams,
+    not_run: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Gradient-masking sanity checks for one defense (Carlini et al. 2019; method.md §4).
 
@@ -109,10 +109,13 @@ def sanity_checks(
 
     Args:
         clean: bool ``[N, D]`` clean verdicts of the sanity images (the first ``N``).
-        runs: attack label -> run on the evaluation images (their first ``N`` are used).
+        draws: attack label -> bool ``[M, D]`` verdicts on the evaluation images (their
+            first ``N`` are used).
         entries: the attack entries; sweep: ``(eps, bool [N, D])`` of the reference attack,
             sorted by ε (0 included); stronger: the stronger attack's verdicts or ``None``.
         reference: the reference (PGD) entry; params: the ``sanity`` parameters.
+        not_run: why the ε sweep and the stronger attack did not run (their detail), when
+            ``sweep`` and ``stronger`` are empty on purpose.
 
     Returns:
         ``{check: {"status", "detail", "n_images", ...}}``.
@@ -137,10 +140,13 @@ def sanity_checks(
             f"{format_eps(eps_max, reference.norm)} (limit {params.large_eps_max_acc:g})",
         }
     else:
-        checks["eps_monotonic"] = {"status": "not run", "detail": "eps_sweep has < 2 points"}
-        checks["large_eps_near_zero"] = {"status": "not run", "detail": "no eps sweep"}
+        checks["eps_monotonic"] = {
+            "status": "not run",
+            "detail": not_run or "eps_sweep has < 2 points",
+        }
+        checks["large_eps_near_zero"] = {"status": "not run", "detail": not_run or "no eps sweep"}
 
-    ref = runs[reference.label].draws[:n]
+    ref = draws[reference.label][:n]
     if stronger is not None:
         rise = rise_test(ref, stronger, alpha)
         checks["stronger_attack"] = {
@@ -148,14 +154,17 @@ def sanity_checks(
             "detail": f"{reference.label} -> stronger: {_text(rise)}",
         }
     else:
-        checks["stronger_attack"] = {"status": "not run", "detail": "no stronger attack set"}
+        checks["stronger_attack"] = {
+            "status": "not run",
+            "detail": not_run or "no stronger attack set",
+        }
 
     fgsm = next(
-        (e for e in entries if e.name == "fgsm" and e.label in runs and e.eps == reference.eps),
+        (e for e in entries if e.name == "fgsm" and e.label in draws and e.eps == reference.eps),
         None,
     )
     if fgsm is not None and reference.norm == "Linf":
-        rise = rise_test(runs[fgsm.label].draws[:n], ref, alpha)
+        rise = rise_test(draws[fgsm.label][:n], ref, alpha)
         checks["iterative_beats_single_step"] = {
             "status": "fail" if rise["significant_rise"] else "pass",
             "detail": f"{fgsm.label} -> {reference.label}: {_text(rise)}",
@@ -167,12 +176,15 @@ def sanity_checks(
         }
 
     pairs = []
-    for bpda in (e for e in entries if e.name == "bpda" and e.label in runs):
+    for bpda in (e for e in entries if e.name == "bpda" and e.label in draws):
         exact = next(
             (
                 e
                 for e in entries
-                if e.name == "pgd" and e.norm == bpda.norm and e.eps == bpda.eps and e.label in runs
+                if e.name == "pgd"
+                and e.norm == bpda.norm
+                and e.eps == bpda.eps
+                and e.label in draws
             ),
             None,
         )
@@ -181,7 +193,7 @@ def sanity_checks(
     if pairs:
         details, failed, winners = [], [], []
         for bpda, exact in pairs:
-            rise = rise_test(runs[bpda.label].draws[:n], runs[exact.label].draws[:n], alpha)
+            rise = rise_test(draws[bpda.label][:n], draws[exact.label][:n], alpha)
             failed.append(rise["significant_rise"])
             winner = (
                 "exact"
@@ -217,7 +229,7 @@ def sweep_spec(spec: Mapping[str, Any], eps: float) -> dict[str, Any]:
 def sanity_runs(
     defense: Defense,
     reference: AttackEntry,
-    runs: Mapping[str, AttackRun],
+    reference_draws: Tensor,
     clean: Tensor,
     sweep_eps: Sequence[float],
     data: EvalData,
@@ -227,18 +239,18 @@ def sanity_runs(
 ) -> tuple[list[tuple[float, Tensor]], Tensor | None]:
     """Run the ε sweep and the stronger attack of the reference PGD on ``data``.
 
-    ε = 0 reuses the clean verdicts and the reference ε the reference run (first ``n``
-    images); the others run the reference spec with ε (and α in proportion) changed.
+    ε = 0 reuses the clean verdicts and the reference ε the reference run's verdicts
+    (``reference_draws``, bool ``[M, D]``, first ``n`` images); the others run the reference
+    spec with ε (and α in proportion) changed.
     """
     n = len(data.labels)
     base = defense_spec(reference, defense, settings.draws, settings.seed)
-    ref_run = runs[reference.label]
     sweep: list[tuple[float, Tensor]] = []
     for eps in sweep_eps:
         if eps == 0:
             sweep.append((0.0, clean[:n]))
         elif math.isclose(eps, reference.eps):
-            sweep.append((eps, ref_run.draws[:n]))
+            sweep.append((eps, reference_draws[:n]))
         else:
             spec = sweep_spec(base, eps)
             label = f"{reference.label}_eps_{format_eps(eps, reference.norm)}".replace("/", "_")

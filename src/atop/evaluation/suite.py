@@ -130,6 +130,8 @@ def evaluate_defense(
     data: EvalData,
     params: EvalParams,
     validate: Validator | None = None,
+    *,
+    sanity: bool = True,
 ) -> dict[str, Any]:
     """Every attack of ``params`` on ``defense``, the sanity checks, and the grid images.
 
@@ -138,35 +140,24 @@ def evaluate_defense(
         data: the evaluation images (the first ``params.images`` of ``eval_indices``).
         params: ``evaluation``.
         validate: an extra check of every attack output (the Great Expectations suite).
+        sanity: also run the sanity checks' own attacks (the ε sweep, the stronger attack)
+            and the fixed-randomness row; ``False`` (the main job) leaves them to
+            :func:`complete_sanity` (the full comparison) and checks only what the attacks
+            above decide (PGD vs FGSM, exact vs BPDA).
 
     Returns:
-        :func:`atop.evaluation.protocol.defense_results` plus ``grid`` (images for the
-        figure when this is ``params.grid.defense``, else ``None``).
+        :func:`atop.evaluation.protocol.defense_results` plus ``fixed_randomness`` and
+        ``grid`` (images for the figure when this is ``params.grid.defense``, else ``None``).
 
     Raises:
         ValueError: a spec that cannot be built; anything ``validate`` raises.
     """
-    entries, settings = params.entries, params.settings
     check_plan(defense, params, data.n_classes)
-    (reference,) = [e for e in entries if e.label == params.sanity.reference]
-    sweep_eps = sorted(set(params.sanity.eps_sweep))
-    sanity_data = data.head(min(params.sanity.images or len(data.labels), len(data.labels)))
-
-    runs = attack_defense(defense, entries, data, settings, validate)
+    runs = attack_defense(defense, params.entries, data, params.settings, validate)
     clean = runs.pop("clean").draws
-    checked = params.sanity.defenses is None or defense.name in params.sanity.defenses
-    sweep, stronger = [], None  # the checks of a defense outside sanity.defenses: "not run"
-    if checked:
-        sweep, stronger = sanity_runs(
-            defense, reference, runs, clean, sweep_eps, sanity_data, params.sanity, settings,
-            validate,
-        )  # fmt: skip
-    n = len(sanity_data.labels)
-    checks = sanity_checks(clean[:n], runs, entries, sweep, stronger, reference, params.sanity)
-    result = defense_results(defense, clean, runs, sweep, checks)
+    result = defense_results(defense, clean, runs, [], {})
     result["fixed_randomness"] = None
-    if params.fixed_randomness and defense.stochastic and checked:
-        result["fixed_randomness"] = fixed_randomness_run(defense, reference, data, settings)
+    result = complete_sanity(defense, data, params, result, validate, run=sanity)
     grid = params.grid
     result["grid"] = None
     if defense.name == grid.defense and grid.attack in runs:
@@ -175,6 +166,52 @@ def evaluate_defense(
             "attack": grid.attack,
         }
     return result
+
+
+def complete_sanity(
+    defense: Defense,
+    data: EvalData,
+    params: EvalParams,
+    result: dict[str, Any],
+    validate: Validator | None = None,
+    *,
+    run: bool = True,
+) -> dict[str, Any]:
+    """The sanity checks of a defense already attacked (``result``: its
+    :func:`evaluate_defense` output): the ε sweep and the stronger reference attack on the
+    first ``params.sanity.images``, the fixed-randomness row (stochastic defenses), then
+    every check (:func:`atop.evaluation.sanity.sanity_checks`).
+
+    A defense outside ``params.sanity.defenses``, or ``run=False``, runs no extra attack:
+    its sweep / stronger checks are "not run" with the reason. Returns a new result dict
+    (``sweep``, ``sanity``, ``fixed_randomness`` replaced).
+    """
+    (reference,) = [e for e in params.entries if e.label == params.sanity.reference]
+    clean = result["clean"]
+    draws = {label: a["draws"] for label, a in result["attacks"].items()}
+    n = min(params.sanity.images or len(clean), len(clean))
+    listed = params.sanity.defenses is None or defense.name in params.sanity.defenses
+    sweep, stronger, fixed, not_run = [], None, None, None
+    if not listed:
+        not_run = "not in evaluation.sanity.defenses"
+    elif not run:
+        not_run = "runs in the full comparison (comparison_report.md)"
+    else:
+        sweep, stronger = sanity_runs(
+            defense, reference, draws[reference.label], clean, sorted(set(params.sanity.eps_sweep)),
+            data.head(n), params.sanity, params.settings, validate,
+        )  # fmt: skip
+        if params.fixed_randomness and defense.stochastic:
+            fixed = fixed_randomness_run(defense, reference, data, params.settings)
+    checks = sanity_checks(
+        clean[:n], draws, params.entries, sweep, stronger, reference, params.sanity, not_run
+    )
+    return {
+        **result,
+        "sweep": [{"eps": eps, "draws": d} for eps, d in sweep],
+        "sanity": checks,
+        "fixed_randomness": fixed,
+    }
 
 
 class FixedRandomness(nn.Module):

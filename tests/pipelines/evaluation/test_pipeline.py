@@ -80,6 +80,7 @@ CHECKPOINTS = sorted({key for needs in NEEDS.values() for key in needs})
 HISTORY_NAMES = sorted({key for names in HISTORIES.values() for key in names})
 #: The per-defense results: one catalog entry per defense (a dataset factory).
 RESULTS_PATTERN = "evaluation_{defense}"
+SANITY_PATTERN = "sanity_{defense}"
 #: Evaluated in this run (checkpoints present): the main job's, and pgd_at in the comparison.
 EVALUATED_MAIN = ["standard", "ap", "ap_continued", "atop"]
 EVALUATED_ALL = [*EVALUATED_MAIN, "pgd_at"]
@@ -181,10 +182,14 @@ def make_catalog(inputs: dict, folder: Path, params: EvalParams) -> DataCatalog:
     for name, entry in catalog_config().items():
         if name in REPORTS or name in COMPARISON or name == "convergence":
             config[name] = moved(entry, folder / Path(entry["filepath"]).name)
-        elif name == RESULTS_PATTERN:
+        elif name in (RESULTS_PATTERN, SANITY_PATTERN):
             results = folder / "evaluation" / Path(entry["filepath"]).name
             config[name] = {**entry, "filepath": str(results)}
-    assert RESULTS_PATTERN in config and {*REPORTS, *COMPARISON, "convergence"} <= set(config)
+    assert (
+        RESULTS_PATTERN in config
+        and SANITY_PATTERN in config
+        and {*REPORTS, *COMPARISON, "convergence"} <= set(config)
+    )
     catalog = DataCatalog.from_config(config)
     for name, value in inputs["data"].items():
         catalog[name] = MemoryDataset(value, copy_mode="assign")
@@ -298,10 +303,11 @@ def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
     } | {"plot_adversarial_grid"}
     assert {n.name for n in comparison.nodes} == {f"evaluate_{d}" for d in EXTRA} | {
         name.format("comparison") for name in report
-    }
+    } | {f"sanity_{d}" for d in MAIN}
     written = {*REPORTS, *(f"evaluation_{d}" for d in MAIN), "robustness_results"}
     assert main.all_outputs() == written
     written = {*COMPARISON, *(f"evaluation_{d}" for d in EXTRA), "comparison_results"}
+    written |= {f"sanity_{d}" for d in MAIN}
     assert comparison.all_outputs() == written
     # the main job needs none of the comparison's checkpoints; both cite the convergence study
     extra_checkpoints = {key for d in EXTRA for key in NEEDS[d]} - {"classifier"}
@@ -316,7 +322,7 @@ def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
     # the comparison reports every defense: the main job's results are read from their files
     assert {f"evaluation_{d}" for d in MAIN} <= comparison.inputs()
     collect = next(n for n in comparison.nodes if n.name == "collect_comparison")
-    assert {f"evaluation_{d}" for d in DEFENSES} <= set(collect.inputs)
+    assert {f"sanity_{d}" for d in MAIN} | {f"evaluation_{d}" for d in EXTRA} <= set(collect.inputs)
     assert collect.outputs == ["comparison_results"]
 
 
@@ -337,9 +343,18 @@ def test_one_node_per_defense_then_one_that_gathers_them():
         "purifier_history",
         "finetuning_history_atop",
     )
-    gather = next(n for n in report_nodes(["standard", "ap"], "x") if n.name == "collect_x")
+    sources = {"standard": "evaluation_standard", "ap": "sanity_ap"}
+    gather = next(
+        n for n in report_nodes(["standard", "ap"], "x", sources) if n.name == "collect_x"
+    )
     assert set(gather.inputs) == {"params:evaluation", "eval_indices", "class_names",
-                                  "purifier_atop", "evaluation_standard", "evaluation_ap"}  # fmt: skip
+                                  "purifier_atop", "evaluation_standard", "sanity_ap"}  # fmt: skip
+    # the full comparison completes the sanity checks of the main job's defenses
+    comparison = {n.name: n for n in create_comparison_pipeline().nodes}
+    for name in MAIN:
+        node = comparison[f"sanity_{name}"]
+        assert f"evaluation_{name}" in node.inputs and node.outputs == [f"sanity_{name}"]
+        assert f"sanity_{name}" in comparison["collect_comparison"].inputs
     ap_alone = create_pipeline().from_nodes("evaluate_ap")
     assert {n.name for n in ap_alone.nodes if n.name.startswith("evaluate_")} == {"evaluate_ap"}
 
@@ -364,12 +379,15 @@ def test_every_attack_output_passes_the_suite_and_is_judged(evaluated):
         assert res["clean"].shape == (params.images, draws) and res["clean"].dtype == torch.bool
         for label, attack in res["attacks"].items():
             assert attack["draws"].shape == (params.images, draws), (name, label)
-    # one suite per attack run + per extra sanity run (eps sweep point, stronger attack)
+    # one suite per attack run; the sanity runs (eps sweep points, stronger attack) only in
+    # the full comparison: for its own defenses and for the main job's (sanity_<defense>)
     extra_sweep = sum(1 for e in params.sanity.eps_sweep if e != 0 and not math.isclose(e, 8 / 255))
-    for job, key in (("main", "results"), ("comparison", "comparison_results")):
-        ran = [n for n, r in evaluated[key]["defenses"].items() if job == "main" or n in EXTRA]
-        runs = sum(len(evaluated[key]["defenses"][n]["attacks"]) for n in ran)
-        assert len(evaluated["summaries"][job]) == runs + len(ran) * (extra_sweep + 1), job
+    main_runs = sum(len(r["attacks"]) for r in results["defenses"].values())
+    assert len(evaluated["summaries"]["main"]) == main_runs
+    compared = evaluated["comparison_results"]["defenses"]
+    extra_runs = sum(len(r["attacks"]) for n, r in compared.items() if n in EXTRA)
+    sanity_runs = len(compared) * (extra_sweep + 1)  # smoke: sanity.defenses = every defense
+    assert len(evaluated["summaries"]["comparison"]) == extra_runs + sanity_runs
     for summary in evaluated["summaries"]["main"] + evaluated["summaries"]["comparison"]:
         assert summary["success"] and summary["rows"] == params.images
         if summary["eps"] is not None:
@@ -381,11 +399,14 @@ def test_per_defense_results_are_torch_files_the_reports_are_gathered_from(evalu
     skipped ones record why; the gathered results are exactly their contents."""
     folder = evaluated["folder"] / "evaluation"
     assert evaluated["after_main"] == sorted(f"{n}.pt" for n in MAIN)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{n}.pt" for n in DEFENSES)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        [f"{n}.pt" for n in DEFENSES] + [f"{n}_sanity.pt" for n in MAIN]
+    )
     results = evaluated["comparison_results"]
     assert list(results["defenses"]) == EVALUATED_ALL
     for name in DEFENSES:
-        saved = TorchDataset(str(folder / f"{name}.pt")).load()
+        # the comparison reads the main job's defenses with their sanity checks completed
+        saved = TorchDataset(str(folder / f"{name}{'_sanity' if name in MAIN else ''}.pt")).load()
         if name in results["defenses"]:
             assert _same({k: v for k, v in saved.items() if k != "grid"}, results["defenses"][name])
             assert (saved["grid"] is not None) == (name == evaluated["params"].grid.defense)
@@ -396,8 +417,12 @@ def test_per_defense_results_are_torch_files_the_reports_are_gathered_from(evalu
     assert "rvs_classifier" in results["skipped"]["rvs"]
     # the main report saw the main job's defenses only
     assert set(evaluated["results"]["skipped"]) == {"ap_classifier_aware"}
+    completed = ("sweep", "sanity", "fixed_randomness")  # the comparison's sanity_<defense>
     for name in EVALUATED_MAIN:
-        assert _same(evaluated["results"]["defenses"][name], results["defenses"][name]), name
+        main, full = evaluated["results"]["defenses"][name], results["defenses"][name]
+        kept = [k for k in main if k not in completed]
+        assert _same({k: main[k] for k in kept}, {k: full[k] for k in kept}), name
+        assert set(full) == set(main)
 
 
 def test_each_job_writes_its_own_report_files(evaluated):
@@ -546,8 +571,10 @@ def test_the_metrics_json_is_recomputed_from_the_verdicts_csv(evaluated, prefix)
             for norm in ("Linf", "L2"):
                 assert matched[name][norm] == pytest.approx(worst[name, norm][0][common].mean())
     # the ε sweep: ε = 0 is the clean accuracy, the reference ε the reference attack
+    # (the main job has no sweep of its own: clean and the reference ε)
+    points = ["0/255", "8/255"] if prefix == "robustness" else ["0/255", "8/255", "64/255"]
     for name, sweep in metrics["robust_acc_vs_eps"].items():
-        assert list(sweep) == ["0/255", "8/255", "64/255"]
+        assert list(sweep) == points
         assert sweep["0/255"] == pytest.approx(metrics["defenses"][name]["clean"]["single"])
         reference = metrics["defenses"][name]["attacks"]["pgd_linf"]["single"]
         assert sweep["8/255"] == pytest.approx(reference)
@@ -645,7 +672,11 @@ def test_the_markdown_report_agrees_with_the_json(evaluated):
     assert "## Does AToP beat each other defense? Paired exact tests" in report
     paired = _markdown_table(report, "## Does AToP beat each other defense?")
     assert set(paired["other defense"]) == set(metrics["paired"])
-    # the fixed-randomness diagnostic: purified defenses only
+    # the fixed-randomness diagnostic: purified defenses only, in the full comparison
+    assert "## Diagnostic: the same randomness for attack and judging" not in report
+    assert not any("fixed_randomness" in entry for entry in metrics["defenses"].values())
+    metrics = evaluated["comparison_metrics"]
+    report = (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()
     assert "## Diagnostic: the same randomness for attack and judging" in report
     fixed = _markdown_table(report, "## Diagnostic: the same randomness")
     assert set(fixed["defense"]) == {n for n in metrics["defenses"] if n in PURIFIED}

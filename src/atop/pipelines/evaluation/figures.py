@@ -12,21 +12,23 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from atop.evaluation.protocol import per_image
-from atop.pipelines.evaluation.metrics import reference_attack
+from atop.pipelines.evaluation.metrics import eps_points, reference_attack
 from atop.pipelines.evaluation.report import NORM_TEXT
 
 
 def plot_robust_accuracy_vs_eps(results: Mapping[str, Any]) -> Figure:
-    """Robust accuracy vs ε of the reference PGD-EOT attack, one line per defense."""
+    """Robust accuracy vs ε of the reference PGD-EOT attack, one line per defense (the ε
+    sweep of the full comparison; clean and the reference ε alone in the main job)."""
     reference = reference_attack(results)
     linf = reference["norm"] == "Linf"
     figure = Figure(figsize=(6, 4), dpi=120)
     axes = figure.add_subplot()
     for name, res in results["defenses"].items():
-        if not res["sweep"]:  # a defense outside evaluation.sanity.defenses
+        points = eps_points(res, reference)  # clean and the reference ε without a sweep
+        if not points:
             continue
-        xs = [p["eps"] * 255 if linf else p["eps"] for p in res["sweep"]]
-        ys = [100 * per_image(p["draws"], "single").mean().item() for p in res["sweep"]]
+        xs = [p["eps"] * 255 if linf else p["eps"] for p in points]
+        ys = [100 * per_image(p["draws"], "single").mean().item() for p in points]
         axes.plot(xs, ys, marker="o", label=name)
     axes.axvline(reference["eps"] * 255 if linf else reference["eps"], color="gray", ls=":", lw=1)
     spec = reference["spec"]

@@ -39,6 +39,20 @@ def reference_attack(results: Mapping[str, Any]) -> dict[str, Any]:
     return next(a for a in results["attacks"] if a["label"] == label)
 
 
+def eps_points(res: Mapping[str, Any], reference: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The accuracy-vs-ε points of one defense: its ε sweep (``[{"eps", "draws"}]``), or,
+    where the sweep did not run (the main job; a defense outside ``sanity.defenses``), the
+    two points every evaluation has: clean (ε = 0) and the reference attack's ε."""
+    if res["sweep"]:
+        return list(res["sweep"])
+    if reference["label"] not in res["attacks"]:
+        return []
+    return [
+        {"eps": 0.0, "draws": res["clean"]},
+        {"eps": reference["eps"], "draws": res["attacks"][reference["label"]]["draws"]},
+    ]
+
+
 def _summary(draws: Tensor) -> dict[str, Any]:
     """Single-draw and worst-of-N accuracy of bool ``[N, D]`` verdicts, each with its exact
     95 % interval (:func:`atop.evaluation.stats.accuracy_ci`)."""
@@ -158,10 +172,11 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
                 "label": fixed["attack"],
             }
         defenses[name] = entry
-        if res["sweep"]:  # empty for a defense outside evaluation.sanity.defenses
+        points = eps_points(res, reference)
+        if points:
             vs_eps[name] = {
                 eps_key(p["eps"], reference["norm"]): per_image(p["draws"], "single").mean().item()
-                for p in res["sweep"]
+                for p in points
             }
         sanity[name] = {check: value["status"] for check, value in res["sanity"].items()}
     focus = results["defenses"].get(FOCUS)
@@ -240,7 +255,8 @@ def accuracy_vs_eps_table(results: Mapping[str, Any]) -> pd.DataFrame:
     Columns: ``defense``, ``norm``, ``eps`` (the budget on the [0, 1] pixel scale),
     ``eps_label`` (``"8/255"``), ``robust_acc`` (single-draw accuracy in ``[0, 1]``).
     """
-    norm = reference_attack(results)["norm"]
+    reference = reference_attack(results)
+    norm = reference["norm"]
     rows = [
         {
             "defense": name,
@@ -250,7 +266,7 @@ def accuracy_vs_eps_table(results: Mapping[str, Any]) -> pd.DataFrame:
             "robust_acc": per_image(point["draws"], "single").mean().item(),
         }
         for name, res in results["defenses"].items()
-        for point in res["sweep"]
+        for point in eps_points(res, reference)
     ]
     return pd.DataFrame(rows, columns=["defense", "norm", "eps", "eps_label", "robust_acc"])
 

@@ -25,7 +25,7 @@ from atop.evaluation.defenses import (
     unseen_attacks,
 )
 from atop.evaluation.protocol import select_images
-from atop.evaluation.suite import EvalParams, evaluate_defense
+from atop.evaluation.suite import EvalParams, complete_sanity, evaluate_defense
 from atop.pipelines import history_seconds
 from atop.training import resolve_device
 
@@ -44,13 +44,32 @@ def _gx_validator(tolerance: float) -> Callable[..., None]:
     return validate
 
 
-def evaluate_node(name: str) -> Callable[..., dict[str, Any]]:
+def _prepare(name: str, test_set, eval_indices, class_names, params: EvalParams, inputs):
+    """The evaluation images and the defense ``name`` rebuilt from its checkpoints, or the
+    reason it is skipped (a string)."""
+    checkpoints = {key: inputs.get(key) for key in NEEDS[name]}
+    if name not in params.defenses:
+        return "not listed in evaluation.defenses"
+    missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
+    if missing:
+        reason = f"checkpoint {', '.join(missing)} not found (stage not run)"
+        log.warning("Skipping defense %r: %s", name, reason)
+        return reason
+    device = resolve_device(params.device)
+    data = select_images(test_set, eval_indices, params.images, len(class_names), device)
+    defense = build_defense(name, checkpoints, device)
+    defense.train_seconds = {h: history_seconds(inputs.get(h)) for h in HISTORIES[name]}
+    return data, defense
+
+
+def evaluate_node(name: str, sanity: bool = True) -> Callable[..., dict[str, Any]]:
     """The node function of defense ``name`` (named ``evaluate_<name>``).
 
     Its inputs are ``test_set``, ``eval_indices``, ``class_names``, ``params`` (the
     ``evaluation`` block), the checkpoints of :data:`atop.evaluation.defenses.NEEDS` and the
     training histories of :data:`~atop.evaluation.defenses.HISTORIES`; its output is
-    :func:`atop.evaluation.suite.evaluate_defense`'s result, or ``{"skipped": reason}``.
+    :func:`atop.evaluation.suite.evaluate_defense`'s result (``sanity``: with the sanity
+    checks' own attacks), or ``{"skipped": reason}``.
     """
 
     def evaluate(
@@ -60,22 +79,42 @@ def evaluate_node(name: str) -> Callable[..., dict[str, Any]]:
         params: EvalParams,
         **inputs: Any,
     ) -> dict[str, Any]:
-        checkpoints = {key: inputs.get(key) for key in NEEDS[name]}
-        if name not in params.defenses:
-            return {"skipped": "not listed in evaluation.defenses"}
-        missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
-        if missing:
-            reason = f"checkpoint {', '.join(missing)} not found (stage not run)"
-            log.warning("Skipping defense %r: %s", name, reason)
-            return {"skipped": reason}
-        device = resolve_device(params.device)
-        data = select_images(test_set, eval_indices, params.images, len(class_names), device)
-        defense = build_defense(name, checkpoints, device)
-        defense.train_seconds = {h: history_seconds(inputs.get(h)) for h in HISTORIES[name]}
-        return evaluate_defense(defense, data, params, _gx_validator(params.tolerance))
+        ready = _prepare(name, test_set, eval_indices, class_names, params, inputs)
+        if isinstance(ready, str):
+            return {"skipped": ready}
+        data, defense = ready
+        validate = _gx_validator(params.tolerance)
+        return evaluate_defense(defense, data, params, validate, sanity=sanity)
 
     evaluate.__name__ = evaluate.__qualname__ = f"evaluate_{name}"
     return evaluate
+
+
+def sanity_node(name: str) -> Callable[..., dict[str, Any]]:
+    """The node function ``sanity_<name>`` of the full comparison: the sanity checks'
+    own attacks and the fixed-randomness row for a defense the main job evaluated without
+    them (:func:`atop.evaluation.suite.complete_sanity`). Inputs: those of
+    :func:`evaluate_node` plus ``evaluation`` (the main job's result); output: the completed
+    result (a skipped defense stays skipped)."""
+
+    def sanity(
+        test_set: dict[str, Tensor],
+        eval_indices: list[int],
+        class_names: list[str],
+        params: EvalParams,
+        evaluation: dict[str, Any],
+        **inputs: Any,
+    ) -> dict[str, Any]:
+        if "skipped" in evaluation:
+            return evaluation
+        ready = _prepare(name, test_set, eval_indices, class_names, params, inputs)
+        if isinstance(ready, str):
+            return {"skipped": ready}
+        data, defense = ready
+        return complete_sanity(defense, data, params, evaluation, _gx_validator(params.tolerance))
+
+    sanity.__name__ = sanity.__qualname__ = f"sanity_{name}"
+    return sanity
 
 
 def collect_results(

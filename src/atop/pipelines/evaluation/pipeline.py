@@ -7,9 +7,11 @@ One node per defense (``evaluate_<defense>``): ``test_set``, ``eval_indices``,
 the report nodes (metrics JSON, CSV table, Markdown report, figures).
 
 * ``evaluation`` (the main job): the defenses of :data:`atop.evaluation.defenses.MAIN`,
-  reported as ``robustness*``.
+  reported as ``robustness*``, without the sanity checks' own attacks (the ε sweep, the
+  stronger attack, the fixed-randomness row: a third of its time).
 * ``comparison`` (the full comparison): evaluates the :data:`~atop.evaluation.defenses.EXTRA`
-  defenses and reports every defense together as ``comparison*``.
+  defenses with their sanity checks, completes the main defenses' sanity checks
+  (``sanity_<defense>``) and reports every defense together as ``comparison*``.
 
 If an attack's output fails its Great Expectations suite, its node raises and no report
 node runs.
@@ -29,7 +31,7 @@ from atop.pipelines.evaluation.metrics import (
     robustness_table,
     verdicts_table,
 )
-from atop.pipelines.evaluation.nodes import collect_results, evaluate_node
+from atop.pipelines.evaluation.nodes import collect_results, evaluate_node, sanity_node
 from atop.pipelines.evaluation.report import robustness_report
 
 SHARED = {
@@ -40,11 +42,12 @@ SHARED = {
 }
 
 
-def defense_nodes(names: Sequence[str]) -> list[Node]:
-    """``evaluate_<name>`` for each defense: its checkpoints -> ``evaluation_<name>``."""
+def defense_nodes(names: Sequence[str], sanity: bool = True) -> list[Node]:
+    """``evaluate_<name>`` for each defense: its checkpoints -> ``evaluation_<name>``
+    (``sanity``: with the sanity checks' own attacks)."""
     return [
         Node(
-            func=evaluate_node(name),
+            func=evaluate_node(name, sanity),
             inputs={**SHARED, **{key: key for key in NEEDS[name] + HISTORIES[name]}},
             outputs=f"evaluation_{name}",
             name=f"evaluate_{name}",
@@ -53,8 +56,26 @@ def defense_nodes(names: Sequence[str]) -> list[Node]:
     ]
 
 
-def report_nodes(names: Sequence[str], prefix: str) -> list[Node]:
-    """Gather the results of ``names`` and write ``<prefix>`` (JSON), ``<prefix>_table``,
+def sanity_nodes(names: Sequence[str]) -> list[Node]:
+    """``sanity_<name>``: the sanity checks of a defense the main job evaluated without
+    them, ``evaluation_<name>`` -> ``sanity_<name>`` (the completed result)."""
+    return [
+        Node(
+            func=sanity_node(name),
+            inputs={
+                **SHARED,
+                "evaluation": f"evaluation_{name}",
+                **{key: key for key in NEEDS[name] + HISTORIES[name]},
+            },
+            outputs=f"sanity_{name}",
+            name=f"sanity_{name}",
+        )
+        for name in names
+    ]
+
+
+def report_nodes(names: Sequence[str], prefix: str, sources: dict[str, str]) -> list[Node]:
+    """Gather the results of ``names`` (dataset ``sources[name]``) and write ``<prefix>`` (JSON), ``<prefix>_table``,
     ``<prefix>_verdicts`` (every per-image, per-draw verdict), ``<prefix>_report``,
     ``<prefix>_accuracy_vs_eps`` (figure) and ``<prefix>_accuracy_vs_eps_table`` (its CSV,
     a DVC plot)."""
@@ -67,7 +88,7 @@ def report_nodes(names: Sequence[str], prefix: str) -> list[Node]:
                 "eval_indices": "eval_indices",
                 "class_names": "class_names",
                 "purifier_atop": "purifier_atop",
-                **{name: f"evaluation_{name}" for name in names},
+                **{name: sources[name] for name in names},
             },
             outputs=results,
             name=f"collect_{prefix}",
@@ -105,8 +126,8 @@ def create_pipeline(**kwargs) -> Pipeline:
     """The main job's evaluation: its defenses, the report and the adversarial grid."""
     return Pipeline(
         [
-            *defense_nodes(MAIN),
-            *report_nodes(MAIN, "robustness"),
+            *defense_nodes(MAIN, sanity=False),
+            *report_nodes(MAIN, "robustness", {n: f"evaluation_{n}" for n in MAIN}),
             Node(
                 plot_adversarial_grid,
                 "robustness_results",
@@ -118,5 +139,13 @@ def create_pipeline(**kwargs) -> Pipeline:
 
 
 def create_comparison_pipeline(**kwargs) -> Pipeline:
-    """The full comparison: the extra defenses, then every defense in one report."""
-    return Pipeline([*defense_nodes(EXTRA), *report_nodes(DEFENSES, "comparison")])
+    """The full comparison: the extra defenses (with their sanity checks), the sanity checks
+    of the main job's defenses, then every defense in one report."""
+    sources = {**{n: f"sanity_{n}" for n in MAIN}, **{n: f"evaluation_{n}" for n in EXTRA}}
+    return Pipeline(
+        [
+            *defense_nodes(EXTRA),
+            *sanity_nodes(MAIN),
+            *report_nodes(DEFENSES, "comparison", sources),
+        ]
+    )
