@@ -48,9 +48,10 @@ repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
 
 ## The test suite (real data from ../shared/datasets), on two worker processes (one torch
-## thread each; a test file stays on one worker, so its module fixtures are built once).
+## thread each; a test file stays on one worker, so its module fixtures are built once; the
+## longest file starts first: tests/conftest.py orders them).
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -n 2 --dist loadfile
+	$(VENV)/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 ## The tests without the slow end-to-end ones (marked `slow`): a quick check while editing.
 test-fast: $(STAMP)

@@ -25,7 +25,7 @@ from atop.defense import (
     working_side,
 )
 from atop.distributed import DistributedParams
-from atop.evaluation.defenses import DEFENSES, Defense
+from atop.evaluation.defenses import DEFENSES, PURIFIED, Defense
 from atop.evaluation.protocol import (
     AttackEntry,
     AttackRun,
@@ -89,6 +89,17 @@ class EvalParams(Params):
                 f"(have {[e.label for e in entries]}).",
             )
         covered = set(self.sanity.defenses or DEFENSES)
+        if reference.applies_to != "all":  # stochastic = the purified defenses
+            skipped = sorted(
+                n for n in covered if (n in PURIFIED) != (reference.applies_to == "stochastic")
+            )
+            if skipped:
+                self.fail(
+                    "sanity.defenses",
+                    f"{skipped} are not attacked by the reference {reference.label!r} "
+                    f"(applies_to: {reference.applies_to}); name a reference that applies "
+                    "to every checked defense.",
+                )
         if reference.defenses is not None and not covered <= set(reference.defenses):
             self.fail(
                 "sanity.defenses",
