@@ -33,7 +33,8 @@ Sections (one argparse function each, registered in ``SECTIONS``):
   fresh-draw judging), and the projected evaluation time of the base and paper protocols
   (``evaluation`` of each profile's typed parameters) on this machine.
 * ``stages``: training throughput of each stage of the last pipeline run, from its own
-  records (``data/08_reporting/<stage>_metrics.json`` and ``params/<profile>.yaml``).
+  records (``data/08_reporting/<dataset>/<profile>/<stage>_metrics.json``,
+  ``params/<profile>.yaml``).
 
 Real data: CIFAR-10 from ``$ATOP_DATA_ROOT`` or ``../shared/datasets`` (read-only, never
 downloaded), read by :func:`cifar10`, the one loader of every section. Random weights
@@ -543,8 +544,11 @@ def stages(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="benchmark.py stages")
     parser.add_argument("--profile", default="base")
-    parser.add_argument("--reporting", type=Path, default=PROJECT_ROOT / "data/08_reporting")
+    parser.add_argument(
+        "--reporting", type=Path, help="default: data/08_reporting/cifar10/<profile>"
+    )
     args = parser.parse_args(argv)
+    args.reporting = args.reporting or PROJECT_ROOT / "data/08_reporting/cifar10" / args.profile
     params = yaml.safe_load((PROJECT_ROOT / "params" / f"{args.profile}.yaml").read_text())
     print(f"profile {args.profile}: training throughput per stage (evaluation excluded)")
     for stage, (metrics_file, cost) in STAGES.items():
@@ -1093,8 +1097,8 @@ def parity(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     setup_device(args)
     data = Path(args.run) / "data"
-    split = data / "02_intermediate" / "cifar10"
-    indices = data / "05_model_input" / "cifar10"
+    split = data / "02_intermediate" / "cifar10" / "base"
+    indices = data / "05_model_input" / "cifar10" / "base"
     train = torch.load(split / "train.pt", weights_only=True)
     test = torch.load(split / "test.pt", weights_only=True)
     monitor = json.loads((indices / "monitor_indices.json").read_text())
@@ -1104,12 +1108,12 @@ def parity(argv: list[str]) -> None:
         p = params["classifier_pretraining"].replace(amp=False, progress=False, resume_path=None)
         checkpoint, history = train_classifier(train, test, names, monitor, p)
         fp32 = evaluate_classifier(checkpoint, test, p, training_seconds(history))
-        bf16 = json.loads((data / "08_reporting" / "classifier_metrics.json").read_text())
+        bf16 = json.loads((data / "08_reporting/cifar10/base/classifier_metrics.json").read_text())
         print(f"classifier clean test accuracy: fp32 {fp32['clean_test_acc']:.4f}, "
               f"bf16 {bf16['clean_test_acc']:.4f}")  # fmt: skip
         return
     evals = json.loads((indices / "eval_indices.json").read_text())
-    classifier = load_safe(data / "06_models" / "cifar10" / "classifier.pt")
+    classifier = load_safe(data / "06_models/cifar10/base/classifier.pt")
     if args.stage == "attacks":
         attack_parity(data, test, evals, classifier, params["evaluation"], args.attacks.split(","))
         return
@@ -1143,7 +1147,7 @@ def attack_parity(
     attacks = {e.label: e for e in params.entries if e.label in labels}
     if set(labels) - set(attacks):
         sys.exit(f"unknown attacks {sorted(set(labels) - set(attacks))}: see evaluation.attacks")
-    models = data / "06_models" / "cifar10"
+    models = data / "06_models" / "cifar10" / "base"
     print(f"{len(rows)} evaluation images, N = {params.draws} draws, attacks {list(attacks)}")
     for name, file in (("ap", "purifier.pt"), ("atop", "purifier_atop.pt")):
         defense = Defense(name, load_defense(classifier, load_safe(models / file)), True)

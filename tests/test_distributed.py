@@ -303,7 +303,7 @@ def project(ingested_project, tmp_path) -> Path:
 
 
 def _classifier(project: Path) -> dict:
-    return load_safe(project / "data" / "06_models" / "cifar10" / "classifier.pt")
+    return load_safe(project / "data" / "06_models" / "cifar10" / "smoke" / "classifier.pt")
 
 
 def test_a_kedro_node_launches_its_processes(project, monkeypatch):
@@ -324,7 +324,7 @@ def test_a_kedro_node_launches_its_processes(project, monkeypatch):
     assert [c["nproc_per_node"] for c in calls] == [2]  # train_classifier only
     checkpoint = _classifier(project)
     assert checkpoint["meta"]["epochs"] == 1
-    metrics = project / "data" / "08_reporting" / "classifier_metrics.json"
+    metrics = project / "data" / "08_reporting" / "cifar10" / "smoke" / "classifier_metrics.json"
     assert metrics.is_file()  # evaluate_classifier ran in the Kedro process on the output
 
 
@@ -338,5 +338,7 @@ def test_torchrun_runs_a_pipeline_on_every_rank(project):
     result = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert _classifier(project)["meta"]["epochs"] == 1
-    assert (project / "data" / "08_reporting" / "classifier_metrics.json").is_file()
+    assert (
+        project / "data" / "08_reporting" / "cifar10" / "smoke" / "classifier_metrics.json"
+    ).is_file()
     assert not (project / "data" / ".atop-run.lock").exists()

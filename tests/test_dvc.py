@@ -45,10 +45,11 @@ def _dataset() -> str:
     return yaml.safe_load((ROOT / "conf" / "base" / "globals.yml").read_text())["dataset"]
 
 
-def _paths(entries: list) -> list[str]:
-    """Paths of a dvc.yaml deps/outs/metrics/plots list (str or {path: options})."""
+def _paths(entries: list, profile: str = "base") -> list[str]:
+    """Paths of a dvc.yaml deps/outs/metrics/plots list (str or {path: options}), as DVC
+    resolves them for ``profile``."""
     paths = [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
-    return [p.replace("${dataset}", _dataset()) for p in paths]
+    return [p.replace("${dataset}", _dataset()).replace("${profile}", profile) for p in paths]
 
 
 def _outputs(spec: dict) -> set[str]:
@@ -411,7 +412,8 @@ def _cached_outputs(root: Path) -> list[Path]:
     """Outputs DVC caches (dvc.lock outs minus the git-tracked cache: false ones)."""
     stages = _dvc_yaml(root)["stages"]
     entries = [e for s in stages.values() for key in ("outs", "metrics") for e in s.get(key, [])]
-    uncached = set(_paths([e for e in entries if isinstance(e, dict) and not _cached(e)]))
+    uncached = [e for e in entries if isinstance(e, dict) and not _cached(e)]
+    uncached = set(_paths(uncached, profile="smoke"))  # the chain's profile
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
     paths = {o["path"] for s in lock.values() for o in s.get("outs", [])}
     paths = {p for p in paths if p not in uncached and not p.startswith("params/")}
@@ -495,12 +497,16 @@ def chain(tmp_path_factory, data_root) -> dict:
     _edit_yaml(root / "conf/base/parameters_evaluation.yml", "evaluation.tolerance", 2.0e-4)
     steps["evaluation"] = repo.repro()
 
-    _edit_yaml(
-        root / "conf/smoke/parameters_purifier_pretraining.yml",
-        "purifier_pretraining.max_batches_per_epoch",
-        2,
-    )
-    steps["purifier"] = repo.repro()
+    # A purifier parameter and an AToP one, set through `dvc exp run -S` (the overrides file
+    # Kedro merges last): one rerun checks the experiment commands and the purifier's
+    # downstream (the fine-tuning arms are below the purifier).
+    out = repo.dvc(
+        "exp", "run",
+        "-S", "params/overrides.yaml:++purifier_pretraining.max_batches_per_epoch=2",
+        "-S", "params/overrides.yaml:++atop_finetuning.arms.atop.lambda_cls=0.2",
+    )  # fmt: skip
+    steps["purifier"] = re.findall(r"^Running stage '([^']+)'", out, flags=re.MULTILINE), out
+    steps["exp_show"] = json.loads(repo.dvc("exp", "show", "--json"))
 
     steps["metrics_show"] = json.loads(repo.dvc("metrics", "show", "--json"))
     steps["metrics_diff"] = json.loads(repo.dvc("metrics", "diff", "--all", "--json"))
@@ -589,7 +595,7 @@ def test_purifier_parameter_reruns_purifier_and_downstream_only(chain):
 @pytest.mark.slow
 def test_metrics_and_plots_commands(chain):
     stages = chain["stages"]
-    metrics = {p for s in stages.values() for p in _paths(s.get("metrics"))}
+    metrics = {p for s in stages.values() for p in _paths(s.get("metrics"), "smoke")}
     (workspace,) = chain["metrics_show"].values()  # keyed by revision: "" = the workspace
     shown = workspace["data"]
     assert set(shown) == metrics
@@ -597,15 +603,16 @@ def test_metrics_and_plots_commands(chain):
     # Against the committed first run: the purifier changed (fewer batches), so did its PSNR.
     diff = chain["metrics_diff"]
     assert set(diff) == metrics
-    purifier = diff["data/08_reporting/metrics/purifier_metrics.json"]
+    purifier = diff["data/08_reporting/cifar10/smoke/metrics/purifier_metrics.json"]
     assert any(
         entry.get("diff") not in (0, None)
         for key, entry in purifier.items()
         if "seconds" not in key
     )
     html = chain["plots_html"]
-    histories = [p for s in stages.values() for p in _paths(s.get("plots")) if p.endswith(".csv")]
-    assert "data/08_reporting/finetuning_atop_history.csv" in histories
+    plots = [p for s in stages.values() for p in _paths(s.get("plots"), "smoke")]
+    histories = [p for p in plots if p.endswith(".csv")]
+    assert "data/08_reporting/cifar10/smoke/finetuning_atop_history.csv" in histories
     for path in histories:
         assert path in html, path
 
@@ -632,26 +639,18 @@ def _values(tree, key: str) -> list:
     return []
 
 
-@pytest.fixture(scope="module")
-def experiment(chain) -> dict:
-    """After the chain: `dvc exp run -S` edits the overrides file, which Kedro merges last."""
-    repo = chain["repo"]
-    out = repo.dvc(
-        "exp", "run", "-S", "params/overrides.yaml:++atop_finetuning.arms.atop.lambda_cls=0.2"
-    )
-    return {"run": out, "show": json.loads(repo.dvc("exp", "show", "--json"))}
-
-
 @pytest.mark.slow
-def test_dvc_exp_run_changes_a_hyper_parameter_through_the_overrides_file(experiment):
-    ran = re.findall(r"^Running stage '([^']+)'", experiment["run"], flags=re.MULTILINE)
+def test_dvc_exp_run_changes_hyper_parameters_through_the_overrides_file(chain):
+    ran, _ = chain["purifier"]
     assert ran[0] == "resolve_params" and "atop_finetuning" in ran and "evaluation" in ran
-    assert "data_ingestion" not in ran and "classifier_pretraining" not in ran
-    # `dvc exp show` lists the experiment with the new value and the metrics it produced
+    # `dvc exp show` lists the experiment with the new values and the metrics it produced
     rows = [
-        row for row in _rows(experiment["show"]) if 0.2 in _values(row.get("params"), "lambda_cls")
+        row for row in _rows(chain["exp_show"]) if 0.2 in _values(row.get("params"), "lambda_cls")
     ]
-    assert rows, experiment["show"]
+    assert rows, chain["exp_show"]
+    for row in rows:
+        purifier = _values(row.get("params"), "purifier_pretraining")
+        assert [block["max_batches_per_epoch"] for block in purifier] == [2]
     assert all(_values(row.get("metrics"), "val_adv_acc") for row in rows)
 
 

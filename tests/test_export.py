@@ -18,14 +18,18 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def checkpoints(atop_project) -> dict:
-    models = atop_project / "data" / "06_models" / "cifar10"
+    models = atop_project / "data" / "06_models" / "cifar10" / "smoke"
     return {name: load_safe(models / f"{name}.pt") for name in ("classifier", "purifier_atop")}
 
 
 def test_export_round_trip_gives_the_same_defense(checkpoints, atop_project, tmp_path):
     from atop.evaluation import load_defense
 
-    metrics = json.loads((atop_project / "data" / "08_reporting" / "robustness.json").read_text())
+    metrics = json.loads(
+        (
+            atop_project / "data" / "08_reporting" / "cifar10" / "smoke" / "robustness.json"
+        ).read_text()
+    )
     evaluation = {"settings": metrics["settings"], "defense": metrics["defenses"]["atop"]}
     out = export_defense(
         checkpoints["classifier"],
@@ -48,8 +52,8 @@ def test_export_round_trip_gives_the_same_defense(checkpoints, atop_project, tmp
 
     exported = load_defense(out)
     original = load_defense(
-        atop_project / "data/06_models/cifar10/classifier.pt",
-        atop_project / "data/06_models/cifar10/purifier_atop.pt",
+        atop_project / "data/06_models/cifar10/smoke/classifier.pt",
+        atop_project / "data/06_models/cifar10/smoke/purifier_atop.pt",
     )
     x = torch.rand(4, 3, 32, 32)
     exported.generator = torch.Generator().manual_seed(0)
@@ -81,7 +85,7 @@ def test_export_refuses_another_classifier_and_tampered_weights(checkpoints, tmp
 
 
 def test_the_atop_command(atop_project, tmp_path):
-    models = atop_project / "data" / "06_models" / "cifar10"
+    models = atop_project / "data" / "06_models" / "cifar10" / "smoke"
     run = lambda *args: subprocess.run(  # noqa: E731
         [str(BIN / "atop"), *args], cwd=atop_project, capture_output=True, text=True, timeout=600
     )
@@ -121,7 +125,7 @@ def test_the_atop_command(atop_project, tmp_path):
         "--purifier",
         str(models / "purifier_atop.pt"),
         "--metrics",
-        "data/08_reporting/robustness.json",
+        "data/08_reporting/cifar10/smoke/robustness.json",
         "--out",
         str(release),
     )

@@ -53,14 +53,14 @@ EVAL, MONITOR = [0, 1, 2, 3], [4, 5, 6, 7]
 
 def tiny_splits(ingested: Path, project: Path) -> None:
     """The first images of the ingested splits, and disjoint evaluation / monitor indices."""
-    source = ingested / "data" / "02_intermediate" / "cifar10"
-    target = project / "data" / "02_intermediate" / "cifar10"
+    source = ingested / "data" / "02_intermediate" / "cifar10" / "smoke"
+    target = project / "data" / "02_intermediate" / "cifar10" / "paper"
     target.mkdir(parents=True)
     shutil.copy(source / "class_names.json", target / "class_names.json")
     for split, n in (("train", N_TRAIN), ("test", N_TEST)):
         data = torch.load(source / f"{split}.pt", weights_only=True)
         torch.save({key: value[:n].clone() for key, value in data.items()}, target / f"{split}.pt")
-    indices = project / "data" / "05_model_input" / "cifar10"
+    indices = project / "data" / "05_model_input" / "cifar10" / "paper"
     indices.mkdir(parents=True)
     (indices / "eval_indices.json").write_text(json.dumps(EVAL))
     (indices / "monitor_indices.json").write_text(json.dumps(MONITOR))
@@ -98,7 +98,7 @@ def test_every_paper_stage_runs_at_its_real_model_sizes(tmp_path, ingested_proje
     stages = [name for name in (*ATOP_STAGES, *COMPARISON_STAGES) if name != "data_ingestion"]
     run_kedro(project, stages, env="paper", params=overrides)
 
-    models = project / "data" / "06_models" / "cifar10"
+    models = project / "data" / "06_models" / "cifar10" / "paper"
 
     def load(name: str) -> dict:
         return torch.load(models / name, map_location="cpu", weights_only=True)
@@ -111,6 +111,6 @@ def test_every_paper_stage_runs_at_its_real_model_sizes(tmp_path, ingested_proje
     assert purifier["config"]["attention"] is True
     for arm in ("atop", "atop_pgd", "ap_continued", "ap_classifier_aware"):
         assert load(f"purifier_{arm}.pt")["config"] == purifier["config"]
-    reports = project / "data" / "08_reporting"
+    reports = project / "data" / "08_reporting" / "cifar10" / "paper"
     for name in ("robustness_report.md", "comparison_report.md", "convergence_report.md"):
         assert (reports / name).stat().st_size > 0, name

@@ -27,7 +27,7 @@ def test_snippet_loads_and_attacks_the_atop_defense(atop_project):
     from atop.checkpoint import load_safe
     from atop.export import export_defense
 
-    models = atop_project / "data" / "06_models" / "cifar10"
+    models = atop_project / "data" / "06_models" / "cifar10" / "smoke"
     export_defense(
         load_safe(models / "classifier.pt"),
         load_safe(models / "purifier_atop.pt"),
@@ -38,7 +38,8 @@ def test_snippet_loads_and_attacks_the_atop_defense(atop_project):
         "assert not {'kedro', 'great_expectations', 'dvc'} & set(sys.modules), sys.modules\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", readme_snippet() + check],
+        # the snippet reads the base profile's split; this project ran the smoke profile
+        [sys.executable, "-c", readme_snippet().replace("/base/", "/smoke/") + check],
         cwd=atop_project,
         capture_output=True,
         text=True,

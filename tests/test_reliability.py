@@ -64,6 +64,48 @@ def test_bad_parameters_are_refused_before_any_node(project, override, message):
     assert written_files(project) == []  # no node ran
 
 
+def test_a_profile_without_its_own_output_folders_is_refused(project):
+    """A new conf/<env> whose globals do not name it would write into the base profile's
+    checkpoints and reports: refused before any node, with the line to add."""
+    import shutil
+
+    shutil.copytree(project / "conf" / "smoke", project / "conf" / "myexp")
+    (project / "conf" / "myexp" / "globals.yml").unlink()
+    try:
+        with pytest.raises(Exception, match="has globals `profile: base`.*profile: myexp"):
+            run_kedro(project, "atop", env="myexp")
+    finally:
+        shutil.rmtree(project / "conf" / "myexp")
+    assert written_files(project) == []
+
+
+def test_every_output_path_is_under_its_dataset_and_profile(tmp_path):
+    """Catalog paths and resume files of every profile, and of another dataset, are
+    data/<layer>/<dataset>/<profile>/...: no two profiles or datasets share a file."""
+    import yaml
+
+    from atop.dvc_params import resolve_parameters
+
+    root = make_project_copy(tmp_path)
+    globals_file = root / "conf" / "base" / "globals.yml"
+    seen: dict[str, str] = {}
+    for dataset in ("cifar10", "imagenette"):
+        config = yaml.safe_load(globals_file.read_text())
+        globals_file.write_text(yaml.safe_dump({**config, "dataset": dataset}))
+        for env in ("base", "smoke", "paper"):
+            catalog = resolve_parameters(root, env, key="catalog")
+            params = resolve_parameters(root, env)
+            paths = [e[k] for e in catalog.values() for k in ("filepath", "metrics_filepath")
+                     if isinstance(e, dict) and k in e]  # fmt: skip
+            paths += [b["resume_path"] for b in params.values() if "resume_path" in b]
+            assert len(paths) > 40
+            for path in paths:
+                layer = path.split("/")[1]
+                assert path.startswith(f"data/{layer}/{dataset}/{env}/"), (env, path)
+                assert seen.setdefault(path, env) == env
+            assert params["data_ingestion"]["dataset"] == dataset
+
+
 def test_check_run_refuses_an_image_side_the_purifier_cannot_take(tmp_path):
     from tests.conftest import stage_params
 
@@ -198,10 +240,10 @@ def test_a_retrain_with_the_same_settings_writes_the_same_checkpoint_bytes(tmp_p
     digests = []
     for _ in range(2):
         run_kedro(project, "classifier_pretraining")
-        checkpoint = project / "data" / "06_models" / "cifar10" / "classifier.pt"
+        checkpoint = project / "data" / "06_models" / "cifar10" / "smoke" / "classifier.pt"
         digests.append(hashlib.sha256(checkpoint.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
-    history = project / "data" / "08_reporting" / "classifier_history.csv"
+    history = project / "data" / "08_reporting" / "cifar10" / "smoke" / "classifier_history.csv"
     assert "seconds" in history.read_text().splitlines()[0]
 
 
@@ -210,7 +252,7 @@ def test_every_record_says_which_dataset_profile_and_code_it_describes(ingested_
 
     from atop.hooks import code_commit
 
-    reports = ingested_project / "data" / "08_reporting"
+    reports = ingested_project / "data" / "08_reporting" / "cifar10" / "smoke"
     record = json.loads((reports / "data_validation.json").read_text())
     assert record["provenance"] == {
         "dataset": "cifar10",
@@ -233,9 +275,9 @@ def test_a_rerun_after_an_interrupted_fine_tuning_skips_the_finished_stages(atop
 
     project = tmp_path / "project"
     shutil.copytree(atop_project, project)
-    models = project / "data" / "06_models" / "cifar10"
+    models = project / "data" / "06_models" / "cifar10" / "smoke"
     done = [models / "classifier.pt", models / "purifier.pt",
-            project / "data" / "02_intermediate" / "cifar10" / "train.pt"]  # fmt: skip
+            project / "data" / "02_intermediate" / "cifar10" / "smoke" / "train.pt"]  # fmt: skip
     before = {path: path.stat().st_mtime_ns for path in done}
     # the state a kill during finetune_atop leaves: its outputs and everything after missing
     (models / "purifier_atop.pt").unlink()

@@ -68,8 +68,9 @@ HEADER = """\
 # profile really uses (conf/base deep-merged with conf/<profile>, then params/overrides.yaml,
 # which `dvc exp run -S` edits) to params/<profile>.yaml; each stage tracks the blocks its
 # nodes take. deps: the import closure of the stage's pipeline, the catalog files declaring
-# its outputs, the files it reads. metrics: numbers only (data/08_reporting/metrics/), the
-# full records beside them. `dvc repro` is the full comparison; `kedro run --pipelines atop`
+# its outputs, the files it reads. Outputs: data/<layer>/<dataset>/<profile>/. metrics:
+# numbers only (data/08_reporting/<dataset>/<profile>/metrics/), the full records beside
+# them. `dvc repro` is the full comparison; `kedro run --pipelines atop`
 # (make run) is the main job.
 """
 
@@ -161,7 +162,8 @@ def stage_spec(root: Path, stage: str, pipeline: Any, catalog: Any) -> dict[str,
 
 
 class _Catalog:
-    """File paths of catalog entries (dataset factories resolved), with ``${dataset}``."""
+    """File paths of catalog entries (dataset factories resolved), with ``${dataset}`` and
+    ``${profile}``."""
 
     def __init__(self, root: Path, dataset: str) -> None:
         from atop.dvc_params import resolve_parameters
@@ -185,7 +187,7 @@ class _Catalog:
             return None
         fields = parse.parse(key, name).named if key != name else {}
         path = self.config[key][field].format(**fields)
-        return path.replace(f"/{self.dataset}/", "/${dataset}/")
+        return path.replace(f"/{self.dataset}/base/", "/${dataset}/${profile}/")
 
     def declared_in(self, name: str) -> str:
         key = self._key(name)
@@ -214,7 +216,7 @@ def dvc_yaml(root: Path) -> str:
     stages = {"resolve_params": resolve}
     stages.update({s: stage_spec(root, s, pipelines[s], catalog) for s in STAGES})
     body = yaml.safe_dump(
-        {"vars": ["params/profile.yaml", "conf/base/globals.yml"], "stages": stages},
+        {"vars": ["params/profile.yaml", "conf/base/globals.yml:dataset"], "stages": stages},
         sort_keys=False,
         width=100,
     )

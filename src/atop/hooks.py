@@ -121,6 +121,25 @@ def check_run(params: dict[str, Any], known: set[str], data_dir: Path, dataset: 
         )
 
 
+def check_profile(env: str | None, profile: str | None) -> None:
+    """Refuse a profile whose outputs would land in another profile's folders.
+
+    Args:
+        env: the Kedro env of the run (``--env``; ``None`` or ``local``: the base profile).
+        profile: ``profile`` of its globals (the ``<profile>`` folder of every output path).
+
+    Raises:
+        RunRefused: the two differ, with the line to add to ``conf/<env>/globals.yml``.
+    """
+    expected = "base" if env in (None, "local") else env
+    if profile != expected:
+        raise RunRefused(
+            f"The profile {expected!r} has globals `profile: {profile}`, so it would write into "
+            f"the outputs of {profile!r} (data/<layer>/<dataset>/{profile}/). Add "
+            f"`profile: {expected}` to conf/{env or 'base'}/globals.yml."
+        )
+
+
 class RunLock:
     """An exclusive lock on an output folder: the file ``.atop-run.lock`` holding the owner's
     pid and start time, created atomically (``O_EXCL``).
@@ -230,8 +249,9 @@ class RunGuardHooks:
         data_dir = project / "data"
         try:
             params = catalog.load("parameters")
-            dataset = _globals_dataset(project, run_params.get("env"))
+            dataset, profile = _globals(project, run_params.get("env"))
             check_run(params, _known_keys(dict(pipelines)), data_dir, dataset)
+            check_profile(run_params.get("env"), profile)
             self._lock = RunLock(data_dir)
             self._lock.acquire()
         except BaseException:
@@ -240,7 +260,7 @@ class RunGuardHooks:
         remove_orphans(data_dir)
         provenance = {
             "dataset": dataset,
-            "profile": run_params.get("env") or "base",
+            "profile": profile,
             "commit": code_commit(),
         }
         os.environ[PROVENANCE_ENV] = json.dumps(provenance)
@@ -266,9 +286,9 @@ class RunGuardHooks:
 class DataDocsHooks:
     """Great Expectations Data Docs of every run: the validations of the ingested splits and
     of the adversarial examples are stored in the file-backed GX project
-    ``data/08_reporting/gx`` under the run's pipeline names (replacing the previous run of
-    those pipelines), and the Data Docs are rebuilt once at the end of the run, failed or
-    not: ``data/08_reporting/gx/uncommitted/data_docs/local_site/index.html``."""
+    ``data/08_reporting/<dataset>/<profile>/gx`` under the run's pipeline names (replacing
+    the previous run of those pipelines), and the Data Docs are rebuilt once at the end of the
+    run, failed or not: ``.../gx/uncommitted/data_docs/local_site/index.html``."""
 
     def __init__(self) -> None:
         self._root: Path | None = None
@@ -278,7 +298,8 @@ class DataDocsHooks:
         from atop.validation.core import start_data_docs
 
         project = Path(run_params.get("project_path") or ".").resolve()
-        self._root = project / "data" / "08_reporting"
+        dataset, profile = _globals(project, run_params.get("env"))
+        self._root = project / "data" / "08_reporting" / dataset / profile
         names = run_params.get("pipeline_names") or ["__default__"]
         start_data_docs(self._root, "+".join(names))
 
@@ -305,13 +326,13 @@ class DataDocsHooks:
         self._root = None
 
 
-def _globals_dataset(project: Path, env: str | None) -> str:
-    """``dataset`` of the profile's globals (conf/<env>/globals.yml over conf/base)."""
+def _globals(project: Path, env: str | None) -> tuple[str, str]:
+    """``dataset`` and ``profile`` of the run's globals (conf/<env>/globals.yml over conf/base)."""
     import yaml
 
-    dataset = None
+    found: dict[str, Any] = {}
     for folder in ("base", env or "local"):
         path = project / "conf" / folder / "globals.yml"
         if path.is_file():
-            dataset = (yaml.safe_load(path.read_text()) or {}).get("dataset", dataset)
-    return dataset
+            found.update(yaml.safe_load(path.read_text()) or {})
+    return found.get("dataset"), found.get("profile")

@@ -51,7 +51,7 @@ def test_registry_has_every_stage_and_the_atop_dag():
 @pytest.mark.slow
 def test_atop_pipeline_end_to_end_smoke(atop_project):
     data = atop_project / "data"
-    models = data / "06_models/cifar10"
+    models = data / "06_models/cifar10/smoke"
     for name in ("classifier", "purifier", *(f"purifier_{arm}" for arm in ARMS)):
         checkpoint = torch.load(models / f"{name}.pt", weights_only=True)
         assert {"arch", "config", "state_dict", "meta"} <= set(checkpoint), name
@@ -65,13 +65,15 @@ def test_atop_pipeline_end_to_end_smoke(atop_project):
             not torch.equal(generator_before[k], generator_after[k]) for k in generator_after
         )
         assert finetuned["meta"]["atop"]["arm"] == arm
-        metrics = json.loads((data / f"08_reporting/finetuning_{arm}_metrics.json").read_text())
+        metrics = json.loads(
+            (data / f"08_reporting/cifar10/smoke/finetuning_{arm}_metrics.json").read_text()
+        )
         assert metrics["arm"] == arm and 0.0 <= metrics["val_adv_acc"] <= 1.0
-        assert (data / f"08_reporting/finetuning_{arm}_history.csv").is_file()
+        assert (data / f"08_reporting/cifar10/smoke/finetuning_{arm}_history.csv").is_file()
     assert not list(models.glob("purifier_atop_pgd*.pt"))  # the full comparison's arm
 
     # the report: every main-job defense, in both judging rules
-    robustness = json.loads((data / "08_reporting/robustness.json").read_text())
+    robustness = json.loads((data / "08_reporting/cifar10/smoke/robustness.json").read_text())
     assert list(robustness["defenses"]) == list(MAIN) and robustness["skipped"] == {}
     for entry in robustness["defenses"].values():
         for accuracy in (entry["clean"], entry["worst_case"]["Linf"], entry["worst_case"]["L2"]):
@@ -81,13 +83,13 @@ def test_atop_pipeline_end_to_end_smoke(atop_project):
         assert entry["worst_case"]["Linf"]["single"] <= entry["clean"]["single"]
     for name in MAIN:  # per-defense results: per-draw verdict tensors
         result = torch.load(
-            data / f"07_model_output/cifar10/evaluation/{name}.pt", weights_only=True
+            data / f"07_model_output/cifar10/smoke/evaluation/{name}.pt", weights_only=True
         )
         clean = result["clean"]
         n_images = robustness["settings"]["n_images"]
         draws = robustness["settings"]["draws"] if result["stochastic"] else 1
         assert clean.dtype == torch.bool and clean.shape == (n_images, draws)
-    verdicts = pd.read_csv(data / "07_model_output/cifar10/robustness_verdicts.csv")
+    verdicts = pd.read_csv(data / "07_model_output/cifar10/smoke/robustness_verdicts.csv")
     assert set(verdicts["defense"]) == set(MAIN)
     assert (verdicts["correct"] <= verdicts["draws"]).all()
     for path in (
@@ -96,5 +98,5 @@ def test_atop_pipeline_end_to_end_smoke(atop_project):
         "robust_accuracy_vs_eps.png",
         "adversarial_grid.png",
     ):
-        assert (data / "08_reporting" / path).is_file(), path
-    assert not (data / "08_reporting/comparison.json").exists()
+        assert (data / "08_reporting/cifar10/smoke" / path).is_file(), path
+    assert not (data / "08_reporting/cifar10/smoke/comparison.json").exists()

@@ -1,5 +1,5 @@
 """Great Expectations Data Docs after a Kedro run: a file-backed GX project under
-``data/08_reporting/gx`` holds the validations of the ingested splits and of every attack's
+``data/08_reporting/<dataset>/<profile>/gx`` holds the validations of the ingested splits and of every attack's
 adversarial examples, rendered as HTML (README "Inspecting a run")."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from atop.validation.core import DOCS_INDEX, VALIDATIONS
 
 
 def test_the_main_job_leaves_data_docs_of_the_splits_and_the_adversarial_examples(atop_project):
-    root = atop_project / "data" / "08_reporting"
+    root = atop_project / "data" / "08_reporting" / "cifar10" / "smoke"
     index = root / DOCS_INDEX
     assert index.is_file() and "<html" in index.read_text().lower()
     suites = {path.name for path in (root / VALIDATIONS).iterdir() if path.is_dir()}

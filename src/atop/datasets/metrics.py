@@ -1,9 +1,9 @@
 """The numbers of a stage's JSON record that are metrics (what ``dvc metrics`` shows).
 
-A stage's record (``data/08_reporting/<name>.json``) keeps everything its node returned:
-metrics, the settings they were measured with, labels and statuses. The catalog's
-``metrics_filepath`` (``data/08_reporting/metrics/<name>.json``) receives
-:func:`metrics_only` of it on every save: measured numbers only (accuracies, PSNR, p-values,
+A stage's record (``data/08_reporting/<dataset>/<profile>/<name>.json``) keeps everything its
+node returned: metrics, the settings they were measured with, labels and statuses. The
+catalog's ``metrics_filepath`` (``.../metrics/<name>.json``) receives :func:`metrics_only` of
+it on every save: measured numbers only (accuracies, PSNR, p-values,
 counts of outcomes, seconds), which ``dvc.yaml`` declares as the stage's ``metrics``.
 """
 

@@ -36,11 +36,11 @@ class TorchDataset(AbstractDataset[Any, Any]):
 
         classifier:
           type: atop.datasets.TorchDataset
-          filepath: data/06_models/cifar10/classifier.pt
+          filepath: data/06_models/cifar10/base/classifier.pt
 
         pgd_at_classifier:          # evaluated only when the baseline stage has run
           type: atop.datasets.TorchDataset
-          filepath: data/06_models/cifar10/pgd_at_classifier.pt
+          filepath: data/06_models/cifar10/base/pgd_at_classifier.pt
           optional: true
     """
 

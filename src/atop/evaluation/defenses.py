@@ -206,7 +206,7 @@ def load_defense(
     """The defended model from checkpoint files: ``f`` alone, or ``f(g(t(x)))``.
 
     Args:
-        classifier: the classifier checkpoint (``data/06_models/<dataset>/classifier.pt``,
+        classifier: the classifier checkpoint (``data/06_models/<dataset>/<profile>/classifier.pt``,
             or a baseline's ``pgd_at_classifier.pt`` / ``rvs_classifier.pt``), a path or the
             loaded dict; or a folder written by ``atop export`` (then ``purifier`` is the
             export's own).

@@ -7,9 +7,9 @@ expectation.
 
 Outside a Kedro run the GX context is ephemeral (nothing written). In a Kedro run,
 :class:`atop.hooks.DataDocsHooks` sets :data:`ROOT_ENV` and :data:`RUN_ENV`: the context is
-then file-backed (``data/08_reporting/gx``, created on first use, one process at a time
-under a file lock), every validation result is stored under the run's name (the pipelines),
-and :func:`build_data_docs` renders the Data Docs once at the end of the run
+then file-backed (``data/08_reporting/<dataset>/<profile>/gx``, created on first use, one
+process at a time under a file lock), every validation result is stored under the run's name
+(the pipelines), and :func:`build_data_docs` renders the Data Docs once at the end of the run
 (``gx/uncommitted/data_docs/local_site/index.html``).
 """
 

@@ -141,14 +141,16 @@ def test_kedro_runs_both_baselines_with_the_project_catalog(ingested_project, mo
     run_kedro(ingested_project, "rvs")
     data = ingested_project / "data"
     for path in (
-        "06_models/cifar10/pgd_at_classifier.pt",
-        "06_models/cifar10/rvs_classifier.pt",
-        "06_models/cifar10/rvs_generator.pt",
-        "08_reporting/adversarial_training_history.csv",
-        "08_reporting/rvs_history.csv",
+        "06_models/cifar10/smoke/pgd_at_classifier.pt",
+        "06_models/cifar10/smoke/rvs_classifier.pt",
+        "06_models/cifar10/smoke/rvs_generator.pt",
+        "08_reporting/cifar10/smoke/adversarial_training_history.csv",
+        "08_reporting/cifar10/smoke/rvs_history.csv",
     ):
         assert (data / path).is_file(), path
     for stage in ("adversarial_training", "rvs"):
-        metrics = json.loads((data / f"08_reporting/{stage}_metrics.json").read_text())
+        metrics = json.loads(
+            (data / f"08_reporting/cifar10/smoke/{stage}_metrics.json").read_text()
+        )
         assert metrics["n_test"] == 10_000 and 0 <= metrics["pgd_robust_acc"] <= 1
-    assert not list((data / "06_models/cifar10/resume").glob("*.pt"))
+    assert not list((data / "06_models/cifar10/smoke/resume").glob("*.pt"))

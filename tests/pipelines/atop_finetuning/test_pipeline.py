@@ -307,9 +307,9 @@ def test_catalog_declares_every_arms_outputs():
     for arm in ALL_ARMS:
         history, metrics, purifier = (str(catalog[name]) for name in outputs(arm))
         assert isinstance(catalog[f"purifier_{arm}"], TorchDataset)
-        assert f"data/06_models/cifar10/purifier_{arm}.pt" in purifier
-        assert f"data/08_reporting/finetuning_{arm}_history.csv" in history
-        assert f"data/08_reporting/finetuning_{arm}_metrics.json" in metrics
+        assert f"data/06_models/cifar10/base/purifier_{arm}.pt" in purifier
+        assert f"data/08_reporting/cifar10/base/finetuning_{arm}_history.csv" in history
+        assert f"data/08_reporting/cifar10/base/finetuning_{arm}_metrics.json" in metrics
 
 
 @pytest.mark.parametrize("env", ["base", "smoke", "paper"])
@@ -410,10 +410,10 @@ def test_arms_train_on_the_train_split_and_validate_on_monitor_images(
     arms' training images are a subset of the training split, and their validation images
     are the first monitor images (none of them evaluated)."""
     data = ingested_project / "data"
-    train = torch.load(data / "02_intermediate/cifar10/train.pt", weights_only=True)
-    test = torch.load(data / "02_intermediate/cifar10/test.pt", weights_only=True)
-    eval_indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
-    monitor = json.loads((data / "05_model_input/cifar10/monitor_indices.json").read_text())
+    train = torch.load(data / "02_intermediate/cifar10/smoke/train.pt", weights_only=True)
+    test = torch.load(data / "02_intermediate/cifar10/smoke/test.pt", weights_only=True)
+    eval_indices = json.loads((data / "05_model_input/cifar10/smoke/eval_indices.json").read_text())
+    monitor = json.loads((data / "05_model_input/cifar10/smoke/monitor_indices.json").read_text())
     assert not set(eval_indices) & set(monitor)
 
     taken = []
@@ -428,7 +428,7 @@ def test_arms_train_on_the_train_split_and_validate_on_monitor_images(
     monkeypatch.setattr(trainer, "take", recording_take)
     classifier_ckpt, purifier_ckpt = stage_inputs
     params = base_params(resume_path=None)
-    names = json.loads((data / "02_intermediate/cifar10/class_names.json").read_text())
+    names = json.loads((data / "02_intermediate/cifar10/smoke/class_names.json").read_text())
     for arm in MAIN_ARMS:
         finetune_purifier(classifier_ckpt, purifier_ckpt, train, test, monitor, names, params, arm)
     train_takes = [index for split, index in taken if split is train]

@@ -49,7 +49,7 @@ def smoke_params(tmp_path) -> ClassifierParams:
     params = stage_params("classifier_pretraining")
     assert isinstance(params, ClassifierParams)
     # the globals interpolation resolves inside parameters
-    assert params.resume_path == "data/06_models/cifar10/resume/classifier_pretraining.pt"
+    assert params.resume_path == "data/06_models/cifar10/smoke/resume/classifier_pretraining.pt"
     return params.replace(resume_path=str(tmp_path / "resume" / "classifier_pretraining.pt"))
 
 
@@ -133,13 +133,13 @@ def test_kedro_run_writes_the_catalog_outputs(ingested_project, monkeypatch):
     monkeypatch.chdir(ingested_project)  # the resume path is relative to the project
     run_kedro(ingested_project, "classifier_pretraining")
     data = ingested_project / "data"
-    model = load_classifier(load_safe(data / "06_models/cifar10/classifier.pt"))
+    model = load_classifier(load_safe(data / "06_models/cifar10/smoke/classifier.pt"))
     assert model.feature_dim == 64  # smoke width 8
-    history = pd.read_csv(data / "08_reporting/classifier_history.csv")
+    history = pd.read_csv(data / "08_reporting/cifar10/smoke/classifier_history.csv")
     assert list(history.columns) == HISTORY_COLUMNS and len(history) == 2
-    metrics = json.loads((data / "08_reporting/classifier_metrics.json").read_text())
+    metrics = json.loads((data / "08_reporting/cifar10/smoke/classifier_metrics.json").read_text())
     assert (metrics["n_train"], metrics["n_test"]) == (50_000, 10_000)
-    assert not (data / "06_models/cifar10/resume/classifier_pretraining.pt").exists()
+    assert not (data / "06_models/cifar10/smoke/resume/classifier_pretraining.pt").exists()
 
 
 def test_interrupted_pipeline_resumes_to_the_same_classifier(

@@ -62,23 +62,23 @@ def run_ingestion(params: dict, out: Path | None = None) -> dict:
 def test_kedro_run_ingests_real_cifar10(ingested_project):
     """`kedro run --pipelines data_ingestion` on the real CIFAR-10 writes validated outputs."""
     data = ingested_project / "data"
-    train = torch.load(data / "02_intermediate/cifar10/train.pt", weights_only=True)
-    test = torch.load(data / "02_intermediate/cifar10/test.pt", weights_only=True)
+    train = torch.load(data / "02_intermediate/cifar10/smoke/train.pt", weights_only=True)
+    test = torch.load(data / "02_intermediate/cifar10/smoke/test.pt", weights_only=True)
     assert train["images"].shape == (50_000, 3, 32, 32) and train["images"].dtype == torch.uint8
     assert test["images"].shape == (10_000, 3, 32, 32)
     assert train["labels"].dtype == torch.int64
     assert torch.bincount(test["labels"]).tolist() == [1000] * 10
     assert torch.bincount(train["labels"]).tolist() == [5000] * 10
-    names = json.loads((data / "02_intermediate/cifar10/class_names.json").read_text())
+    names = json.loads((data / "02_intermediate/cifar10/smoke/class_names.json").read_text())
     assert names[0] == "airplane" and names[-1] == "truck"
-    indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
+    indices = json.loads((data / "05_model_input/cifar10/smoke/eval_indices.json").read_text())
     assert len(indices) == len(set(indices)) == 512
     assert all(0 <= i < 10_000 for i in indices)
-    monitor = json.loads((data / "05_model_input/cifar10/monitor_indices.json").read_text())
+    monitor = json.loads((data / "05_model_input/cifar10/smoke/monitor_indices.json").read_text())
     assert len(monitor) == len(set(monitor)) == 2000 and monitor == sorted(monitor)
     assert all(0 <= i < 10_000 for i in monitor)
     assert not set(monitor) & set(indices)  # no evaluated image is monitored during training
-    report = json.loads((data / "08_reporting/data_validation.json").read_text())
+    report = json.loads((data / "08_reporting/cifar10/smoke/data_validation.json").read_text())
     assert report["success"] and report["splits"]["train"]["rows"] == 50_000
     assert report["splits"]["test"]["successful"] == report["splits"]["test"]["evaluated"] >= 10
     # The pixels are the official ones: the first test image of CIFAR-10 is a cat (label 3).
@@ -88,13 +88,15 @@ def test_kedro_run_ingests_real_cifar10(ingested_project):
 
 
 def test_eval_subset_is_stable_and_seeded(ingested_project):
-    test = torch.load(ingested_project / "data/02_intermediate/cifar10/test.pt", weights_only=True)
+    test = torch.load(
+        ingested_project / "data/02_intermediate/cifar10/smoke/test.pt", weights_only=True
+    )
     params = stage_params("data_ingestion")
     assert params.eval_subset.images == 512 and params.eval_subset.seed == 0
     first = select_eval_subset(test, params)
     assert first == select_eval_subset(test, params)
     stored = json.loads(
-        (ingested_project / "data/05_model_input/cifar10/eval_indices.json").read_text()
+        (ingested_project / "data/05_model_input/cifar10/smoke/eval_indices.json").read_text()
     )
     assert stored == first
     assert select_eval_subset(test, params.replace(eval_subset={"images": 512, "seed": 1})) != first
@@ -105,8 +107,10 @@ def test_eval_subset_is_stable_and_seeded(ingested_project):
 def test_monitor_subset_is_disjoint_stable_and_seeded(ingested_project):
     """The monitor subset (held-out test images every stage validates on) never meets the
     evaluation subset: on the real ingested CIFAR-10 and for any other evaluation subset."""
-    folder = ingested_project / "data/05_model_input/cifar10"
-    test = torch.load(ingested_project / "data/02_intermediate/cifar10/test.pt", weights_only=True)
+    folder = ingested_project / "data/05_model_input/cifar10/smoke"
+    test = torch.load(
+        ingested_project / "data/02_intermediate/cifar10/smoke/test.pt", weights_only=True
+    )
     eval_indices = json.loads((folder / "eval_indices.json").read_text())
     params = stage_params("data_ingestion")
     assert params.monitor_subset.images == 2000 and params.monitor_subset.seed == 1

@@ -693,7 +693,7 @@ def test_the_report_says_when_no_convergence_study_ran_and_cites_one_when_given(
     # the comparison ran after a study was written: its report cites it
     comparison = (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()
     assert "No convergence study has run yet" not in comparison
-    assert "`data/08_reporting/convergence_report.md` (PGD Linf eps 8/255" in comparison
+    assert "`convergence_report.md` beside this report (PGD Linf eps 8/255" in comparison
     assert "the reference attack here runs 2 steps with EOT 2" in comparison
     table = _markdown_table(comparison, "## Is the attack converged?").set_index("defense")
     assert list(table.index) == ["ap", "atop"]
@@ -830,16 +830,19 @@ def test_project_catalog_and_registry_wire_both_jobs():
         dataset = catalog[name]
         assert isinstance(dataset, TorchDataset) and dataset._describe()["optional"] is True
     for name, filename in {**REPORTS, **COMPARISON}.items():
-        folder = "07_model_output/cifar10" if name.endswith("_verdicts") else "08_reporting"
+        layer = "07_model_output" if name.endswith("_verdicts") else "08_reporting"
+        folder = f"{layer}/cifar10/smoke"
         assert str(catalog[name]._describe()["filepath"]).endswith(f"data/{folder}/{filename}")
     convergence = catalog["convergence"]
     assert isinstance(convergence, OptionalJSONDataset)
-    assert str(convergence._describe()["filepath"]).endswith("data/08_reporting/convergence.json")
+    assert str(convergence._describe()["filepath"]).endswith(
+        "data/08_reporting/cifar10/smoke/convergence.json"
+    )
     for name in DEFENSES:  # the per-defense results: files, one per defense (not optional)
         dataset = catalog[f"evaluation_{name}"]
         assert isinstance(dataset, TorchDataset) and dataset._describe()["optional"] is False
         path = str(dataset._describe()["filepath"])
-        assert path.endswith(f"data/07_model_output/cifar10/evaluation/{name}.pt")
+        assert path.endswith(f"data/07_model_output/cifar10/smoke/evaluation/{name}.pt")
     pipelines = register_pipelines()
     atop_nodes = {node.name for node in pipelines["atop"].nodes}
     assert {f"evaluate_{name}" for name in MAIN} | {"collect_robustness"} <= atop_nodes

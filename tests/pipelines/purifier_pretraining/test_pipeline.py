@@ -66,7 +66,7 @@ def smoke_params(tmp_path) -> PurifierParams:
     """The smoke profile's typed parameters (deep-merged over base), resume file in tmp_path."""
     params = stage_params("purifier_pretraining")
     assert isinstance(params, PurifierParams)
-    assert params.resume_path == "data/06_models/cifar10/resume/purifier_pretraining.pt"
+    assert params.resume_path == "data/06_models/cifar10/smoke/resume/purifier_pretraining.pt"
     return params.replace(resume_path=str(tmp_path / "resume" / "purifier_pretraining.pt"))
 
 
@@ -249,10 +249,10 @@ def test_catalog_declares_the_outputs(tmp_path):
         catalog = session.load_context().catalog  # the catalog `kedro run --env base` builds
     assert isinstance(catalog["purifier"], TorchDataset)
     described = {name: str(catalog[name]) for name in (*OUTPUTS, "purifier_samples")}
-    assert "data/06_models/cifar10/purifier.pt" in described["purifier"]
-    assert "data/08_reporting/purifier_history.csv" in described["purifier_history"]
-    assert "data/08_reporting/purifier_metrics.json" in described["purifier_metrics"]
-    assert "data/08_reporting/purifier_samples.png" in described["purifier_samples"]
+    assert "data/06_models/cifar10/base/purifier.pt" in described["purifier"]
+    assert "data/08_reporting/cifar10/base/purifier_history.csv" in described["purifier_history"]
+    assert "data/08_reporting/cifar10/base/purifier_metrics.json" in described["purifier_metrics"]
+    assert "data/08_reporting/cifar10/base/purifier_samples.png" in described["purifier_samples"]
     assert isinstance(catalog["purifier_samples"], MatplotlibDataset)
 
 
@@ -260,19 +260,19 @@ def test_kedro_run_writes_the_catalog_outputs(ingested_project, monkeypatch):
     """`kedro run --env smoke --pipelines purifier_pretraining` after the earlier stages."""
     monkeypatch.chdir(ingested_project)  # the resume path is relative to the project
     data = ingested_project / "data"
-    if not (data / "06_models/cifar10/classifier.pt").exists():
+    if not (data / "06_models/cifar10/smoke/classifier.pt").exists():
         run_kedro(ingested_project, "classifier_pretraining")
     run_kedro(ingested_project, "purifier_pretraining")
-    ckpt = load_safe(data / "06_models/cifar10/purifier.pt")
+    ckpt = load_safe(data / "06_models/cifar10/smoke/purifier.pt")
     assert set(ckpt["meta"]["transform"]) == TRANSFORM_KEYS and ckpt["config"]["cnum"] == 8
-    eval_indices = json.loads((data / "05_model_input/cifar10/eval_indices.json").read_text())
-    monitor = json.loads((data / "05_model_input/cifar10/monitor_indices.json").read_text())
+    eval_indices = json.loads((data / "05_model_input/cifar10/smoke/eval_indices.json").read_text())
+    monitor = json.loads((data / "05_model_input/cifar10/smoke/monitor_indices.json").read_text())
     assert ckpt["meta"]["val_indices"] == monitor[:32]
     assert not set(ckpt["meta"]["val_indices"]) & set(eval_indices)
-    history = pd.read_csv(data / "08_reporting/purifier_history.csv")
+    history = pd.read_csv(data / "08_reporting/cifar10/smoke/purifier_history.csv")
     assert list(history.columns) == HISTORY_COLUMNS and len(history) == 1
-    metrics = json.loads((data / "08_reporting/purifier_metrics.json").read_text())
+    metrics = json.loads((data / "08_reporting/cifar10/smoke/purifier_metrics.json").read_text())
     assert metrics["n_train"] == 64 and metrics["transform"] == ckpt["meta"]["transform"]
-    with Image.open(data / "08_reporting/purifier_samples.png") as png:
+    with Image.open(data / "08_reporting/cifar10/smoke/purifier_samples.png") as png:
         assert png.format == "PNG"
-    assert not (data / "06_models/cifar10/resume/purifier_pretraining.pt").exists()
+    assert not (data / "06_models/cifar10/smoke/resume/purifier_pretraining.pt").exists()

@@ -108,8 +108,11 @@ def test_catalog_declares_the_outputs():
     described = {name: str(catalog[name]) for name in OUTPUTS}
     assert isinstance(catalog["purifier_sigma025"], TorchDataset)
     assert isinstance(catalog["purifier_atop_sigma025"], TorchDataset)
-    assert "data/06_models/cifar10/purifier_sigma025.pt" in described["purifier_sigma025"]
-    assert "data/06_models/cifar10/purifier_atop_sigma025.pt" in described["purifier_atop_sigma025"]
+    assert "data/06_models/cifar10/base/purifier_sigma025.pt" in described["purifier_sigma025"]
+    assert (
+        "data/06_models/cifar10/base/purifier_atop_sigma025.pt"
+        in described["purifier_atop_sigma025"]
+    )
     assert "purifier_sigma025_history.csv" in described["purifier_history_sigma025"]
     assert "finetuning_atop_sigma025_metrics.json" in described["finetuning_metrics_atop_sigma025"]
 

@@ -122,7 +122,7 @@ def _matched_clean(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
 
 
 def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
-    """The metrics JSON (``data/08_reporting/robustness.json``, tracked by DVC).
+    """The metrics JSON (``data/08_reporting/<dataset>/<profile>/robustness.json``, tracked by DVC).
 
     Every accuracy comes in both judging rules (:data:`RULES`) with an exact 95 % interval
     where it is a headline. Layout (``dvc metrics show`` flattens it with dots)::

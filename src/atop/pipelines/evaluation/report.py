@@ -237,7 +237,7 @@ def _convergence_section(
         ]
     steps, eot = reference["spec"].get("steps"), reference["spec"].get("eot_iter")
     out.append(
-        f"`data/08_reporting/convergence_report.md` ({convergence['settings']['attack']}, "
+        f"`convergence_report.md` beside this report ({convergence['settings']['attack']}, "
         f"{convergence['settings']['images']} images, {convergence['settings']['draws']} draws): "
         f"the reference attack here runs {steps} steps with EOT {eot}."
     )
