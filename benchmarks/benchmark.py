@@ -32,6 +32,8 @@ Sections (one argparse function each, registered in ``SECTIONS``):
   bare classifier (image-steps/s, forward-backward passes/s, forward passes/s of the
   fresh-draw judging), and the projected evaluation time of the base and paper protocols
   (``evaluation`` of each profile's typed parameters) on this machine.
+* ``compile``: ``torch.compile`` and ``channels_last`` against eager, bf16, for PGD-EOT on
+  the defended model and for the purifier's training step (:func:`compile_wins`).
 * ``stages``: training throughput of each stage of the last pipeline run, from its own
   records (``data/08_reporting/<dataset>/<profile>/<stage>_metrics.json``,
   ``params/<profile>.yaml``).
@@ -707,6 +709,105 @@ def precision(argv: list[str]) -> None:
         )
 
 
+def compile_wins(argv: list[str]) -> None:
+    """Section ``compile``: the cheap wins the speed issue names, side by side in one run
+    (bf16 autocast as the base profile runs them): PGD-EOT on the defended model
+    ``f(g(t(.)))`` eager, with ``channels_last`` models and inputs, and with ``f`` and ``g``
+    under ``torch.compile`` (t stays eager: its draws keep eager's random stream); and the
+    purifier's training step eager vs ``channels_last``. Prints the first call (compile
+    included), the steady image-passes/s (median of ``--repeats``) and, for compile, the
+    forward-backward passes per image after which it pays; ``--profile``: torch.profiler's
+    top operators of one eager call of each."""
+    from atop.attacks import build_attack, run_attack
+    from atop.defense import PurifiedClassifier
+    from atop.models import build_classifier
+    from atop.models.purifier import build_purifier
+    from atop.trainers.purifier import PurifierStep
+    from atop.training import autocast
+    from atop.transforms import RandomTransform
+
+    parser = argparse.ArgumentParser(prog="benchmark.py compile")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--profile", action="store_true", help="also torch.profiler's top operators (eager)"
+    )
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    images, labels = cifar10(args.batch_size, train=True)
+    x, y = to_unit(images).to(device), labels.to(device)
+    transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
+    cl = torch.channels_last
+
+    def models(layout: torch.memory_format = torch.contiguous_format):
+        torch.manual_seed(0)
+        f = build_classifier("resnet-fast", N_CLASSES, width=16).to(device, memory_format=layout)
+        g, d = build_purifier({"generator": "unet", "cnum": 32, "attention": False})
+        return f, g.to(device, memory_format=layout), d.to(device, memory_format=layout)
+
+    def attack_run(variant: str) -> Callable[[], Any]:
+        f, g, _ = models(cl if variant == "channels_last" else torch.contiguous_format)
+        f, g = (m.eval().requires_grad_(False) for m in (f, g))
+        if variant == "compile":
+            f, g = torch.compile(f), torch.compile(g)
+        spec = {"name": "pgd", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 5}
+        attack = build_attack(PurifiedClassifier(f, g, transform), {**spec, "eot_iter": 2}, 10)
+        inputs = x.contiguous(memory_format=cl) if variant == "channels_last" else x
+
+        def run() -> None:
+            with autocast(device, True):
+                run_attack(attack, inputs, y, len(x), progress=False)
+
+        return run
+
+    def purifier_run(variant: str) -> Callable[[], Any]:
+        _, g, d = models(cl if variant == "channels_last" else torch.contiguous_format)
+        opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.999)) for m in (g, d)]
+        step = PurifierStep(g, d, transform, *opts, gan_weight=0.1, device=device, amp=True)
+        inputs = x.contiguous(memory_format=cl) if variant == "channels_last" else x
+        return lambda: step(inputs, inputs)
+
+    print(f"device {device}, {torch.get_num_threads()} threads, batch {args.batch_size}, bf16")
+    for name, make, variants, passes in (
+        ("PGD-5 x EOT-2 on f(g(t(.)))", attack_run, ("eager", "channels_last", "compile"), 10),
+        ("purifier D + g step", purifier_run, ("eager", "channels_last"), 1),
+    ):
+        runs, first = {}, {}
+        for variant in variants:
+            began = time.perf_counter()
+            runs[variant] = make(variant)
+            runs[variant]()  # first call: compiles where compiled
+            first[variant] = time.perf_counter() - began
+        times: dict[str, list[float]] = {v: [] for v in variants}
+        for _ in range(args.repeats):
+            for variant, run in runs.items():
+                sync(device)
+                began = time.perf_counter()
+                run()
+                sync(device)
+                times[variant].append(time.perf_counter() - began)
+        eager = statistics.median(times["eager"])
+        for variant in variants:
+            median = statistics.median(times[variant])
+            line = (
+                f"  {name:28s} {variant:13s} first call {first[variant]:6.1f} s | "
+                f"{passes * len(x) / median:7.1f} image-passes/s | x{eager / median:4.2f}"
+            )
+            if variant == "compile" and median < eager:
+                per_pass_saved = (eager - median) / (passes * len(x))
+                extra = first[variant] - first["eager"]
+                line += f" | pays after {extra / per_pass_saved / len(x):,.0f} passes per image"
+            print(line, flush=True)
+        if args.profile:  # where an eager call spends its time, by operator
+            from torch.profiler import ProfilerActivity, profile
+
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runs["eager"]()
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            print(table, flush=True)
+
+
 # --------------------------------------------------------------------------- autoattack check
 
 
@@ -1090,6 +1191,7 @@ def parity(argv: list[str]) -> None:
     parser.add_argument("stage", choices=("classifier", "purifier", "attacks"))
     parser.add_argument("--run", default=str(PROJECT_ROOT), help="project folder of a run")
     parser.add_argument("--purifier-steps", type=int, default=150)
+    parser.add_argument("--seeds", help="train both precisions with each of these seeds (e.g. 1,2)")
     parser.add_argument(
         "--attacks", default="pgd_linf,pgd_l2", help="attacks: labels of evaluation.attacks"
     )
@@ -1105,26 +1207,46 @@ def parity(argv: list[str]) -> None:
     params = typed_parameters(PROJECT_ROOT, "base")
     if args.stage == "classifier":
         names = json.loads((split / "class_names.json").read_text())
-        p = params["classifier_pretraining"].replace(amp=False, progress=False, resume_path=None)
-        checkpoint, history = train_classifier(train, test, names, monitor, p)
-        fp32 = evaluate_classifier(checkpoint, test, p, training_seconds(history))
-        bf16 = json.loads((data / "08_reporting/cifar10/base/classifier_metrics.json").read_text())
-        print(f"classifier clean test accuracy: fp32 {fp32['clean_test_acc']:.4f}, "
-              f"bf16 {bf16['clean_test_acc']:.4f}")  # fmt: skip
+        if not args.seeds:  # fp32 against the run's own bf16 classifier
+            p = params["classifier_pretraining"].replace(
+                amp=False, progress=False, resume_path=None
+            )
+            checkpoint, history = train_classifier(train, test, names, monitor, p)
+            fp32 = evaluate_classifier(checkpoint, test, p, training_seconds(history))
+            bf16 = json.loads(
+                (data / "08_reporting/cifar10/base/classifier_metrics.json").read_text()
+            )
+            print(f"classifier clean test accuracy: fp32 {fp32['clean_test_acc']:.4f}, "
+                  f"bf16 {bf16['clean_test_acc']:.4f}")  # fmt: skip
+            return
+        for seed in (int(s) for s in args.seeds.split(",")):
+            acc = {}
+            for amp in (True, False):
+                p = params["classifier_pretraining"].replace(
+                    amp=amp, seed=seed, progress=False, resume_path=None
+                )
+                checkpoint, history = train_classifier(train, test, names, monitor, p)
+                metrics = evaluate_classifier(checkpoint, test, p, training_seconds(history))
+                acc[amp] = 100 * metrics["clean_test_acc"]
+            print(f"classifier seed {seed}: clean test accuracy bf16 {acc[True]:.2f} %, "
+                  f"fp32 {acc[False]:.2f} % (bf16 - fp32 {acc[True] - acc[False]:+.2f})",
+                  flush=True)  # fmt: skip
         return
     evals = json.loads((indices / "eval_indices.json").read_text())
     classifier = load_safe(data / "06_models/cifar10/base/classifier.pt")
     if args.stage == "attacks":
         attack_parity(data, test, evals, classifier, params["evaluation"], args.attacks.split(","))
         return
-    for amp in (True, False):
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
+    for seed, amp in ((seed, amp) for seed in seeds for amp in (True, False)):
         p = params["purifier_pretraining"].replace(
             amp=amp, progress=False, resume_path=None, epochs=1,
             max_batches_per_epoch=args.purifier_steps,
         )  # fmt: skip
+        p = p if seed is None else p.replace(seed=seed)
         checkpoint, history = train_purifier(train, test, monitor, p)
         m = evaluate_purifier(checkpoint, classifier, test, evals, p).metrics
-        print(f"purifier {'bf16' if amp else 'fp32'}, {args.purifier_steps} steps "
+        print(f"purifier seed {p.seed} {'bf16' if amp else 'fp32'}, {args.purifier_steps} steps "
               f"({training_seconds(history):.0f} s): PSNR {m['psnr']:.3f} dB, "
               f"AP clean accuracy {m['ap_clean_acc']:.4f}", flush=True)  # fmt: skip
 
@@ -1180,6 +1302,7 @@ SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "purifier": purifier,
     "purifier-quality": purifier_quality,
     "precision": precision,
+    "compile": compile_wins,
     "autoattack-check": autoattack_check,
     "evaluation": evaluation,
     "stages": stages,
