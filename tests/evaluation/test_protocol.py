@@ -157,6 +157,16 @@ def test_an_entry_can_name_the_defenses_it_runs_on(bare, purified):
               "eps": 0.03, "steps": 5, "draws": 3}],
             "evaluation.draws",
         ),
+        (
+            [{"label": "x", "name": "pgd", "eps": 0.03, "alpha": 0.01, "steps": 2,
+              "survivors": "yes"}],
+            "survivors must be true or false",
+        ),
+        (
+            [{"label": "x", "name": "cw", "c": 1, "kappa": 0, "steps": 2, "lr": 0.01,
+              "survivors": True}],
+            "true needs an eps",
+        ),
     ],
 )  # fmt: skip
 def test_parse_attacks_refuses_bad_entries(entries, message):
@@ -446,6 +456,74 @@ def test_attack_defense_skips_what_does_not_apply_and_results_are_a_torch_file(
         3.0,
     )
     assert saved["train_seconds"] == {"classifier": 3.0}
+
+
+def test_a_survivors_entry_attacks_only_the_images_its_threat_model_left_standing(
+    purified, cifar10_test_batch
+):
+    images, labels = cifar10_test_batch
+    data = EvalData(images[:16], labels[:16], list(range(100, 116)), 10)
+    defense = Defense("ap", purified, True)
+    strong = {
+        "name": "pgd",
+        "norm": "Linf",
+        "eps": EPS,
+        "alpha": 2 / 255,
+        "steps": 2,
+        "eot_iter": 2,
+    }
+    entries = parse_attacks(
+        [
+            {"label": "fgsm", "name": "fgsm", "eps": EPS},
+            {
+                "label": "pgd_l2",
+                "name": "pgd",
+                "norm": "L2",
+                "eps": 0.5,
+                "alpha": 0.5,
+                "steps": 1,
+                "eot_iter": 1,
+            },
+            {"label": "strong", **strong, "survivors": True},
+        ]
+    )
+    assert [e.survivors for e in entries] == [False, False, True]
+    checked = []
+
+    def validate(clean, adversarial, labels, eps, norm, name, indices):
+        checked.append((name, len(adversarial), list(indices)))
+
+    settings = EvalSettings(batch_size=8, draws=4)
+    runs = attack_defense(defense, entries, data, settings, validate)
+    # standing = right on some draw both clean and after FGSM (the l2 run does not count)
+    lowest = torch.minimum(
+        per_image(runs["clean"].draws, "single"), per_image(runs["fgsm"].draws, "single")
+    )
+    standing = (lowest > 0).nonzero().flatten()
+    run = runs["strong"]
+    assert run.attacked == len(standing) and 0 < len(standing) < 16
+    beaten = torch.ones(16, dtype=torch.bool)
+    beaten[standing] = False
+    assert not run.draws[beaten].any()  # beaten images keep their all-wrong verdicts
+    clean_wrong = per_image(runs["clean"].draws, "single") == 0
+    kept = torch.where(clean_wrong[:, None, None, None], data.images, runs["fgsm"].adversarial)
+    assert torch.equal(run.adversarial[beaten], kept[beaten])
+    # the survivors: the same attack and judging as a run on just those images
+    alone = run_one(defense, "strong", strong, "Linf", EPS, data.take(standing), settings)
+    assert torch.equal(run.draws[standing], alone.draws)
+    assert torch.equal(run.adversarial[standing], alone.adversarial)
+    assert run.max_perturbation <= EPS + 1e-6
+    # the check sees the whole merged set once, like any other attack
+    assert checked[-1] == ("ap_strong", 16, list(range(100, 116)))
+    # the library entry point takes the same key
+    result = evaluate(
+        defense,
+        data.images,
+        data.labels,
+        {"fgsm": entries[0].spec, "strong": {**strong, "survivors": True}},
+        settings,
+    )
+    assert result.runs["strong"].attacked == len(standing)
 
 
 def test_select_images_takes_the_first_images_of_the_fixed_subset(cifar10_test_batch):

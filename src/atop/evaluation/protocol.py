@@ -65,7 +65,7 @@ from atop.training import autocast, seed_everything
 log = logging.getLogger(__name__)
 
 #: Keys an attack entry may have besides its ``build_attack`` spec.
-ENTRY_ONLY_KEYS = ("label", "applies_to", "defenses")
+ENTRY_ONLY_KEYS = ("label", "applies_to", "defenses", "survivors")
 #: ``applies_to`` values: which defenses an entry runs on.
 APPLIES_TO = ("all", "deterministic", "stochastic")
 #: Keys set by the evaluation itself (one home: the settings' ``seed`` and ``draws``).
@@ -97,6 +97,9 @@ class AttackEntry:
             AutoAttack-standard, ~10x the cost of -rand per image, on the deterministic ones).
         defenses: the names of the defenses it runs on (``None``: every defense), e.g. BPDA
             on AP and AToP only where the budget is tight.
+        survivors: attack only the images that clean and the earlier entries of the same
+            threat model left with a right draw (:func:`run_on_survivors`): a stronger attack
+            at the cost of the few images still standing.
     """
 
     label: str
@@ -105,6 +108,7 @@ class AttackEntry:
     eps: float | None
     applies_to: str = "all"
     defenses: tuple[str, ...] | None = None
+    survivors: bool = False
 
     @property
     def name(self) -> str:
@@ -119,7 +123,8 @@ def parse_attacks(entries: Sequence[Mapping[str, Any]]) -> list[AttackEntry]:
 
     Raises:
         ValueError: empty list, an entry without ``label``/``name``, duplicate labels,
-            ``seed``/``draws`` in an autoattack entry, or a non-numeric ``eps``/``alpha``.
+            ``seed``/``draws`` in an autoattack entry, a non-numeric ``eps``/``alpha``, or
+            ``survivors`` not a bool or on an entry without ``eps``.
     """
     if not entries:
         raise ValueError("evaluation.attacks is empty: list at least one attack.")
@@ -162,7 +167,13 @@ def parse_attacks(entries: Sequence[Mapping[str, Any]]) -> list[AttackEntry]:
         if names is not None and (isinstance(names, str) or not isinstance(names, Sequence)):
             raise ValueError(f"Attack {label!r}: defenses must be a list of names or null.")
         names = None if names is None else tuple(str(n) for n in names)
-        parsed.append(AttackEntry(label, spec, norm, eps, applies_to, names))
+        survivors = entry.get("survivors", False)
+        if not isinstance(survivors, bool) or (survivors and eps is None):
+            raise ValueError(
+                f"Attack {label!r}: survivors must be true or false, and true needs an eps "
+                "(it attacks the images the earlier attacks of its threat model left standing)."
+            )
+        parsed.append(AttackEntry(label, spec, norm, eps, applies_to, names, survivors))
     return parsed
 
 
@@ -228,6 +239,12 @@ class EvalData:
     def head(self, n: int) -> EvalData:
         """The first ``n`` images."""
         return EvalData(self.images[:n], self.labels[:n], self.indices[:n], self.n_classes)
+
+    def take(self, rows: Tensor) -> EvalData:
+        """The images at positions ``rows`` (int64 ``[M]``), in that order."""
+        rows = rows.to(self.images.device)
+        indices = [self.indices[i] for i in rows.tolist()]
+        return EvalData(self.images[rows], self.labels[rows], indices, self.n_classes)
 
 
 def select_images(
@@ -302,6 +319,8 @@ class AttackRun:
         seconds: wall-clock time of the attack (without judging).
         max_perturbation: the largest perturbation in the entry's norm.
         spec: the spec that ran.
+        attacked: how many images the attack ran on (fewer than ``N`` for a ``survivors``
+            entry); ``None``: all.
     """
 
     draws: Tensor
@@ -309,6 +328,7 @@ class AttackRun:
     seconds: float
     max_perturbation: float | None
     spec: dict[str, Any] = field(default_factory=dict)
+    attacked: int | None = None
 
     def accuracy(self, rule: str = "single") -> float:
         """Accuracy in ``[0, 1]`` under ``rule``."""
@@ -505,15 +525,79 @@ def attack_defense(
     seed_everything(settings.seed)
     clean = judge(defense, data.images, data.labels, settings)
     runs = {"clean": AttackRun(clean, data.images, 0.0, 0.0, {"name": "clean"})}
+    done: list[tuple[AttackEntry, AttackRun]] = []
     for entry in progress(
         entries, settings.progress, desc=f"{defense.name} attacks", unit="attack"
     ):
         spec = defense_spec(entry, defense, settings.draws, settings.seed)
         if spec is not None:
-            runs[entry.label] = run_one(
-                defense, entry.label, spec, entry.norm, entry.eps, data, settings, validate
-            )
+            run = run_entry(defense, entry, spec, data, settings, done, runs["clean"], validate)
+            runs[entry.label] = run
+            done.append((entry, run))
     return runs
+
+
+def run_entry(
+    defense: Defense,
+    entry: AttackEntry,
+    spec: Mapping[str, Any],
+    data: EvalData,
+    settings: EvalSettings,
+    earlier: Sequence[tuple[AttackEntry, AttackRun]],
+    clean: AttackRun,
+    validate: Validator | None = None,
+) -> AttackRun:
+    """:func:`run_one` of an entry (``spec``: its :func:`defense_spec`), or, for a
+    ``survivors`` entry, :func:`run_on_survivors` against ``clean`` and the ``earlier``
+    ε-bounded runs of its threat model."""
+    if not entry.survivors:
+        return run_one(defense, entry.label, spec, entry.norm, entry.eps, data, settings, validate)
+    standing = [clean, *(r for e, r in earlier if e.eps is not None and e.norm == entry.norm)]
+    return run_on_survivors(defense, entry, spec, data, settings, standing, validate)
+
+
+def run_on_survivors(
+    defense: Defense,
+    entry: AttackEntry,
+    spec: Mapping[str, Any],
+    data: EvalData,
+    settings: EvalSettings,
+    earlier: Sequence[AttackRun],
+    validate: Validator | None = None,
+) -> AttackRun:
+    """Attack only the images still standing: those whose lowest single-draw score over the
+    ``earlier`` runs (clean first) is above 0. An image that every draw already gets wrong
+    after some earlier attack cannot score lower, so it keeps that run's adversarial image
+    and its verdicts (all wrong); the survivors are attacked afresh (from the clean image,
+    seeded as :func:`run_one`) and judged with fresh draws. ``validate`` checks the whole
+    merged set (on the main rank). AutoAttack's cascade, used here
+    to run the attack strength the convergence study calls flat (method.md §5.2) at the cost
+    of the few survivors.
+
+    Returns:
+        :class:`AttackRun` over all images, ``attacked`` = the number of survivors.
+    """
+    scores = torch.stack([per_image(run.draws, "single") for run in earlier])  # [R, N]
+    lowest, beaten_by = scores.min(dim=0)
+    survivors = (lowest > 0).nonzero().flatten()
+    draws = torch.zeros_like(earlier[0].draws)
+    adversarial = torch.stack([earlier[r].adversarial[i] for i, r in enumerate(beaten_by.tolist())])
+    seconds = 0.0
+    if len(survivors):
+        part = data.take(survivors)
+        run = run_one(defense, entry.label, spec, entry.norm, entry.eps, part, settings)
+        draws[survivors] = run.draws
+        adversarial[survivors.to(adversarial.device)] = run.adversarial
+        seconds = run.seconds
+    if validate is not None and distributed.is_main():  # the whole set, as for any attack
+        name = f"{defense.name}_{entry.label}"
+        validate(data.images, adversarial, data.labels, entry.eps, entry.norm, name, data.indices)
+    largest = max_perturbation(data.images, adversarial, entry.norm)
+    log.info(
+        "%s / %s: ran on the %d of %d images still standing (%.1f s)",
+        defense.name, entry.label, len(survivors), len(draws), seconds,
+    )  # fmt: skip
+    return AttackRun(draws, adversarial, seconds, largest, dict(spec), len(survivors))
 
 
 def worst_cases(
@@ -564,7 +648,8 @@ def evaluate(
             or a :class:`Defense`.
         images: float32 ``[N, 3, H, W]`` in ``[0, 1]``; labels: int64 ``[N]``.
         attacks: label -> a torchattacks attack on ``model``, or a
-            :func:`atop.attacks.build_attack` spec (``eps`` bounds the threat model).
+            :func:`atop.attacks.build_attack` spec (``eps`` bounds the threat model;
+            ``survivors: true`` runs it on the images the attacks before it left standing).
         settings: batch size, draws, seed (defaults: 64, 10, 0).
         stochastic: judge with ``settings.draws`` passes; default: ``model`` has a random
             transform (:class:`atop.defense.PurifiedClassifier`).
@@ -586,6 +671,7 @@ def evaluate(
     data = EvalData(images, labels, list(range(len(labels))), n_classes)
     seed_everything(settings.seed)
     clean = judge(model, images, labels, settings)
+    unattacked = AttackRun(clean, images, 0.0, 0.0, {"name": "clean"})
     runs, entries = {}, []
     for label, attack in attacks.items():
         if isinstance(attack, Mapping):
@@ -593,7 +679,8 @@ def evaluate(
             spec = defense_spec(entry, model, settings.draws, settings.seed)
             if spec is None:
                 continue
-            runs[label] = run_one(model, label, spec, entry.norm, entry.eps, data, settings)
+            done = [(e, runs[e.label]) for e in entries]
+            runs[label] = run_entry(model, entry, spec, data, settings, done, unattacked)
         else:
             norm = getattr(attack, "norm", "L2" if "L2" in type(attack).__name__ else "Linf")
             entry = AttackEntry(
@@ -628,6 +715,7 @@ def defense_results(
                 "max_perturbation": run.max_perturbation,
                 "eot_iter": run.spec.get("eot_iter"),
                 "steps": run.spec.get("steps"),
+                "attacked": run.attacked,
             }
             for label, run in runs.items()
         },

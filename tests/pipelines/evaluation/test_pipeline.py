@@ -372,7 +372,8 @@ def test_every_attack_output_passes_the_suite_and_is_judged(evaluated):
         if name in PURIFIED:
             expected = [x for x in labels if x != "autoattack_standard"]
         else:
-            expected = [x for x in labels if x not in ("bpda_linf", "autoattack_rand")]
+            stochastic_only = ("bpda_linf", "autoattack_rand", "pgd_linf_strong")
+            expected = [x for x in labels if x not in stochastic_only]
         assert list(res["attacks"]) == expected, name
         draws = params.draws if res["stochastic"] else 1
         assert res["stochastic"] == (name in PURIFIED)
@@ -694,13 +695,26 @@ def test_the_report_says_when_no_convergence_study_ran_and_cites_one_when_given(
     comparison = (evaluated["folder"] / COMPARISON["comparison_report"]).read_text()
     assert "No convergence study has run yet" not in comparison
     assert "`convergence_report.md` beside this report (PGD Linf eps 8/255" in comparison
-    assert "the reference attack here runs 2 steps with EOT 2" in comparison
+    assert (
+        "the strongest ℓ∞ PGD here (`pgd_linf_strong`) runs 3 steps with EOT 2 on the images "
+        "still standing" in comparison
+    )
     table = _markdown_table(comparison, "## Is the attack converged?").set_index("defense")
     assert list(table.index) == ["ap", "atop"]
     assert table.loc["ap", "steps: flat from"].startswith("1 (strongest 1: 37.50 ± 17.12)")
     assert table.loc["atop", "steps: flat from"].startswith("4 (strongest 4: 0.00 ± 0.00)")
-    verdict = "PGD-2 x EOT-2 on the flat part"
+    verdict = "PGD-3 x EOT-2 on the flat part"
     assert (table.loc["ap", verdict], table.loc["atop", verdict]) == ("yes", "no")
+    # the headline against the lowest accuracy the study reached (+ its standard error)
+    metrics = evaluated["comparison_metrics"]
+    within = "headline worst ℓ∞ within one SE of the study's strongest"
+    for name in ("ap", "atop"):
+        curves = evaluated["convergence"]["defenses"][name]
+        low = min((curves["steps"], curves["eot"]), key=lambda c: c["strongest_acc"])
+        headline = metrics["defenses"][name]["worst_case"]["Linf"]["single"]
+        ok = headline <= low["strongest_acc"] + low["se"] + 1e-9
+        assert table.loc[name, within].replace("*", "").endswith(": yes" if ok else ": no"), name
+        assert table.loc[name, within].startswith(f"{100 * headline:.2f} vs ≤ ")
     # the same report node with the study given directly
     results, metrics = evaluated["results"], evaluated["metrics"]
     cited = robustness_report(results, metrics, evaluated["convergence"])

@@ -175,7 +175,14 @@ def collect_results(
             },
         },
         "attacks": [
-            {"label": e.label, "name": e.name, "norm": e.norm, "eps": e.eps, "spec": dict(e.spec)}
+            {
+                "label": e.label,
+                "name": e.name,
+                "norm": e.norm,
+                "eps": e.eps,
+                "spec": dict(e.spec),
+                "survivors": e.survivors,
+            }
             for e in entries
         ],
         "defenses": {n: {k: v for k, v in r.items() if k != "grid"} for n, r in defenses.items()},
