@@ -110,6 +110,13 @@ def setup_device(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device)
 
 
+def training_batch(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The first ``n`` real CIFAR-10 training images (float32 ``[n, 3, 32, 32]`` in
+    ``[0, 1]``) and labels (int64 ``[n]``) on ``device``."""
+    images, labels = cifar10(n, train=True)
+    return to_unit(images).to(device), labels.to(device)
+
+
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (timings on CUDA)."""
     if device.type == "cuda":
@@ -269,8 +276,7 @@ def atop(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     device = setup_device(args)
     seed_everything(0)
-    images, labels = cifar10(args.batch_size, train=True)
-    x, y = to_unit(images).to(device), labels.to(device)
+    x, y = training_batch(args.batch_size, device)
     f = build_classifier("resnet-fast", N_CLASSES).to(device).eval().requires_grad_(False)
     eps = 8 / 255
     attacks = {
@@ -615,8 +621,7 @@ def precision(argv: list[str]) -> None:
     add_common(parser)
     args = parser.parse_args(argv)
     device = setup_device(args)
-    images, labels = cifar10(args.batch_size, train=True)
-    x, y = to_unit(images).to(device), labels.to(device)
+    x, y = training_batch(args.batch_size, device)
     transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
 
     def classifier_model() -> nn.Module:
@@ -735,8 +740,7 @@ def compile_wins(argv: list[str]) -> None:
     add_common(parser)
     args = parser.parse_args(argv)
     device = setup_device(args)
-    images, labels = cifar10(args.batch_size, train=True)
-    x, y = to_unit(images).to(device), labels.to(device)
+    x, y = training_batch(args.batch_size, device)
     transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
     cl = torch.channels_last
 
@@ -1028,8 +1032,7 @@ def paper_projection(argv: list[str]) -> None:
     at_p, rvs_p, ev_p, conv_p = (
         paper[k] for k in ("adversarial_training", "rvs", "evaluation", "convergence")
     )
-    images, labels = cifar10(args.batch_size, train=True)
-    x, y = to_unit(images).to(device), labels.to(device)
+    x, y = training_batch(args.batch_size, device)
     b = args.batch_size
 
     def per_image(fn: Callable[[], Any]) -> float:
