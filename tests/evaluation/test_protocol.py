@@ -501,7 +501,7 @@ def test_a_survivors_entry_attacks_only_the_images_its_threat_model_left_standin
     )
     standing = (lowest > 0).nonzero().flatten()
     run = runs["strong"]
-    assert run.attacked == len(standing) and 0 < len(standing) < 16
+    assert torch.equal(run.attacked, lowest > 0) and 0 < len(standing) < 16
     beaten = torch.ones(16, dtype=torch.bool)
     beaten[standing] = False
     assert not run.draws[beaten].any()  # beaten images keep their all-wrong verdicts
@@ -523,7 +523,17 @@ def test_a_survivors_entry_attacks_only_the_images_its_threat_model_left_standin
         {"fgsm": entries[0].spec, "strong": {**strong, "survivors": True}},
         settings,
     )
-    assert result.runs["strong"].attacked == len(standing)
+    assert torch.equal(result.runs["strong"].attacked, lowest > 0)
+    # only runs of the same threat model AND budget count: a larger-eps FGSM is ignored
+    wider = parse_attacks(
+        [
+            {"label": "fgsm16", "name": "fgsm", "eps": 2 * EPS},
+            {"label": "strong", **strong, "survivors": True},
+        ]
+    )
+    runs = attack_defense(defense, wider, data, settings)
+    assert torch.equal(runs["strong"].attacked, per_image(runs["clean"].draws, "single") > 0)
+    assert runs["strong"].max_perturbation <= EPS + 1e-6
 
 
 def test_select_images_takes_the_first_images_of_the_fixed_subset(cifar10_test_batch):

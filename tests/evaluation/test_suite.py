@@ -70,6 +70,8 @@ def test_the_typed_block_gives_entries_and_settings(smoke):
          r"evaluation.attacks.x.defenses: unknown defenses \['madry'\]"),
         ({"attacks": [FAST_ATTACKS[0], {**FAST_ATTACKS[1], "applies_to": "stochastic"}]},
          r"evaluation.sanity.defenses: \['pgd_at', 'rvs', 'standard'\] are not attacked by"),
+        ({"attacks": [FAST_ATTACKS[0], {**FAST_ATTACKS[1], "survivors": True}]},
+         r"evaluation.sanity.reference: 'pgd_linf' must be .*\(not `survivors`\)"),
     ],
 )  # fmt: skip
 def test_the_typed_block_refuses_bad_values_with_the_key_and_the_fix(smoke, changes, message):

@@ -242,9 +242,9 @@ class EvalData:
 
     def take(self, rows: Tensor) -> EvalData:
         """The images at positions ``rows`` (int64 ``[M]``), in that order."""
-        rows = rows.to(self.images.device)
         indices = [self.indices[i] for i in rows.tolist()]
-        return EvalData(self.images[rows], self.labels[rows], indices, self.n_classes)
+        labels = self.labels[rows.to(self.labels.device)]
+        return EvalData(self.images[rows.to(self.images.device)], labels, indices, self.n_classes)
 
 
 def select_images(
@@ -319,8 +319,8 @@ class AttackRun:
         seconds: wall-clock time of the attack (without judging).
         max_perturbation: the largest perturbation in the entry's norm.
         spec: the spec that ran.
-        attacked: how many images the attack ran on (fewer than ``N`` for a ``survivors``
-            entry); ``None``: all.
+        attacked: bool ``[N]`` (CPU), the images the attack ran on (a ``survivors`` entry;
+            the others kept an earlier run's all-wrong verdicts); ``None``: all.
     """
 
     draws: Tensor
@@ -328,7 +328,7 @@ class AttackRun:
     seconds: float
     max_perturbation: float | None
     spec: dict[str, Any] = field(default_factory=dict)
-    attacked: int | None = None
+    attacked: Tensor | None = None
 
     def accuracy(self, rule: str = "single") -> float:
         """Accuracy in ``[0, 1]`` under ``rule``."""
@@ -548,12 +548,17 @@ def run_entry(
     validate: Validator | None = None,
 ) -> AttackRun:
     """:func:`run_one` of an entry (``spec``: its :func:`defense_spec`), or, for a
-    ``survivors`` entry, :func:`run_on_survivors` against ``clean`` and the ``earlier``
-    ε-bounded runs of its threat model."""
+    ``survivors`` entry, :func:`run_on_survivors` against ``clean`` and the ``earlier`` runs
+    of its threat model and budget (same norm and ``eps``)."""
     if not entry.survivors:
         return run_one(defense, entry.label, spec, entry.norm, entry.eps, data, settings, validate)
-    standing = [clean, *(r for e, r in earlier if e.eps is not None and e.norm == entry.norm)]
+    same = [r for e, r in earlier if e.norm == entry.norm and _same_eps(e.eps, entry.eps)]
+    standing = [clean, *same]
     return run_on_survivors(defense, entry, spec, data, settings, standing, validate)
+
+
+def _same_eps(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
 
 
 def run_on_survivors(
@@ -575,7 +580,7 @@ def run_on_survivors(
     of the few survivors.
 
     Returns:
-        :class:`AttackRun` over all images, ``attacked`` = the number of survivors.
+        :class:`AttackRun` over all images, ``attacked`` = the survivors' mask.
     """
     scores = torch.stack([per_image(run.draws, "single") for run in earlier])  # [R, N]
     lowest, beaten_by = scores.min(dim=0)
@@ -597,7 +602,7 @@ def run_on_survivors(
         "%s / %s: ran on the %d of %d images still standing (%.1f s)",
         defense.name, entry.label, len(survivors), len(draws), seconds,
     )  # fmt: skip
-    return AttackRun(draws, adversarial, seconds, largest, dict(spec), len(survivors))
+    return AttackRun(draws, adversarial, seconds, largest, dict(spec), lowest > 0)
 
 
 def worst_cases(
@@ -715,7 +720,7 @@ def defense_results(
                 "max_perturbation": run.max_perturbation,
                 "eot_iter": run.spec.get("eot_iter"),
                 "steps": run.spec.get("steps"),
-                "attacked": run.attacked,
+                "attacked": run.attacked,  # bool [N] or None (every image)
             }
             for label, run in runs.items()
         },

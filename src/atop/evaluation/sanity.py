@@ -182,6 +182,7 @@ def sanity_checks(
                 e
                 for e in entries
                 if e.name == "pgd"
+                and not e.survivors
                 and e.norm == bpda.norm
                 and e.eps == bpda.eps
                 and e.label in draws

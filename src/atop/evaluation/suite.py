@@ -82,11 +82,12 @@ class EvalParams(Params):
         except ValueError as exc:
             self.fail("attacks", str(exc))
         reference = next((e for e in entries if e.label == self.sanity.reference), None)
-        if reference is None or reference.name != "pgd":
+        if reference is None or reference.name != "pgd" or reference.survivors:
             self.fail(
                 "sanity.reference",
-                f"{self.sanity.reference!r} must be the label of a 'pgd' attack entry "
-                f"(have {[e.label for e in entries]}).",
+                f"{self.sanity.reference!r} must be the label of a 'pgd' attack entry that "
+                "runs on every image (not `survivors`) "
+                f"(have {[e.label for e in entries if not e.survivors]}).",
             )
         covered = set(self.sanity.defenses or DEFENSES)
         if reference.applies_to != "all":  # stochastic = the purified defenses

@@ -456,8 +456,8 @@ def test_the_verdicts_csv_holds_every_per_image_per_draw_verdict(evaluated):
     table = _verdicts(evaluated)
     results, params = evaluated["results"], evaluated["params"]
     eval_indices = evaluated["eval_indices"][: params.images]
-    assert list(table.columns[:7]) == ["defense", "attack", "norm", "eps", "image", "draws",
-                                       "correct"]  # fmt: skip
+    assert list(table.columns[:8]) == ["defense", "attack", "norm", "eps", "image", "draws",
+                                       "correct", "attacked"]  # fmt: skip
     assert [c for c in table.columns if c.startswith("draw_")] == ["draw_0", "draw_1"]
     expected_rows = sum(
         (1 + len(r["attacks"])) * params.images for r in results["defenses"].values()
@@ -470,6 +470,16 @@ def test_the_verdicts_csv_holds_every_per_image_per_draw_verdict(evaluated):
         n, d = draws.shape
         assert rows["image"].tolist() == eval_indices
         assert (rows["draws"] == d).all() and (rows["correct"] == draws.sum(dim=1).numpy()).all()
+        attacked = None if label == "clean" else res["attacks"][label]["attacked"]
+        if attacked is None:
+            assert (rows["attacked"] == 1).all()
+        else:  # a survivors attack: the images it skipped are beaten (all draws wrong)
+            assert label == "pgd_linf_strong" and rows["attacked"].tolist() == attacked.tolist()
+            assert (rows.loc[rows["attacked"] == 0, "correct"] == 0).all()
+            summary = evaluated["metrics"]["defenses"][name]["attacks"][label]
+            assert summary["attacked"] == int(attacked.sum())
+            report = (evaluated["folder"] / REPORTS["robustness_report"]).read_text()
+            assert f"{name} {int(attacked.sum())}" in report.split("`pgd_linf_strong` ran only")[1]
         columns = [f"draw_{i}" for i in range(d)]
         assert (rows[columns].to_numpy() == draws.numpy().astype(int)).all(), (name, label)
         assert rows[[c for c in ("draw_0", "draw_1") if c not in columns]].isna().all().all()
@@ -707,7 +717,7 @@ def test_the_report_says_when_no_convergence_study_ran_and_cites_one_when_given(
     assert (table.loc["ap", verdict], table.loc["atop", verdict]) == ("yes", "no")
     # the headline against the lowest accuracy the study reached (+ its standard error)
     metrics = evaluated["comparison_metrics"]
-    within = "headline worst ℓ∞ within one SE of the study's strongest"
+    within = "headline worst ℓ∞ ≤ study's lowest + 1 SE"
     for name in ("ap", "atop"):
         curves = evaluated["convergence"]["defenses"][name]
         low = min((curves["steps"], curves["eot"]), key=lambda c: c["strongest_acc"])

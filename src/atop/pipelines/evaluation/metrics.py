@@ -121,6 +121,12 @@ def _matched_clean(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
     return out
 
 
+def _attacked(attack: Mapping[str, Any]) -> dict[str, int]:
+    """``{"attacked": k}`` for a ``survivors`` run (k images attacked), else ``{}``."""
+    mask = attack.get("attacked")
+    return {} if mask is None else {"attacked": int(mask.sum())}
+
+
 def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
     """The metrics JSON (``data/08_reporting/<dataset>/<profile>/robustness.json``, tracked by DVC).
 
@@ -129,7 +135,7 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
 
         settings:   n_images, draws, seed, ... and the attack specs
         defenses.<d>.clean.{single, single_ci, worst_of_n, worst_of_n_ci}
-        defenses.<d>.attacks.<label>.{single, worst_of_n}
+        defenses.<d>.attacks.<label>.{single, worst_of_n[, attacked]}
         defenses.<d>.worst_case.{Linf, L2}.{single, single_ci, worst_of_n, worst_of_n_ci}
         defenses.<d>.fixed_randomness.{clean, attack}  (purified defenses, single draw)
         defenses.<d>.{train_seconds, attack_seconds}
@@ -155,7 +161,10 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
         entry: dict[str, Any] = {
             "clean": _summary(res["clean"]),
             "attacks": {
-                label: {rule: per_image(a["draws"], rule).float().mean().item() for rule in RULES}
+                label: {
+                    **{rule: per_image(a["draws"], rule).float().mean().item() for rule in RULES},
+                    **_attacked(a),
+                }
                 for label, a in res["attacks"].items()
             },
             "worst_case": {
@@ -277,13 +286,16 @@ def verdicts_table(results: Mapping[str, Any], eval_indices: Sequence[int]) -> p
     defenses have one draw), so any statistic can be recomputed without rerunning attacks.
 
     Columns: ``defense``, ``attack``, ``norm``, ``eps``, ``image`` (test-set index),
-    ``draws`` (count), ``correct`` (count of right draws), ``draw_<d>``.
+    ``draws`` (count), ``correct`` (count of right draws), ``attacked`` (1; 0 where a
+    ``survivors`` attack skipped an image already beaten and kept its all-wrong verdicts),
+    ``draw_<d>``.
     """
     specs = {a["label"]: a for a in results["attacks"]}
     frames = []
     for name, res in results["defenses"].items():
-        items = [("clean", res["clean"]), *((k, v["draws"]) for k, v in res["attacks"].items())]
-        for label, draws in items:
+        items = [("clean", res["clean"], None)]
+        items += [(k, v["draws"], v.get("attacked")) for k, v in res["attacks"].items()]
+        for label, draws, attacked in items:
             spec = specs.get(label, {})
             n, d = draws.shape
             frame = pd.DataFrame(
@@ -296,5 +308,7 @@ def verdicts_table(results: Mapping[str, Any], eval_indices: Sequence[int]) -> p
             frame.insert(0, "norm", spec.get("norm"))
             frame.insert(0, "attack", label)
             frame.insert(0, "defense", name)
+            ran = torch.ones(n, dtype=torch.int8) if attacked is None else attacked.to(torch.int8)
+            frame.insert(7, "attacked", ran.numpy())
             frames.append(frame)
     return pd.concat(frames, ignore_index=True)
