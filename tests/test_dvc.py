@@ -94,6 +94,17 @@ def test_committed_dvc_yaml_is_the_generated_one():
     )
 
 
+def test_committed_base_parameters_are_the_resolved_ones(tmp_path):
+    """params/base.yaml (committed, the base profile's DVC parameters) equals what
+    resolve_params writes from conf/: a stale copy would let dvc.lock record parameters the
+    stages did not run with."""
+    fresh = write_parameters(resolve_parameters(ROOT, "base"), tmp_path / "base.yaml", "base")
+    assert (ROOT / "params" / "base.yaml").read_text() == fresh.read_text(), (
+        "params/base.yaml is stale: `.venv/bin/python -m atop.dvc_params --env base "
+        "--output params/base.yaml` (or `dvc repro resolve_params`)"
+    )
+
+
 def test_every_kedro_stage_has_a_dvc_stage():
     from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES
 
