@@ -34,6 +34,8 @@ Sections (one argparse function each, registered in ``SECTIONS``):
   (``evaluation`` of each profile's typed parameters) on this machine.
 * ``compile``: ``torch.compile`` and ``channels_last`` against eager, bf16, for PGD-EOT on
   the defended model and for the purifier's training step (:func:`compile_wins`).
+* ``eot-packing``: EOT draws of a small batch packed into one pass (the survivors attack)
+  against sequential passes on trained checkpoints: time and a paired strength check.
 * ``stages``: training throughput of each stage of the last pipeline run, from its own
   records (``data/08_reporting/<dataset>/<profile>/<stage>_metrics.json``,
   ``params/<profile>.yaml``).
@@ -887,6 +889,76 @@ def autoattack_check(argv: list[str]) -> None:
         )
 
 
+def eot_packing(argv: list[str]) -> None:
+    """Section ``eot-packing``: EOT draws of a small batch packed into one pass
+    (:class:`atop.attacks.PackedEOT`, as the survivors attack runs) against torchattacks'
+    sequential passes, on a trained purified defense (``--classifier`` + ``--purifier``).
+
+    The first ``--images`` of the evaluation subset are attacked in chunks of ``--chunk``
+    (the survivors' batch sizes) by PGD ℓ∞ ``--steps`` × EOT ``--eot`` at ``--eps`` (default
+    2/255, where accuracy is mid-range and a weaker attack would show), bf16 gradients as
+    the evaluation; each chunk from the same seed both ways. Both outputs are judged in
+    float32 with ``--draws`` fresh draws (same seed); the packed attack must not be weaker:
+    the two-sided exact McNemar test on the first-draw and worst-of-N verdicts.
+    """
+    from atop.attacks import build_attack, draw_correct
+    from atop.checkpoint import load_safe
+    from atop.data import random_subset
+    from atop.evaluation import load_defense
+    from atop.evaluation.protocol import per_image
+    from atop.evaluation.stats import mcnemar
+    from atop.training import autocast
+
+    parser = argparse.ArgumentParser(prog="benchmark.py eot-packing")
+    parser.add_argument("--classifier", required=True)
+    parser.add_argument("--purifier", required=True)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--chunk", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--eot", type=int, default=16)
+    parser.add_argument("--eps", type=float, default=2 / 255)
+    parser.add_argument("--eot-batch", type=int, default=64)
+    parser.add_argument("--draws", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0, help="chunk k's attack seed: seed + k")
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
+    images, labels = cifar10(10_000, train=False)
+    index = random_subset(10_000, 512, 0)[: args.images]
+    x, y = to_unit(images[index]).to(device), labels[index].to(device)
+    spec = {"name": "pgd", "norm": "Linf", "eps": args.eps, "alpha": args.eps / 4,
+            "steps": args.steps, "eot_iter": args.eot}  # fmt: skip
+    results = {}
+    for name, eot_batch in (("sequential", None), ("packed", args.eot_batch)):
+        attack, pieces, began = (
+            build_attack(model, spec, N_CLASSES, eot_batch),
+            [],
+            time.perf_counter(),
+        )
+        for k in range(0, len(x), args.chunk):
+            seed_everything(args.seed + k)
+            with autocast(device, True):
+                pieces.append(attack(x[k : k + args.chunk], y[k : k + args.chunk]))
+        seconds = time.perf_counter() - began
+        seed_everything(0)
+        results[name] = (draw_correct(model, torch.cat(pieces), y, args.draws, 64), seconds)
+    (seq, t_seq), (packed, t_packed) = results["sequential"], results["packed"]
+    print(
+        f"{len(x)} images in chunks of {args.chunk}, PGD-{args.steps} x EOT-{args.eot}, eps "
+        f"{args.eps * 255:g}/255, judged with {args.draws} fresh draws; eot_batch {args.eot_batch}"
+    )
+    for name, (verdicts, seconds) in results.items():
+        print(f"  {name:10s} {seconds:6.1f} s | single-draw {100 * verdicts.float().mean():6.2f} % "
+              f"| worst-of-N {100 * verdicts.all(1).float().mean():6.2f} %")  # fmt: skip
+    tests = {
+        rule: mcnemar(per_image(packed, rule), per_image(seq, rule))
+        for rule in ("first", "worst_of_n")
+    }
+    text = ", ".join(f"{r} +{t.only_a}/-{t.only_b} p = {t.p_value:.3g}" for r, t in tests.items())
+    print(f"  speed-up {t_seq / t_packed:.2f}x; packed vs sequential (two-sided McNemar): {text}")
+
+
 # --------------------------------------------------------------------------- purifier quality
 
 
@@ -1307,6 +1379,7 @@ SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "precision": precision,
     "compile": compile_wins,
     "autoattack-check": autoattack_check,
+    "eot-packing": eot_packing,
     "evaluation": evaluation,
     "stages": stages,
     "paper-projection": paper_projection,

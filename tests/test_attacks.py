@@ -17,6 +17,7 @@ from atop.attacks import (
     BPDA,
     EOTPGDL2,
     EveryImageAPGD,
+    PackedEOTPGD,
     RejudgedMultiAttack,
     bpda_mode,
     build_attack,
@@ -266,6 +267,64 @@ def test_eot_l2_equals_torchattacks_pgdl2_on_a_deterministic_model(classifier, b
     ours = EOTPGDL2(classifier, eps=0.5, alpha=0.1, steps=4, eot_iter=3, random_start=False)
     reference = torchattacks.PGDL2(classifier, eps=0.5, alpha=0.1, steps=4, random_start=False)
     assert torch.allclose(ours(images, labels), reference(images, labels), atol=1e-5)
+
+
+class BatchSizes(nn.Module):
+    """Records the batch size of every forward call of the wrapped model."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_packed_eot_pgd_on_a_full_batch_is_torchattacks_eotpgd(defense, batch):
+    """A batch that fills eot_batch gets one draw per pass: torchattacks' own EOTPGD."""
+    images, labels = batch
+    outputs = []
+    for attack in (
+        PackedEOTPGD(defense, 8 / 255, 2 / 255, 3, 4, eot_batch=len(images)),
+        torchattacks.EOTPGD(defense, 8 / 255, 2 / 255, 3, 4),
+    ):
+        torch.manual_seed(5)
+        outputs.append(attack(images, labels))
+    assert torch.equal(*outputs)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_packed_eot_fills_each_pass_with_copies_of_a_small_batch(norm, defense, batch):
+    images, labels = batch[0][:2], batch[1][:2]
+    sizes = BatchSizes(defense)
+    eps, alpha = (8 / 255, 2 / 255) if norm == "Linf" else (0.5, 0.1)
+    spec = {"name": "pgd", "norm": norm, "eps": eps, "alpha": alpha, "steps": 2, "eot_iter": 8}
+    adv = build_attack(sizes, spec, N_CLASSES, eot_batch=6)(images, labels)
+    assert sizes.sizes == [6, 6, 4] * 2  # 3 + 3 + 2 draws of 2 images, per step
+    linf, l2 = _norms(images, adv)
+    assert (linf if norm == "Linf" else l2).max() <= eps + 1e-5 and (linf > 0).all()
+
+
+def test_packed_eot_gradient_sums_one_gradient_per_draw(classifier, defense, batch):
+    """Each copy's gradient lands on its own image: on a deterministic model the packed sum
+    is eot_iter times one gradient; on the random defense the copies' draws differ."""
+    images, labels = batch[0][:2], batch[1][:2]
+    packed = EOTPGDL2(classifier, eot_iter=4, eot_batch=8)
+    single = EOTPGDL2(classifier, eot_iter=1)
+    expected = 4 * single.eot_gradient_sum(images, labels)
+    assert torch.allclose(packed.eot_gradient_sum(images, labels), expected, rtol=1e-4, atol=1e-6)
+    noisy = EOTPGDL2(defense, eot_iter=4, eot_batch=8)
+    torch.manual_seed(0)
+    first = noisy.eot_gradient_sum(images, labels)
+    x = images.repeat(4, 1, 1, 1).requires_grad_(True)
+    torch.manual_seed(0)
+    per_copy = torch.autograd.grad(
+        F.cross_entropy(defense(x), labels.repeat(4), reduction="sum"), x
+    )[0].view(4, *images.shape)
+    assert torch.allclose(first, per_copy.sum(0), atol=1e-6)
+    assert not torch.allclose(per_copy[0], per_copy[1], atol=1e-4)  # independent draws
 
 
 def test_bpda_mode_toggles_and_restores(defense, classifier):

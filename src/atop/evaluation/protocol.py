@@ -472,7 +472,7 @@ def run_one(
     seed_everything(settings.seed)
     spec = dict(attack) if isinstance(attack, Mapping) else {"name": type(attack).__name__}
     if isinstance(attack, Mapping):
-        attack = build_attack(defense.model, spec, data.n_classes)
+        attack = build_attack(defense.model, spec, data.n_classes, settings.batch_size)
     name = f"{defense.name}_{label}"
     if settings.by_batch:  # sharded (or seeded batch by batch): each rank checks its share
 
@@ -574,7 +574,8 @@ def run_on_survivors(
     ``earlier`` runs (clean first) is above 0. An image that every draw already gets wrong
     after some earlier attack cannot score lower, so it keeps that run's adversarial image
     and its verdicts (all wrong); the survivors are attacked afresh (from the clean image,
-    seeded as :func:`run_one`) and judged with fresh draws. ``validate`` checks the whole
+    seeded as :func:`run_one`, their EOT draws packed into passes of ``batch_size`` images:
+    :class:`atop.attacks.PackedEOT`) and judged with fresh draws. ``validate`` checks the whole
     merged set (on the main rank). AutoAttack's cascade, used here
     to run the attack strength the convergence study calls flat (method.md §5.2) at the cost
     of the few survivors.
