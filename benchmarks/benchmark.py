@@ -817,6 +817,30 @@ def compile_wins(argv: list[str]) -> None:
 # --------------------------------------------------------------------------- autoattack check
 
 
+def add_defense_args(parser: argparse.ArgumentParser, images: int) -> None:
+    """``--classifier``/``--purifier`` checkpoints, ``--images`` (default ``images``),
+    ``--draws`` and the common options of a section on a trained purified defense."""
+    parser.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
+    parser.add_argument("--purifier", required=True, help="purifier checkpoint (.pt)")
+    parser.add_argument("--images", type=int, default=images)
+    parser.add_argument("--draws", type=int, default=10)
+    add_common(parser)
+
+
+def defense_slice(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, torch.device]:
+    """The trained defense of ``args`` and the first ``--images`` of the evaluation subset
+    (float32 in ``[0, 1]``, int64 labels) on the chosen device."""
+    from atop.checkpoint import load_safe
+    from atop.data import random_subset
+    from atop.evaluation import load_defense
+
+    device = setup_device(args)
+    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
+    images, labels = cifar10(10_000, train=False)
+    index = random_subset(10_000, 512, 0)[: args.images]
+    return model, to_unit(images[index]).to(device), labels[index].to(device), device
+
+
 def autoattack_check(argv: list[str]) -> None:
     """Section ``autoattack-check``: the project's AutoAttack-rand against the reference
     implementation (``pyautoattack``, Croce & Hein's code, version ``rand``) on a slice.
@@ -831,24 +855,13 @@ def autoattack_check(argv: list[str]) -> None:
     from pyautoattack import AutoAttack
 
     from atop.attacks import build_attack, draw_correct, run_attack
-    from atop.checkpoint import load_safe
-    from atop.data import random_subset
-    from atop.evaluation import load_defense
 
     parser = argparse.ArgumentParser(prog="benchmark.py autoattack-check")
-    parser.add_argument("--classifier", required=True)
-    parser.add_argument("--purifier", required=True)
-    parser.add_argument("--images", type=int, default=32)
+    add_defense_args(parser, images=32)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--eot", type=int, default=4)
-    parser.add_argument("--draws", type=int, default=10)
-    add_common(parser)
     args = parser.parse_args(argv)
-    device = setup_device(args)
-    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
-    images, labels = cifar10(10_000, train=False)
-    index = random_subset(10_000, 512, 0)[: args.images]
-    x, y = to_unit(images[index]).to(device), labels[index].to(device)
+    model, x, y, device = defense_slice(args)
     eps = 8 / 255
     outputs = {"clean": x}
     seed_everything(0)
@@ -902,31 +915,20 @@ def eot_packing(argv: list[str]) -> None:
     the two-sided exact McNemar test on the first-draw and worst-of-N verdicts.
     """
     from atop.attacks import build_attack, draw_correct
-    from atop.checkpoint import load_safe
-    from atop.data import random_subset
-    from atop.evaluation import load_defense
     from atop.evaluation.protocol import per_image
     from atop.evaluation.stats import mcnemar
     from atop.training import autocast
 
     parser = argparse.ArgumentParser(prog="benchmark.py eot-packing")
-    parser.add_argument("--classifier", required=True)
-    parser.add_argument("--purifier", required=True)
-    parser.add_argument("--images", type=int, default=64)
+    add_defense_args(parser, images=64)
     parser.add_argument("--chunk", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--eot", type=int, default=16)
     parser.add_argument("--eps", type=float, default=2 / 255)
     parser.add_argument("--eot-batch", type=int, default=64)
-    parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0, help="chunk k's attack seed: seed + k")
-    add_common(parser)
     args = parser.parse_args(argv)
-    device = setup_device(args)
-    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
-    images, labels = cifar10(10_000, train=False)
-    index = random_subset(10_000, 512, 0)[: args.images]
-    x, y = to_unit(images[index]).to(device), labels[index].to(device)
+    model, x, y, device = defense_slice(args)
     spec = {"name": "pgd", "norm": "Linf", "eps": args.eps, "alpha": args.eps / 4,
             "steps": args.steps, "eot_iter": args.eot}  # fmt: skip
     results = {}
