@@ -295,6 +295,26 @@ def test_packed_eot_pgd_on_a_full_batch_is_torchattacks_eotpgd(defense, batch):
     assert torch.equal(*outputs)
 
 
+def test_pgd_snapshots_are_the_shorter_runs_from_the_same_start(classifier, batch):
+    """With a fixed step size, PGD-k's output is PGD-K's iterate after k steps (same seed)."""
+    images, labels = batch
+    long = PackedEOTPGD(classifier, 8 / 255, 2 / 255, 5, 1, snapshots=(2, 4))
+    torch.manual_seed(3)
+    final = long(images, labels)
+    assert sorted(long.iterates) == [2, 4]
+    for k in (2, 4):
+        torch.manual_seed(3)
+        alone = torchattacks.EOTPGD(classifier, 8 / 255, 2 / 255, k, 1)(images, labels)
+        assert torch.allclose(long.iterates[k], alone, atol=1e-6)
+    torch.manual_seed(3)
+    assert torch.allclose(
+        final, torchattacks.EOTPGD(classifier, 8 / 255, 2 / 255, 5, 1)(images, labels), atol=1e-6
+    )
+    assert not torch.equal(long.iterates[2], final)
+    with pytest.raises(ValueError, match=r"snapshots \[5\] must lie in 1 .. steps - 1 = 4"):
+        PackedEOTPGD(classifier, 8 / 255, 2 / 255, 5, 1, snapshots=(5,))
+
+
 @pytest.mark.parametrize("norm", ["Linf", "L2"])
 def test_packed_eot_fills_each_pass_with_copies_of_a_small_batch(norm, defense, batch):
     images, labels = batch[0][:2], batch[1][:2]

@@ -123,17 +123,36 @@ class PackedEOTPGD(PackedEOT, torchattacks.EOTPGD):
     ``eot_batch``: images per forward pass the draws may fill (``None``: torchattacks'
     sequential passes). A batch that gets one copy per pass runs ``EOTPGD.forward`` itself;
     otherwise the same steps (uniform random start in the ε-box, ``x + alpha · sign(g)``,
-    projection, clip to ``[0, 1]``) follow the packed gradient. Arguments as ``EOTPGD``.
+    projection, clip to ``[0, 1]``) follow the packed gradient. ``snapshots``: step counts
+    ``k < steps`` whose iterate each call keeps in ``iterates[k]`` (always the loop above):
+    with a fixed ``alpha`` it is PGD-k's output from the same start, so one run of the
+    largest count reads off a whole steps sweep. Other arguments as ``EOTPGD``.
+
+    Raises:
+        ValueError: a snapshot outside ``1 .. steps - 1``.
     """
 
-    def __init__(self, model, eps, alpha, steps, eot_iter, random_start=True, eot_batch=None):
+    def __init__(
+        self, model, eps, alpha, steps, eot_iter, random_start=True, eot_batch=None, snapshots=()
+    ):
         super().__init__(model, eps, alpha, steps, eot_iter, random_start)
         self.eot_batch = eot_batch
         self.supported_mode = ["default"]
+        self.snapshots = tuple(sorted({int(k) for k in snapshots}))
+        if any(not 1 <= k < steps for k in self.snapshots):
+            raise ValueError(
+                f"snapshots {list(snapshots)} must lie in 1 .. steps - 1 = {steps - 1}"
+            )
+        self._iterates: dict[int, Tensor] = {}
+
+    @property
+    def iterates(self) -> dict[int, Tensor]:
+        """The last call's iterates at the ``snapshots`` step counts (float32, like its output)."""
+        return self._iterates
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """Return adversarial images, float32 ``[N, C, H, W]`` in ``[0, 1]``."""
-        if self.copies(len(images)) == 1:
+        if self.copies(len(images)) == 1 and not self.snapshots:
             return super().forward(images, labels)
         images = images.clone().detach().to(self.device)
         labels = labels.clone().detach().to(self.device)
@@ -141,10 +160,13 @@ class PackedEOTPGD(PackedEOT, torchattacks.EOTPGD):
         if self.random_start:
             start = torch.empty_like(images).uniform_(-self.eps, self.eps)
             adv_images = torch.clamp(images + start, 0, 1)
-        for _ in range(self.steps):
+        self._iterates = {}
+        for step in range(1, self.steps + 1):
             adv_images = adv_images + self.alpha * self.eot_gradient_sum(adv_images, labels).sign()
             delta = torch.clamp(adv_images - images, -self.eps, self.eps)
             adv_images = torch.clamp(images + delta, 0, 1).detach()
+            if step in self.snapshots:
+                self._iterates[step] = adv_images
         return adv_images
 
 

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from atop.checkpoint import state_hash
 from atop.evaluation import convergence as convergence_module
 from atop.evaluation.convergence import ConvergenceParams, flat_point, study, summarize
 from atop.evaluation.defenses import PURIFIED, build_defense
@@ -81,18 +82,18 @@ def test_study_runs_each_setting_once_and_judges_with_fresh_draws(
 
     monkeypatch.setattr(convergence_module, "run_one", recording)
     result = study(tiny_defense, data, smoke)
-    # smoke: steps [1, 2] at EOT 1, EOT [1, 2] at 1 step; (1 step, EOT 1) is in both sweeps
-    assert calls == [
-        ("pgd1_eot1", 1, 1, smoke.draws),
-        ("pgd2_eot1", 2, 1, smoke.draws),
-        ("pgd1_eot2", 1, 2, smoke.draws),
-    ]
+    # smoke: steps [1, 2] at EOT 1 (one 2-step run, read off after 1 step), EOT [1, 2] at
+    # 1 step; (1 step, EOT 1) is in both sweeps
+    assert calls == [("pgd1_eot2", 1, 2, smoke.draws)]
     assert [k for k, _ in result["steps"]] == sorted(smoke.steps)
     assert [k for k, _ in result["eot"]] == sorted(smoke.eot)
     assert result["steps"][0][1] is result["eot"][0][1]  # the shared setting ran once
     for _, draws in result["steps"] + result["eot"]:
         assert draws.dtype == torch.bool and draws.shape == (smoke.images, smoke.draws)
     assert (result["norm"], result["eps"]) == ("Linf", pytest.approx(EPS))
+    assert (result["eot_at"], result["steps_at"]) == (smoke.eot_at, smoke.steps_at)
+    assert result["indices"] == [0, 1, 2, 3]
+    assert result["model"] == state_hash(tiny_defense.model.state_dict())
 
     summary = summarize(result)
     assert set(summary) == {"steps", "eot"}
@@ -109,6 +110,26 @@ def test_study_runs_each_setting_once_and_judges_with_fresh_draws(
             assert point["worst_of_n"] <= point["acc"]
         curve = [(int(k), v["acc"], v["se"]) for k, v in points.items()]
         assert {k: v for k, v in summary[sweep].items() if k != "points"} == flat_point(curve)
+
+
+def test_study_runs_each_step_count_alone_when_the_step_size_depends_on_it(
+    smoke, tiny_defense, cifar10_test_batch, monkeypatch
+):
+    images, labels = cifar10_test_batch
+    data = EvalData(images[: smoke.images], labels[: smoke.images], list(range(4)), 10)
+    calls = []
+
+    def recording(defense, label, spec, norm, eps, data, settings, validate=None):
+        calls.append((label, spec["alpha"]))
+        return run_one(defense, label, spec, norm, eps, data, settings, validate)
+
+    monkeypatch.setattr(convergence_module, "run_one", recording)
+    study(tiny_defense, data, smoke.replace(alpha_rule="2.5eps/steps"))  # Madry et al.'s rule
+    assert calls == [
+        ("pgd1_eot1", pytest.approx(2.5 * EPS)),
+        ("pgd2_eot1", pytest.approx(2.5 * EPS / 2)),
+        ("pgd1_eot2", pytest.approx(2.5 * EPS)),
+    ]
 
 
 def test_flat_point_on_hand_made_curves():

@@ -112,7 +112,9 @@ def test_an_honest_defense_passes_every_check():
         fgsm=correct(6, 12), pgd_linf=correct(4, 12), bpda_linf=correct(5, 12)
     )  # the runs cover more images than the sanity checks: the first 10 are compared
     sweep = [(0.0, clean), (EPS, reference), (64 / 255, correct(0))]
-    checks = sanity_checks(clean, runs, ENTRIES, sweep, correct(3), REFERENCE, sanity_params())
+    checks = sanity_checks(
+        clean, runs, ENTRIES, sweep, [("stronger", correct(3))], REFERENCE, sanity_params()
+    )
     assert set(checks) == CHECKS
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(CHECKS, "pass")
     assert checks["bpda_vs_exact"]["stronger"] == "exact"
@@ -133,7 +135,8 @@ def test_masked_gradients_fail_the_checks():
     runs = runs_of(fgsm=correct(0, n), pgd_linf=reference, bpda_linf=correct(0, n))
     # accuracy rises with eps and stays high at 64/255; more steps raise it
     sweep = [(0.0, clean), (EPS, correct(0, n)), (64 / 255, correct(n, n))]
-    checks = sanity_checks(clean, runs, ENTRIES, sweep, correct(n, n), REFERENCE, sanity_params())
+    stronger = [("more steps", correct(4, n)), ("more EOT", correct(n, n))]  # one rise fails
+    checks = sanity_checks(clean, runs, ENTRIES, sweep, stronger, REFERENCE, sanity_params())
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(CHECKS, "fail")
     assert checks["bpda_vs_exact"]["stronger"] == "bpda"  # BPDA beats the exact gradients
     p_20 = f"{_binomtest(20, 20):.4g}"
@@ -143,7 +146,12 @@ def test_masked_gradients_fail_the_checks():
     )
     assert "single-draw accuracy 1.000 at eps 64/255" in checks["large_eps_near_zero"]["detail"]
     p_14 = f"{_binomtest(14, 14):.4g}"
-    assert f"discordant +14/-0, p = {p_14}" in checks["stronger_attack"]["detail"]
+    detail = checks["stronger_attack"]["detail"]
+    assert "pgd_linf -> more steps: 0.300 -> 0.200" in detail  # both attacks are reported
+    assert (
+        f"pgd_linf -> more EOT: 0.300 -> 1.000 single-draw (worst-of-N discordant +14/-0, p = {p_14})"
+        in detail
+    )
 
 
 def test_a_rise_within_chance_passes_and_the_level_decides():
@@ -152,7 +160,7 @@ def test_a_rise_within_chance_passes_and_the_level_decides():
     runs = runs_of(fgsm=correct(2, n), pgd_linf=correct(2, n), bpda_linf=correct(5, n))
     sweep = [(0.0, clean), (EPS, correct(2, n)), (64 / 255, correct(0, n))]
     # the stronger attack is right on 4 more images: p = 1/16
-    stronger = correct(6, n)
+    stronger = [("stronger", correct(6, n))]
     checks = sanity_checks(clean, runs, ENTRIES, sweep, stronger, REFERENCE, sanity_params())
     assert checks["stronger_attack"]["status"] == "pass"
     loose = sanity_checks(
@@ -170,11 +178,11 @@ def test_checks_run_on_stochastic_verdicts_with_many_draws():
     runs = runs_of(fgsm=correct(5, n, draws), pgd_linf=correct(3, n, draws),
                    bpda_linf=correct(4, n, draws))  # fmt: skip
     sweep = [(0.0, clean), (EPS, correct(3, n, draws)), (64 / 255, near_zero)]
-    checks = sanity_checks(clean, runs, ENTRIES, sweep, None, REFERENCE, sanity_params())
+    checks = sanity_checks(clean, runs, ENTRIES, sweep, [], REFERENCE, sanity_params())
     assert checks["large_eps_near_zero"]["status"] == "pass"
     assert "single-draw accuracy 0.020" in checks["large_eps_near_zero"]["detail"]
     strict = sanity_checks(
-        clean, runs, ENTRIES, sweep, None, REFERENCE, sanity_params(large_eps_max_acc=0.01)
+        clean, runs, ENTRIES, sweep, [], REFERENCE, sanity_params(large_eps_max_acc=0.01)
     )
     assert strict["large_eps_near_zero"]["status"] == "fail"
     assert checks["stronger_attack"]["status"] == "not run"
@@ -191,7 +199,7 @@ def test_checks_without_their_attacks_are_not_run():
     )
     clean = correct(8)
     runs = runs_of(fgsm=correct(2), pgd_linf=correct(4))  # BPDA did not run (no purifier)
-    checks = sanity_checks(clean, runs, entries, [(0.0, clean)], None, entries[1], sanity_params())
+    checks = sanity_checks(clean, runs, entries, [(0.0, clean)], [], entries[1], sanity_params())
     assert {name: c["status"] for name, c in checks.items()} == dict.fromkeys(CHECKS, "not run")
 
 
@@ -260,7 +268,9 @@ def test_sanity_runs_reuse_clean_and_reference_and_run_the_rest(
     assert [eps for eps, _ in sweep] == [0.0, EPS, 32 / 255]
     assert torch.equal(sweep[0][1], clean[:4])  # eps 0 is the clean verdict
     assert torch.equal(sweep[1][1], reference.draws[:4])  # the reference run is reused
-    assert sweep[2][1].shape == (4, 1) and stronger.shape == (4, 1)
+    assert sweep[2][1].shape == (4, 1) and [(k, d.shape) for k, d in stronger] == [
+        ("stronger", (4, 1))
+    ]
     assert names == ["standard_pgd_linf_eps_32_255", "standard_pgd_linf_stronger"]
     (_, at_32, _), (_, strong, _) = calls
     assert at_32["alpha"] == pytest.approx(8 / 255) and at_32["eot_iter"] == 1
@@ -282,7 +292,73 @@ def test_sanity_runs_keep_eot_for_stochastic_defenses_and_skip_an_empty_stronger
     settings = EvalSettings(batch_size=4, draws=2)
     sweep, stronger = sanity_runs(*args, sanity_params(stronger={"steps": 4}), settings)
     assert calls == [("pgd_linf_stronger", {**REFERENCE.spec, "steps": 4}, EPS)]
-    assert calls[0][1]["eot_iter"] == 2 and stronger.shape == (4, 2)
+    assert calls[0][1]["eot_iter"] == 2 and stronger[0][1].shape == (4, 2)
     calls.clear()
     sweep, stronger = sanity_runs(*args, sanity_params(), settings)
-    assert calls == [] and stronger is None and len(sweep) == 2
+    assert calls == [] and stronger == [] and len(sweep) == 2
+
+
+def _study(model: str, n: int = 6, **changes) -> dict:
+    """A convergence-study record (:func:`atop.evaluation.convergence.study`) of ``n``
+    images: steps [1, 3] at EOT 2, EOT [1, 4] at 1 step."""
+    return {
+        "steps": [(1, correct(2, n)), (3, correct(1, n))],
+        "eot": [(1, correct(3, n)), (4, correct(0, n))],
+        "norm": "Linf",
+        "eps": EPS,
+        "eot_at": 2,
+        "steps_at": 1,
+        "indices": list(range(10, 10 + n)),
+        "model": model,
+        **changes,
+    }
+
+
+def test_study_points_are_the_studys_stronger_attacks_on_the_same_images_and_weights():
+    indices = list(range(10, 14))  # the sanity images: the study's first four
+    # the reference is PGD-1 x EOT-2: the study's 3 steps at EOT 2 and 4 EOT at 1 step
+    points = sanity_module.study_points(_study("w"), REFERENCE, indices, "w")
+    assert [label for label, _ in points] == [
+        "pgd3_eot2 (convergence study)",
+        "pgd1_eot4 (convergence study)",
+    ]
+    assert torch.equal(points[0][1], correct(1, 4)) and torch.equal(points[1][1], correct(0, 4))
+    # the study does not fit: nothing is read from it
+    for study, model in [
+        (None, "w"),
+        ({"skipped": "not listed"}, "w"),
+        (_study("w"), "other weights"),  # a stale study
+        (_study("w", norm="L2"), "w"),
+        (_study("w", eps=16 / 255), "w"),
+        (_study("w", indices=list(range(20, 26))), "w"),  # other images
+        (_study("w", n=3), "w"),  # fewer images than the sanity checks
+    ]:
+        assert sanity_module.study_points(study, REFERENCE, indices, model) == []
+    # a point not stronger than the reference in one setting and weaker in the other is left out
+    weaker_eot = _study("w", eot_at=1)
+    labels = [label for label, _ in sanity_module.study_points(weaker_eot, REFERENCE, indices, "w")]
+    assert labels == ["pgd1_eot4 (convergence study)"]
+
+
+def test_sanity_runs_read_the_stronger_attack_from_a_fitting_study(
+    checkpoint_files, cifar10_test_batch, monkeypatch
+):
+    from atop.checkpoint import state_hash
+
+    images, labels = cifar10_test_batch[0][:4], cifar10_test_batch[1][:4]
+    model = load_defense(checkpoint_files["classifier"], checkpoint_files["purifier"])
+    defense = Defense("atop", model, True)
+    data = EvalData(images, labels, list(range(10, 14)), 10)
+    calls = []
+    monkeypatch.setattr(sanity_module, "run_one", _recording(calls, fake=True))
+    args = (defense, REFERENCE, correct(2, 4), correct(3, 4), [0.0, EPS], data)
+    settings, params = EvalSettings(batch_size=4, draws=2), sanity_params(stronger={"steps": 4})
+    study = _study(state_hash(model.state_dict()))
+    _, stronger = sanity_runs(*args, params, settings, None, study)
+    assert calls == []  # no attack ran: the study's verdicts are the stronger attacks
+    assert [label for label, _ in stronger] == [
+        "pgd3_eot2 (convergence study)",
+        "pgd1_eot4 (convergence study)",
+    ]
+    _, stronger = sanity_runs(*args, params, settings, None, _study("stale weights"))
+    assert [c[0] for c in calls] == ["pgd_linf_stronger"] and stronger[0][0] == "stronger"

@@ -2,8 +2,9 @@
 
 An attack on a stochastic defense is only trustworthy where more steps and more draws per
 step no longer lower the accuracy. :func:`study` runs the PGD of ``convergence.attack`` on a
-defense with each step count of ``steps`` (at ``eot_at`` EOT samples) and each EOT count of
-``eot`` (at ``steps_at`` steps), judges every output with ``draws`` fresh draws, and
+defense with each step count of ``steps`` (at ``eot_at`` EOT samples; one run of the largest
+count, read off at the others) and each EOT count of ``eot`` (at ``steps_at`` steps), judges
+every output with ``draws`` fresh draws, and
 :func:`summarize` finds where each curve is flat: the smallest setting whose single-draw
 accuracy is within one standard error of the strongest setting tried.
 
@@ -12,15 +13,32 @@ Core module: torch, torchattacks and the project's core modules only.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor
 
+from atop.attacks import build_attack
+from atop.checkpoint import state_hash
 from atop.evaluation.defenses import PURIFIED, Defense
-from atop.evaluation.protocol import EvalData, EvalSettings, per_image, run_one
+from atop.evaluation.protocol import (
+    EvalData,
+    EvalSettings,
+    judge,
+    max_perturbation,
+    per_image,
+    run_one,
+    uses_amp,
+)
 from atop.evaluation.stats import standard_error
 from atop.params import Params, run_only, spec
+from atop.progress import progress
+from atop.training import autocast, seed_everything
+
+log = logging.getLogger(__name__)
 
 ALPHA_RULES = ("fixed", "2.5eps/steps")
 
@@ -67,9 +85,18 @@ class ConvergenceParams(Params):
 def study(defense: Defense, data: EvalData, params: ConvergenceParams) -> dict[str, Any]:
     """Run both sweeps on ``defense`` (stochastic) and judge every output with fresh draws.
 
+    With a fixed ``alpha`` the steps sweep is one run of the largest step count that keeps
+    its iterates at the smaller counts (:class:`atop.attacks.PackedEOTPGD` ``snapshots``):
+    PGD-k is the first k steps of PGD-K from the same start, so this is the same estimator
+    at a fraction of the cost (k passes less per point), with other random numbers than
+    separate runs. A sharded run (``torch.distributed``) and Madry's step-size rule run
+    each setting on its own.
+
     Returns:
-        ``{"steps": [(k, bool [N, D])], "eot": [(k, bool [N, D])], "norm", "eps"}``; a
-        setting present in both sweeps runs once.
+        ``{"steps": [(k, bool [N, D])], "eot": [(k, bool [N, D])], "norm", "eps",
+        "eot_at", "steps_at", "indices", "model"}`` (the images' test-set indices, the
+        weights' :func:`atop.checkpoint.state_hash`); a setting present in both sweeps runs
+        once.
 
     Raises:
         ValueError: a bad spec.
@@ -77,6 +104,8 @@ def study(defense: Defense, data: EvalData, params: ConvergenceParams) -> dict[s
     settings = params.settings
     norm = params.attack.get("norm", "Linf")
     done: dict[tuple[int, int], Tensor] = {}
+    if params.alpha_rule == "fixed" and norm == "Linf" and not settings.by_batch:
+        done.update(_trajectory(defense, data, params))
 
     def verdicts(steps: int, eot: int) -> Tensor:
         if (steps, eot) not in done:
@@ -91,7 +120,50 @@ def study(defense: Defense, data: EvalData, params: ConvergenceParams) -> dict[s
         "eot": [(k, verdicts(params.steps_at, k)) for k in sorted(params.eot)],
         "norm": norm,
         "eps": params.attack["eps"],
+        "eot_at": params.eot_at,
+        "steps_at": params.steps_at,
+        "indices": list(data.indices),
+        "model": state_hash(defense.model.state_dict()),
     }
+
+
+def _trajectory(
+    defense: Defense, data: EvalData, params: ConvergenceParams
+) -> dict[tuple[int, int], Tensor]:
+    """The steps sweep read off one PGD run of the largest step count (at ``eot_at``):
+    ``{(k, eot_at): bool [N, D]}``, every iterate judged with fresh draws (seeded and in
+    bf16 as :func:`run_one`)."""
+    settings, steps = params.settings, sorted(set(params.steps))
+    spec_ = params.spec_for(steps[-1], params.eot_at)
+    seed_everything(settings.seed)
+    attack = build_attack(defense.model, spec_, data.n_classes, settings.batch_size)
+    attack.snapshots = tuple(steps[:-1])
+    iterates: dict[int, list[Tensor]] = {k: [] for k in steps}
+    began = time.perf_counter()
+    size = settings.batch_size
+    with autocast(data.images.device, uses_amp(spec_, settings)):
+        for start in progress(range(0, len(data.labels), size), settings.progress, desc="pgd"):
+            rows = slice(start, start + size)
+            iterates[steps[-1]].append(attack(data.images[rows], data.labels[rows]))
+            for k in steps[:-1]:
+                iterates[k].append(attack.iterates[k])
+    seconds = time.perf_counter() - began
+    out = {}
+    for k in steps:
+        adversarial = torch.cat(iterates[k])
+        label = f"pgd{k}_eot{params.eot_at}"
+        out[(k, params.eot_at)] = draws = judge(defense, adversarial, data.labels, settings, label)
+        log.info(
+            "%s / %s: robust accuracy %.4f single-draw (one %d-step run, %.1f s; max "
+            "perturbation %.4g)",
+            defense.name,
+            label,
+            per_image(draws, "single").mean().item(),
+            steps[-1],
+            seconds,
+            max_perturbation(data.images, adversarial, "Linf"),
+        )
+    return out
 
 
 def flat_point(curve: list[tuple[int, float, float]]) -> dict[str, Any]:

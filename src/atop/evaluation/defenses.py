@@ -84,6 +84,9 @@ HISTORIES = {
 }
 #: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).
 PURIFIED = tuple(name for name, needs in NEEDS.items() if len(needs) == 2)
+#: The defenses the convergence study can run on (the main job's AP and AToP); the full
+#: comparison's sanity checks read their stronger attack from it.
+STUDIED = ("ap", "atop")
 
 Checkpoint = Mapping[str, Any] | str | os.PathLike
 

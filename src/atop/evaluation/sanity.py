@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
+from atop.checkpoint import state_hash
 from atop.evaluation.defenses import Defense
 from atop.evaluation.protocol import (
     AttackEntry,
@@ -85,7 +86,7 @@ def sanity_checks(
     draws: Mapping[str, Tensor],
     entries: Sequence[AttackEntry],
     sweep: Sequence[tuple[float, Tensor]],
-    stronger: Tensor | None,
+    stronger: Sequence[tuple[str, Tensor]],
     reference: AttackEntry,
     params: SanityParams,
     not_run: str | None = None,
@@ -102,7 +103,8 @@ def sanity_checks(
       ``params.large_eps_max_acc`` (a near-unbounded attack must win, or gradients are
       masked).
     * ``stronger_attack``: the reference PGD with more steps and EOT samples
-      (``params.stronger``) does not raise accuracy significantly.
+      (``params.stronger``, or the convergence study's strongest points:
+      :func:`study_points`) does not raise accuracy significantly.
     * ``iterative_beats_single_step``: PGD (reference) is not significantly weaker than FGSM.
     * ``bpda_vs_exact``: for each BPDA entry, the exact-gradient PGD of the same norm and ε is
       not significantly weaker (a stronger BPDA means obfuscated gradients through ``g``).
@@ -112,7 +114,8 @@ def sanity_checks(
         draws: attack label -> bool ``[M, D]`` verdicts on the evaluation images (their
             first ``N`` are used).
         entries: the attack entries; sweep: ``(eps, bool [N, D])`` of the reference attack,
-            sorted by ε (0 included); stronger: the stronger attack's verdicts or ``None``.
+            sorted by ε (0 included); stronger: ``(label, bool [N, D])`` of each stronger
+            attack (none: the check is "not run").
         reference: the reference (PGD) entry; params: the ``sanity`` parameters.
         not_run: why the ε sweep and the stronger attack did not run (their detail), when
             ``sweep`` and ``stronger`` are empty on purpose.
@@ -147,11 +150,11 @@ def sanity_checks(
         checks["large_eps_near_zero"] = {"status": "not run", "detail": not_run or "no eps sweep"}
 
     ref = draws[reference.label][:n]
-    if stronger is not None:
-        rise = rise_test(ref, stronger, alpha)
+    if stronger:
+        rises = [(label, rise_test(ref, verdicts[:n], alpha)) for label, verdicts in stronger]
         checks["stronger_attack"] = {
-            "status": "fail" if rise["significant_rise"] else "pass",
-            "detail": f"{reference.label} -> stronger: {_text(rise)}",
+            "status": "fail" if any(r["significant_rise"] for _, r in rises) else "pass",
+            "detail": "; ".join(f"{reference.label} -> {label}: {_text(r)}" for label, r in rises),
         }
     else:
         checks["stronger_attack"] = {
@@ -227,6 +230,37 @@ def sweep_spec(spec: Mapping[str, Any], eps: float) -> dict[str, Any]:
     return {**spec, "eps": eps, "alpha": spec["alpha"] * eps / spec["eps"]}
 
 
+def study_points(
+    study: Mapping[str, Any] | None,
+    reference: AttackEntry,
+    indices: Sequence[int],
+    model: str,
+) -> list[tuple[str, Tensor]]:
+    """The convergence study's points that are the reference PGD made stronger: its largest
+    step count (at ``eot_at`` EOT samples) and its largest EOT count (at ``steps_at``
+    steps), where they exceed the reference's steps / EOT and lose nothing of the other.
+
+    ``study``: :func:`atop.evaluation.convergence.study` of the defense whose weights hash
+    to ``model`` (:func:`atop.checkpoint.state_hash`). Returns ``[(label, bool [n, D])]`` on
+    the images ``indices`` (``n = len(indices)``), or ``[]`` when the study does not fit:
+    absent or skipped, other weights (a stale study), another norm or ε, other images.
+    """
+    if not study or study.get("model") != model or study.get("norm") != reference.norm:
+        return []
+    n = len(indices)
+    if not math.isclose(study["eps"], reference.eps) or list(study["indices"][:n]) != list(indices):
+        return []
+    steps, eot = reference.spec["steps"], reference.spec["eot_iter"]
+    k_steps, at_steps = max(study["steps"], key=lambda point: point[0])
+    k_eot, at_eot = max(study["eot"], key=lambda point: point[0])
+    points = []
+    if k_steps > steps and study["eot_at"] >= eot:
+        points.append((f"pgd{k_steps}_eot{study['eot_at']} (convergence study)", at_steps[:n]))
+    if k_eot > eot and study["steps_at"] >= steps:
+        points.append((f"pgd{study['steps_at']}_eot{k_eot} (convergence study)", at_eot[:n]))
+    return points
+
+
 def sanity_runs(
     defense: Defense,
     reference: AttackEntry,
@@ -237,12 +271,15 @@ def sanity_runs(
     sanity: SanityParams,
     settings: EvalSettings,
     validate: Validator | None = None,
-) -> tuple[list[tuple[float, Tensor]], Tensor | None]:
+    study: Mapping[str, Any] | None = None,
+) -> tuple[list[tuple[float, Tensor]], list[tuple[str, Tensor]]]:
     """Run the ε sweep and the stronger attack of the reference PGD on ``data``.
 
     ε = 0 reuses the clean verdicts and the reference ε the reference run's verdicts
     (``reference_draws``, bool ``[M, D]``, first ``n`` images); the others run the reference
-    spec with ε (and α in proportion) changed.
+    spec with ε (and α in proportion) changed. The stronger attacks are the convergence
+    study's strongest points where it fits (:func:`study_points`: the same defense and
+    images, more steps / EOT samples), else the reference with ``sanity.stronger``.
     """
     n = len(data.labels)
     base = defense_spec(reference, defense, settings.draws, settings.seed)
@@ -257,9 +294,9 @@ def sanity_runs(
             label = f"{reference.label}_eps_{format_eps(eps, reference.norm)}".replace("/", "_")
             run = run_one(defense, label, spec, reference.norm, eps, data, settings, validate)
             sweep.append((eps, run.draws))
-    stronger = None
+    stronger = study_points(study, reference, data.indices, state_hash(defense.model.state_dict()))
     overrides = dict(sanity.stronger)
-    if overrides:
+    if overrides and not stronger:
         spec = {**base, **overrides}
         if not defense.stochastic:
             spec["eot_iter"] = 1
@@ -273,5 +310,5 @@ def sanity_runs(
             settings,
             validate,
         )
-        stronger = run.draws
+        stronger = [("stronger", run.draws)]
     return sweep, stronger

@@ -188,11 +188,14 @@ def complete_sanity(
     validate: Validator | None = None,
     *,
     run: bool = True,
+    study: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sanity checks of a defense already attacked (``result``: its
     :func:`evaluate_defense` output): the ε sweep and the stronger reference attack on the
-    first ``params.sanity.images``, the fixed-randomness row (stochastic defenses), then
-    every check (:func:`atop.evaluation.sanity.sanity_checks`).
+    first ``params.sanity.images`` (the stronger attack read from ``study``, the defense's
+    convergence study, where it fits: :func:`atop.evaluation.sanity.study_points`), the
+    fixed-randomness row (stochastic defenses), then every check
+    (:func:`atop.evaluation.sanity.sanity_checks`).
 
     A defense outside ``params.sanity.defenses``, or ``run=False``, runs no extra attack:
     its sweep / stronger checks are "not run" with the reason. Returns a new result dict
@@ -203,7 +206,7 @@ def complete_sanity(
     draws = {label: a["draws"] for label, a in result["attacks"].items()}
     n = min(params.sanity.images or len(clean), len(clean))
     listed = params.sanity.defenses is None or defense.name in params.sanity.defenses
-    sweep, stronger, fixed, not_run = [], None, None, None
+    sweep, stronger, fixed, not_run = [], [], None, None
     if not listed:
         not_run = "not in evaluation.sanity.defenses"
     elif not run:
@@ -211,7 +214,7 @@ def complete_sanity(
     else:
         sweep, stronger = sanity_runs(
             defense, reference, draws[reference.label], clean, sorted(set(params.sanity.eps_sweep)),
-            data.head(n), params.sanity, params.settings, validate,
+            data.head(n), params.sanity, params.settings, validate, study,
         )  # fmt: skip
         if params.fixed_randomness and defense.stochastic:
             fixed = fixed_randomness_run(defense, reference, data, params.settings)

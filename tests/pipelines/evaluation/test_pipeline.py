@@ -29,10 +29,19 @@ from kedro.io import DataCatalog, DatasetError, MemoryDataset
 from kedro.runner import SequentialRunner
 from scipy import stats as scipy_stats
 
-from atop.checkpoint import CheckpointError
+from atop.checkpoint import CheckpointError, state_hash
 from atop.datasets import CSVDataset, OptionalJSONDataset, TorchDataset
 from atop.evaluation import protocol
-from atop.evaluation.defenses import DEFENSES, EXTRA, HISTORIES, MAIN, NEEDS, PURIFIED
+from atop.evaluation.defenses import (
+    DEFENSES,
+    EXTRA,
+    HISTORIES,
+    MAIN,
+    NEEDS,
+    PURIFIED,
+    STUDIED,
+    build_defense,
+)
 from atop.evaluation.suite import EvalParams
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import build_purifier, purifier_checkpoint
@@ -81,6 +90,7 @@ HISTORY_NAMES = sorted({key for names in HISTORIES.values() for key in names})
 #: The per-defense results: one catalog entry per defense (a dataset factory).
 RESULTS_PATTERN = "evaluation_{defense}"
 SANITY_PATTERN = "sanity_{defense}"
+STUDY_PATTERN = "convergence_{defense}"
 #: Evaluated in this run (checkpoints present): the main job's, and pgd_at in the comparison.
 EVALUATED_MAIN = ["standard", "ap", "ap_continued", "atop"]
 EVALUATED_ALL = [*EVALUATED_MAIN, "pgd_at"]
@@ -182,12 +192,13 @@ def make_catalog(inputs: dict, folder: Path, params: EvalParams) -> DataCatalog:
     for name, entry in catalog_config().items():
         if name in REPORTS or name in COMPARISON or name == "convergence":
             config[name] = moved(entry, folder / Path(entry["filepath"]).name)
-        elif name in (RESULTS_PATTERN, SANITY_PATTERN):
-            results = folder / "evaluation" / Path(entry["filepath"]).name
-            config[name] = {**entry, "filepath": str(results)}
+        elif name in (RESULTS_PATTERN, SANITY_PATTERN, STUDY_PATTERN):
+            sub = "convergence" if name == STUDY_PATTERN else "evaluation"
+            config[name] = {**entry, "filepath": str(folder / sub / Path(entry["filepath"]).name)}
     assert (
         RESULTS_PATTERN in config
         and SANITY_PATTERN in config
+        and config[STUDY_PATTERN]["optional"]
         and {*REPORTS, *COMPARISON, "convergence"} <= set(config)
     )
     catalog = DataCatalog.from_config(config)
@@ -243,7 +254,8 @@ def evaluated(inputs, tmp_path_factory) -> dict:
     """The main job, then the full comparison, on one catalog. Checkpoints present:
     classifier, purifier (AP), purifier_ap_continued, purifier_atop and pgd_at's; missing:
     purifier_ap_classifier_aware, rvs and the comparison's purifiers. No convergence study
-    before the main job; one (hand-made) before the comparison. Every GX summary recorded."""
+    before the main job; one (hand-made) before the comparison, AP's fitting its sanity
+    checks (the stronger attack is read from it), AToP's absent. Every GX summary recorded."""
     folder = tmp_path_factory.mktemp("evaluation")
     params = stage_params("evaluation", device="cpu")
     catalog = make_catalog(inputs, folder, params)
@@ -263,6 +275,15 @@ def evaluated(inputs, tmp_path_factory) -> dict:
         reports_after_main = sorted(p.name for p in folder.iterdir() if p.is_file())
         convergence = convergence_metrics()
         OptionalJSONDataset(str(folder / "convergence.json")).save(convergence)
+        ap = build_defense("ap", inputs["checkpoints"], torch.device("cpu"))
+        study = {
+            **_study({1: 3, 4: 2}, {1: 3, 2: 3}),  # the reference: PGD-2 x EOT-2
+            "eot_at": 2,
+            "steps_at": 1,
+            "indices": list(inputs["data"]["eval_indices"][: params.sanity.images]),
+            "model": state_hash(ap.model.state_dict()),
+        }
+        TorchDataset(str(folder / "convergence" / "ap.pt")).save(study)
         job["name"] = "comparison"
         SequentialRunner().run(create_comparison_pipeline(), catalog)
     return {
@@ -354,6 +375,8 @@ def test_one_node_per_defense_then_one_that_gathers_them():
     for name in MAIN:
         node = comparison[f"sanity_{name}"]
         assert f"evaluation_{name}" in node.inputs and node.outputs == [f"sanity_{name}"]
+        # the stronger attack of a studied defense comes from its convergence study
+        assert (f"convergence_{name}" in node.inputs) == (name in STUDIED)
         assert f"sanity_{name}" in comparison["collect_comparison"].inputs
     ap_alone = create_pipeline().from_nodes("evaluate_ap")
     assert {n.name for n in ap_alone.nodes if n.name.startswith("evaluate_")} == {"evaluate_ap"}
@@ -387,7 +410,8 @@ def test_every_attack_output_passes_the_suite_and_is_judged(evaluated):
     assert len(evaluated["summaries"]["main"]) == main_runs
     compared = evaluated["comparison_results"]["defenses"]
     extra_runs = sum(len(r["attacks"]) for n, r in compared.items() if n in EXTRA)
-    sanity_runs = len(compared) * (extra_sweep + 1)  # smoke: sanity.defenses = every defense
+    # smoke: sanity.defenses = every defense; AP's stronger attack is read from its study
+    sanity_runs = len(compared) * (extra_sweep + 1) - 1
     assert len(evaluated["summaries"]["comparison"]) == extra_runs + sanity_runs
     for summary in evaluated["summaries"]["main"] + evaluated["summaries"]["comparison"]:
         assert summary["success"] and summary["rows"] == params.images
@@ -753,6 +777,12 @@ def test_sanity_checks_run_and_are_reported(evaluated):
         limit = evaluated["params"].sanity.large_eps_max_acc
         at_max = res["sweep"][-1]["draws"].float().mean().item()
         assert statuses["large_eps_near_zero"] == ("pass" if at_max <= limit else "fail")
+    stronger = {
+        name: res["sanity"]["stronger_attack"]["detail"]
+        for name, res in evaluated["comparison_results"]["defenses"].items()
+    }
+    assert stronger["ap"].startswith("pgd_linf -> pgd4_eot2 (convergence study): ")
+    assert stronger["atop"].startswith("pgd_linf -> stronger: ")  # no study: it ran
     standard = metrics["robust_acc_vs_eps"]["standard"]
     assert standard["64/255"] < standard["0/255"]  # even 2 PGD steps at 64/255 break some
     assert "## Gradient-masking sanity checks" in report

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.evaluation.defenses import NEEDS, PURIFIED
+from atop.evaluation.defenses import NEEDS, STUDIED
 from atop.pipelines.convergence.nodes import convergence_report, study_node
-
-#: The defenses the study can run on (the stochastic ones of the main job).
-STUDIED = tuple(name for name in ("ap", "atop") if name in PURIFIED)
 
 
 def create_pipeline(**kwargs) -> Pipeline:

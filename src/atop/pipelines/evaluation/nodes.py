@@ -94,8 +94,9 @@ def sanity_node(name: str) -> Callable[..., dict[str, Any]]:
     """The node function ``sanity_<name>`` of the full comparison: the sanity checks'
     own attacks and the fixed-randomness row for a defense the main job evaluated without
     them (:func:`atop.evaluation.suite.complete_sanity`). Inputs: those of
-    :func:`evaluate_node` plus ``evaluation`` (the main job's result); output: the completed
-    result (a skipped defense stays skipped)."""
+    :func:`evaluate_node` plus ``evaluation`` (the main job's result) and, for a defense of
+    the convergence study, ``convergence`` (its study: the stronger attack is read from it);
+    output: the completed result (a skipped defense stays skipped)."""
 
     def sanity(
         test_set: dict[str, Tensor],
@@ -103,6 +104,7 @@ def sanity_node(name: str) -> Callable[..., dict[str, Any]]:
         class_names: list[str],
         params: EvalParams,
         evaluation: dict[str, Any],
+        convergence: dict[str, Any] | None = None,
         **inputs: Any,
     ) -> dict[str, Any]:
         if "skipped" in evaluation:
@@ -111,7 +113,8 @@ def sanity_node(name: str) -> Callable[..., dict[str, Any]]:
         if isinstance(ready, str):
             return {"skipped": ready}
         data, defense = ready
-        return complete_sanity(defense, data, params, evaluation, _gx_validator(params.tolerance))
+        validate = _gx_validator(params.tolerance)
+        return complete_sanity(defense, data, params, evaluation, validate, study=convergence)
 
     sanity.__name__ = sanity.__qualname__ = f"sanity_{name}"
     return sanity

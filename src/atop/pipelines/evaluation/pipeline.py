@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from kedro.pipeline import Node, Pipeline
 
-from atop.evaluation.defenses import DEFENSES, EXTRA, HISTORIES, MAIN, NEEDS
+from atop.evaluation.defenses import DEFENSES, EXTRA, HISTORIES, MAIN, NEEDS, STUDIED
 from atop.pipelines.evaluation.figures import plot_adversarial_grid, plot_robust_accuracy_vs_eps
 from atop.pipelines.evaluation.metrics import (
     accuracy_vs_eps_table,
@@ -58,13 +58,15 @@ def defense_nodes(names: Sequence[str], sanity: bool = True) -> list[Node]:
 
 def sanity_nodes(names: Sequence[str]) -> list[Node]:
     """``sanity_<name>``: the sanity checks of a defense the main job evaluated without
-    them, ``evaluation_<name>`` -> ``sanity_<name>`` (the completed result)."""
+    them, ``evaluation_<name>`` (and ``convergence_<name>`` for a defense of the
+    convergence study) -> ``sanity_<name>`` (the completed result)."""
     return [
         Node(
             func=sanity_node(name),
             inputs={
                 **SHARED,
                 "evaluation": f"evaluation_{name}",
+                **({"convergence": f"convergence_{name}"} if name in STUDIED else {}),
                 **{key: key for key in NEEDS[name] + HISTORIES[name]},
             },
             outputs=f"sanity_{name}",

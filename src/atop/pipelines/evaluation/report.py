@@ -448,7 +448,9 @@ def _sanity_section(
     out = [
         "## Gradient-masking sanity checks",
         "",
-        f"Reference attack: `{reference['label']}`; stronger variant: {stronger}; "
+        f"Reference attack: `{reference['label']}`; stronger variant: {stronger} (for a "
+        "defense of the convergence study: the study's most steps and most EOT samples, on "
+        "the same images; the check's detail names them); "
         f"{metrics['settings']['n_sanity_images']} images. Every comparison is paired (same "
         "images): a one-sided exact McNemar test of the worst-of-N verdicts at level "
         f"{sanity['alpha']:g} flags a significant rise. "
