@@ -36,6 +36,8 @@ Sections (one argparse function each, registered in ``SECTIONS``):
   the defended model and for the purifier's training step (:func:`compile_wins`).
 * ``eot-packing``: EOT draws of a small batch packed into one pass (the survivors attack)
   against sequential passes on trained checkpoints: time and a paired strength check.
+* ``processes``: one process with 2 threads vs two processes with 1 thread each, and EOT
+  passes of 128 rows, for PGD-EOT on the defended model (:func:`processes`).
 * ``stages``: training throughput of each stage of the last pipeline run, from its own
   records (``data/08_reporting/<dataset>/<profile>/<stage>_metrics.json``,
   ``params/<profile>.yaml``).
@@ -961,6 +963,77 @@ def eot_packing(argv: list[str]) -> None:
     print(f"  speed-up {t_seq / t_packed:.2f}x; packed vs sequential (two-sided McNemar): {text}")
 
 
+def processes(argv: list[str]) -> None:
+    """Section ``processes``: how to spend the 2 cores on the attacks. PGD ℓ∞ ``--steps`` ×
+    EOT ``--eot`` (bf16 gradients, as the evaluation) on the base defended model (random
+    weights) and ``--images`` real test images, batch 64, as (a) one process with 2 torch
+    threads (what every stage does), (b) two processes with 1 thread each running the same
+    attack at once (what a parallel runner of independent nodes would do; throughput summed),
+    (c) one process with 2 threads whose EOT draws fill passes of 128 rows
+    (:class:`atop.attacks.PackedEOT`, ``eot_batch`` 128) instead of 64. Each run is a fresh
+    process (``--worker``); image-passes/s and ratios to (a).
+    """
+    import subprocess
+
+    parser = argparse.ArgumentParser(prog="benchmark.py processes")
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--eot", type=int, default=4)
+    parser.add_argument("--eot-batch", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    add_common(parser)
+    args = parser.parse_args(argv)
+    if args.worker:
+        from atop.attacks import build_attack, run_attack
+        from atop.training import autocast
+
+        device = setup_device(args)
+        model = base_models(device)["defense"]
+        images, labels = cifar10(args.images, train=False)
+        x, y = to_unit(images).to(device), labels.to(device)
+        spec = {"name": "pgd", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 1,
+                "eot_iter": 1}  # fmt: skip
+        with autocast(device, True):
+            run_attack(build_attack(model, spec, N_CLASSES), x, y, 64, progress=False)  # warm-up
+            spec = {**spec, "steps": args.steps, "eot_iter": args.eot}
+            attack = build_attack(model, spec, N_CLASSES, eot_batch=args.eot_batch)
+            began = time.perf_counter()
+            run_attack(attack, x, y, 64, progress=False)
+        print(
+            json.dumps(
+                {"passes_per_s": len(x) * args.steps * args.eot / (time.perf_counter() - began)}
+            )
+        )
+        return
+
+    def launch(threads: int, eot_batch: int | None = None) -> subprocess.Popen:
+        command = [sys.executable, __file__, "processes", "--worker", "--threads", str(threads)]
+        command += [
+            "--images",
+            str(args.images),
+            "--steps",
+            str(args.steps),
+            "--eot",
+            str(args.eot),
+        ]
+        command += ["--eot-batch", str(eot_batch)] if eot_batch else []
+        return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+
+    def rate(*workers: subprocess.Popen) -> float:
+        outputs = [w.communicate()[0].strip().splitlines()[-1] for w in workers]
+        return sum(json.loads(line)["passes_per_s"] for line in outputs)
+
+    one = rate(launch(2))
+    two = rate(launch(1), launch(1))
+    packed = rate(launch(2, eot_batch=128))
+    print(
+        f"PGD-{args.steps} x EOT-{args.eot}, {args.images} images, batch 64, bf16 (image-passes/s)"
+    )
+    for name, value in (("1 process x 2 threads", one), ("2 processes x 1 thread", two),
+                        ("1 process x 2 threads, eot_batch 128", packed)):  # fmt: skip
+        print(f"  {name:38s} {value:7.1f}  ({value / one:.2f}x)")
+
+
 # --------------------------------------------------------------------------- purifier quality
 
 
@@ -1382,6 +1455,7 @@ SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "compile": compile_wins,
     "autoattack-check": autoattack_check,
     "eot-packing": eot_packing,
+    "processes": processes,
     "evaluation": evaluation,
     "stages": stages,
     "paper-projection": paper_projection,

@@ -69,22 +69,30 @@ def tiny_defense():
     return build_defense("ap", checkpoints, torch.device("cpu"))
 
 
-def test_study_runs_each_setting_once_and_judges_with_fresh_draws(
-    smoke, tiny_defense, cifar10_test_batch, monkeypatch
-):
+@pytest.fixture
+def recorded(smoke, cifar10_test_batch, monkeypatch):
+    """The smoke study's images, and the ``(label, spec)`` of every :func:`run_one` call
+    the study makes (it still runs)."""
     images, labels = cifar10_test_batch
     data = EvalData(images[: smoke.images], labels[: smoke.images], list(range(4)), 10)
     calls = []
 
     def recording(defense, label, spec, norm, eps, data, settings, validate=None):
-        calls.append((label, spec["steps"], spec["eot_iter"], settings.draws))
+        calls.append((label, dict(spec)))
         return run_one(defense, label, spec, norm, eps, data, settings, validate)
 
     monkeypatch.setattr(convergence_module, "run_one", recording)
+    return data, calls
+
+
+def test_study_runs_each_setting_once_and_judges_with_fresh_draws(smoke, tiny_defense, recorded):
+    data, calls = recorded
     result = study(tiny_defense, data, smoke)
     # smoke: steps [1, 2] at EOT 1 (one 2-step run, read off after 1 step), EOT [1, 2] at
     # 1 step; (1 step, EOT 1) is in both sweeps
-    assert calls == [("pgd1_eot2", 1, 2, smoke.draws)]
+    assert [(label, spec["steps"], spec["eot_iter"]) for label, spec in calls] == [
+        ("pgd1_eot2", 1, 2)
+    ]
     assert [k for k, _ in result["steps"]] == sorted(smoke.steps)
     assert [k for k, _ in result["eot"]] == sorted(smoke.eot)
     assert result["steps"][0][1] is result["eot"][0][1]  # the shared setting ran once
@@ -113,19 +121,11 @@ def test_study_runs_each_setting_once_and_judges_with_fresh_draws(
 
 
 def test_study_runs_each_step_count_alone_when_the_step_size_depends_on_it(
-    smoke, tiny_defense, cifar10_test_batch, monkeypatch
+    smoke, tiny_defense, recorded
 ):
-    images, labels = cifar10_test_batch
-    data = EvalData(images[: smoke.images], labels[: smoke.images], list(range(4)), 10)
-    calls = []
-
-    def recording(defense, label, spec, norm, eps, data, settings, validate=None):
-        calls.append((label, spec["alpha"]))
-        return run_one(defense, label, spec, norm, eps, data, settings, validate)
-
-    monkeypatch.setattr(convergence_module, "run_one", recording)
+    data, calls = recorded
     study(tiny_defense, data, smoke.replace(alpha_rule="2.5eps/steps"))  # Madry et al.'s rule
-    assert calls == [
+    assert [(label, spec["alpha"]) for label, spec in calls] == [
         ("pgd1_eot1", pytest.approx(2.5 * EPS)),
         ("pgd2_eot1", pytest.approx(2.5 * EPS / 2)),
         ("pgd1_eot2", pytest.approx(2.5 * EPS)),
