@@ -15,8 +15,10 @@ export KEDRO_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export GX_ANALYTICS_ENABLED := false
-# Idle OpenMP threads sleep instead of spinning (large slow-downs on a shared 2-core CPU).
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP's wait policy is left as it is: on an otherwise idle 2-core machine the default
+# (idle threads spin a while) runs the stages 1.25-1.5x faster than OMP_WAIT_POLICY=PASSIVE
+# (docs/benchmarks.md, "OpenMP wait policy"). The test workers share the cores, so
+# tests/conftest.py sets PASSIVE for them; set it yourself when other work runs beside a job.
 
 KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
 
