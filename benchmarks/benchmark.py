@@ -1345,6 +1345,9 @@ def parity(argv: list[str]) -> None:
     parser.add_argument(
         "--attacks", default="pgd_linf,pgd_l2", help="attacks: labels of evaluation.attacks"
     )
+    parser.add_argument(
+        "--defenses", default="ap,atop", help=f"attacks: defenses among {sorted(PARITY_MODELS)}"
+    )
     add_common(parser)
     args = parser.parse_args(argv)
     setup_device(args)
@@ -1383,10 +1386,13 @@ def parity(argv: list[str]) -> None:
                   flush=True)  # fmt: skip
         return
     evals = json.loads((indices / "eval_indices.json").read_text())
-    classifier = load_safe(data / "06_models/cifar10/base/classifier.pt")
     if args.stage == "attacks":
-        attack_parity(data, test, evals, classifier, params["evaluation"], args.attacks.split(","))
+        attack_parity(
+            data, test, evals, params["evaluation"], args.attacks.split(","),
+            args.defenses.split(","),
+        )  # fmt: skip
         return
+    classifier = load_safe(data / "06_models/cifar10/base/classifier.pt")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else [None]
     for seed, amp in ((seed, amp) for seed in seeds for amp in (True, False)):
         p = params["purifier_pretraining"].replace(
@@ -1401,16 +1407,31 @@ def parity(argv: list[str]) -> None:
               f"AP clean accuracy {m['ap_clean_acc']:.4f}", flush=True)  # fmt: skip
 
 
+#: ``parity attacks --defenses``: name -> (classifier file, purifier file or None) of a run.
+PARITY_MODELS = {
+    "ap": ("classifier.pt", "purifier.pt"),
+    "atop": ("classifier.pt", "purifier_atop.pt"),
+    "standard": ("classifier.pt", None),
+    "pgd_at": ("pgd_at_classifier.pt", None),
+    "rvs": ("rvs_classifier.pt", None),
+}
+
+
 def attack_parity(
-    data: Path, test: Any, evals: list[int], classifier: Any, params: Any, labels: list[str]
+    data: Path, test: Any, evals: list[int], params: Any, labels: list[str], defenses: list[str]
 ) -> None:
     """``parity attacks``: the base profile's attacks ``labels`` (its steps and EOT; default
-    PGD l-inf and l2) with bf16 vs float32 gradients on AP and AToP, the same images and seeds, both judged in
-    float32 with N fresh draws. bf16 is acceptable only where its robust accuracy is not
-    higher: a one-sided exact McNemar test (bf16 right more often than fp32) on the
-    first-draw and the worst-of-N verdicts, and the single-draw difference."""
+    PGD l-inf and l2) with bf16 vs float32 gradients on ``defenses`` (default AP and AToP),
+    the same images and seeds, both judged in float32 (N fresh draws on a purified defense).
+    The bf16 run puts every listed attack under bf16 autocast, also those the evaluation
+    keeps in float32 (:func:`atop.evaluation.protocol.uses_amp`), which is how such an
+    attack gets checked. bf16 is acceptable only where its robust accuracy is not higher: a
+    one-sided exact McNemar test (bf16 right more often than fp32) on the first-draw and the
+    worst-of-N verdicts, and the single-draw difference."""
+    from unittest import mock
+
     from atop.checkpoint import load_safe
-    from atop.evaluation import Defense, EvalSettings, evaluate, load_defense
+    from atop.evaluation import Defense, EvalSettings, evaluate, load_defense, protocol
     from atop.evaluation.protocol import per_image
     from atop.evaluation.stats import mcnemar
 
@@ -1421,13 +1442,19 @@ def attack_parity(
         sys.exit(f"unknown attacks {sorted(set(labels) - set(attacks))}: see evaluation.attacks")
     models = data / "06_models" / "cifar10" / "base"
     print(f"{len(rows)} evaluation images, N = {params.draws} draws, attacks {list(attacks)}")
-    for name, file in (("ap", "purifier.pt"), ("atop", "purifier_atop.pt")):
-        defense = Defense(name, load_defense(classifier, load_safe(models / file)), True)
+    if set(defenses) - set(PARITY_MODELS):
+        sys.exit(f"unknown defenses {sorted(set(defenses) - set(PARITY_MODELS))}")
+    for name in defenses:
+        classifier_file, purifier_file = PARITY_MODELS[name]
+        purifier = load_safe(models / purifier_file) if purifier_file else None
+        model = load_defense(load_safe(models / classifier_file), purifier)
+        defense = Defense(name, model, purifier is not None)
         specs = {k: dict(e.spec) for k, e in attacks.items()}
         results = {}
         for amp in (False, True):
             settings = EvalSettings(params.batch_size, params.draws, params.seed, False, amp)
-            results[amp] = evaluate(defense, x, y, specs, settings)
+            with mock.patch.object(protocol, "uses_amp", lambda spec, s: s.attack_amp):
+                results[amp] = evaluate(defense, x, y, specs, settings)
         for label in attacks:
             fp32, bf16 = (results[amp].runs[label] for amp in (False, True))
             single = [per_image(r.draws, "single").mean().item() for r in (fp32, bf16)]

@@ -17,6 +17,7 @@ from atop.attacks import (
     BPDA,
     EOTPGDL2,
     EveryImageAPGD,
+    FloatLogits,
     PackedEOTPGD,
     RejudgedMultiAttack,
     bpda_mode,
@@ -469,6 +470,30 @@ def test_autoattack_sub_attacks_use_the_spec(version, n_classes, draws, subs, de
         assert [apgd.loss for apgd in multi.attacks] == ["ce", "dlr"]  # APGD-CE, APGD-DLR
     # the sub-attacks are registered, so mode switches reach them
     assert set(attack._attacks.values()) >= {multi, *multi.attacks}
+
+
+def test_autoattack_standard_runs_under_bf16_autocast_and_is_unchanged_in_fp32(classifier, batch):
+    """torchattacks' APGD-T and Square fail on bf16 logits; FloatLogits hands them float32
+    logits, and is the identity in float32 (the same output as the bare model's attack)."""
+    images, labels = batch
+    spec = SMALL_SPECS["autoattack_standard"]
+    attack = build_attack(classifier, spec, N_CLASSES)
+    assert isinstance(attack.model, FloatLogits) and attack.model.model is classifier
+    torch.manual_seed(0)
+    fp32 = run_attack(attack, images, labels, batch_size=8, progress=False)
+    bare = torchattacks.AutoAttack(
+        classifier, norm="Linf", eps=spec["eps"], version="standard", n_classes=N_CLASSES, seed=0
+    )
+    for sub in bare._autoattack.attacks:
+        setattr(sub, "n_queries" if isinstance(sub, torchattacks.Square) else "steps",
+                spec["n_queries"] if isinstance(sub, torchattacks.Square) else spec["steps"])  # fmt: skip
+    bare._autoattack = RejudgedMultiAttack(bare._autoattack.attacks, draws=spec["draws"])
+    torch.manual_seed(0)
+    assert torch.equal(fp32, run_attack(bare, images, labels, batch_size=8, progress=False))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.manual_seed(0)
+        bf16 = run_attack(attack, images, labels, batch_size=8, progress=False)
+    assert bf16.dtype == torch.float32 and (bf16 - images).abs().max() <= spec["eps"] + 1e-6
 
 
 def test_rejudged_multiattack_keeps_each_images_worst_example(classifier, batch):

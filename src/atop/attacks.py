@@ -457,6 +457,8 @@ def _build_autoattack(model: nn.Module, p: dict[str, Any], n_classes: int) -> At
         )
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"autoattack.seed must be an integer, got {p['seed']!r}")
+    if p["version"] == "standard":
+        model = FloatLogits(model)
     attack = torchattacks.AutoAttack(
         model,
         norm=p["norm"],
@@ -477,6 +479,25 @@ def _build_autoattack(model: nn.Module, p: dict[str, Any], n_classes: int) -> At
                 sub.__class__ = EveryImageAPGD  # same state, fair selection (see its doc)
     attack._autoattack = RejudgedMultiAttack(sub_attacks, draws=p["draws"])
     return attack
+
+
+class FloatLogits(nn.Module):
+    """``model`` with its logits cast to float32 (the identity on float32 logits).
+
+    Under bf16 autocast torchattacks' APGD-T (its NumPy bookkeeping) and Square (an
+    ``index_put`` into a float32 buffer) fail on bf16 logits; float32 logits keep every
+    loss and buffer of AutoAttack-standard in float32 while the model's layers run in bf16.
+    Inputs and outputs as ``model``: float32 ``[N, C, H, W]`` in ``[0, 1]`` -> logits
+    ``[N, n_classes]``.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Float32 logits ``[N, n_classes]`` of ``model(x)``."""
+        return self.model(x).float()
 
 
 class EveryImageAPGD(torchattacks.APGD):
