@@ -314,6 +314,12 @@ def test_pgd_snapshots_are_the_shorter_runs_from_the_same_start(classifier, batc
     assert not torch.equal(long.iterates[2], final)
     with pytest.raises(ValueError, match=r"snapshots \[5\] must lie in 1 .. steps - 1 = 4"):
         PackedEOTPGD(classifier, 8 / 255, 2 / 255, 5, 1, snapshots=(5,))
+    spec = dict(SMALL_SPECS["pgd_linf_eot"], steps=5)
+    assert build_attack(classifier, spec, N_CLASSES, snapshots=(2, 4)).snapshots == (2, 4)
+    with pytest.raises(ValueError, match=r"snapshots \[5\] must lie in"):
+        build_attack(classifier, spec, N_CLASSES, snapshots=(5,))
+    with pytest.raises(ValueError, match="Linf 'pgd' attack only, not by 'fgsm'"):
+        build_attack(classifier, SMALL_SPECS["fgsm"], N_CLASSES, snapshots=(1,))
 
 
 @pytest.mark.parametrize("norm", ["Linf", "L2"])

@@ -389,7 +389,11 @@ def check_spec(spec: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
 
 
 def build_attack(
-    model: nn.Module, spec: Mapping[str, Any], n_classes: int, eot_batch: int | None = None
+    model: nn.Module,
+    spec: Mapping[str, Any],
+    n_classes: int,
+    eot_batch: int | None = None,
+    snapshots: tuple[int, ...] = (),
 ) -> Attack:
     """Build a torchattacks attack on the WHOLE ``model`` from one parameter entry.
 
@@ -425,25 +429,31 @@ def build_attack(
         n_classes: number of classes of the dataset (10 for CIFAR-10, 100 for CIFAR-100).
         eot_batch: images per forward pass the EOT draws of ``pgd``/``bpda`` may fill (the
             evaluation's batch size); ``None``: one draw per pass.
+        snapshots: step counts ``1 .. steps - 1`` after which an ℓ∞ ``pgd`` keeps its
+            iterate (:attr:`PackedEOTPGD.iterates`); other attacks take none.
 
     Returns:
         An attack; call it (or :func:`run_attack`) with ``(images, labels)``.
 
     Raises:
         ValueError: unknown name (the message lists the valid ones), missing or unknown
-            keys, a bad value, or ``bpda`` on a model without a ``bpda`` option.
+            keys, a bad value, ``bpda`` on a model without a ``bpda`` option, or
+            ``snapshots`` for another attack than ℓ∞ ``pgd`` or outside ``1 .. steps - 1``.
     """
     name, p = check_spec(spec)
     _check_positive_int("n_classes", n_classes)
+    if snapshots and (name != "pgd" or p["norm"] != "Linf"):
+        raise ValueError(f"snapshots are kept by the Linf 'pgd' attack only, not by {name!r}")
     if name == "fgsm":
         if p["norm"] != "Linf":
             raise ValueError("Attack 'fgsm' is an ℓ∞ attack: use norm 'Linf' (or 'pgd' for L2)")
         return torchattacks.FGSM(model, eps=p["eps"])
     if name in ("pgd", "bpda"):
-        pgd = PackedEOTPGD if p["norm"] == "Linf" else EOTPGDL2
-        attack = pgd(
-            model, p["eps"], p["alpha"], p["steps"], p["eot_iter"], p["random_start"], eot_batch
-        )
+        args = (model, p["eps"], p["alpha"], p["steps"], p["eot_iter"], p["random_start"])
+        if p["norm"] == "Linf":
+            attack = PackedEOTPGD(*args, eot_batch, snapshots)
+        else:
+            attack = EOTPGDL2(*args, eot_batch)
         return BPDA(attack) if name == "bpda" else attack
     if name == "cw":
         return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])

@@ -136,8 +136,9 @@ def _trajectory(
     settings, steps = params.settings, sorted(set(params.steps))
     spec_ = params.spec_for(steps[-1], params.eot_at)
     seed_everything(settings.seed)
-    attack = build_attack(defense.model, spec_, data.n_classes, settings.batch_size)
-    attack.snapshots = tuple(steps[:-1])
+    attack = build_attack(
+        defense.model, spec_, data.n_classes, settings.batch_size, tuple(steps[:-1])
+    )
     iterates: dict[int, list[Tensor]] = {k: [] for k in steps}
     began = time.perf_counter()
     size = settings.batch_size

@@ -212,13 +212,9 @@ class EvalSettings:
 def uses_amp(spec: Mapping[str, Any], settings: EvalSettings) -> bool:
     """Whether an attack runs its gradients under bf16 autocast: ``settings.attack_amp`` and
     an attack whose bf16 strength was checked against float32 (FGSM, PGD, BPDA,
-    AutoAttack-rand; docs/benchmarks.md). C&W and AutoAttack-standard stay float32 (its
-    APGD-T / FAB-T / Square were not checked, and torchattacks' APGD-T cannot hold bf16
-    losses)."""
+    AutoAttack-rand and -standard; docs/benchmarks.md). C&W stays float32 (not checked)."""
     name = spec.get("name")
-    checked = name in ("fgsm", "pgd", "bpda") or (
-        name == "autoattack" and spec.get("version") == "rand"
-    )
+    checked = name in ("fgsm", "pgd", "bpda", "autoattack")
     return settings.attack_amp and checked
 
 
