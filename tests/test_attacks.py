@@ -500,6 +500,11 @@ def test_autoattack_standard_runs_under_bf16_autocast_and_is_unchanged_in_fp32(c
         torch.manual_seed(0)
         bf16 = run_attack(attack, images, labels, batch_size=8, progress=False)
     assert bf16.dtype == torch.float32 and (bf16 - images).abs().max() <= spec["eps"] + 1e-6
+    # the wrapper has no mode of its own: the attack leaves the model in the mode it found
+    assert not classifier.training and not attack.model.training
+    wrapper = FloatLogits(classifier)
+    assert wrapper.train().training and classifier.training
+    assert not wrapper.eval().training and not classifier.training
 
 
 def test_rejudged_multiattack_keeps_each_images_worst_example(classifier, batch):

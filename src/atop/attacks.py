@@ -505,6 +505,16 @@ class FloatLogits(nn.Module):
         super().__init__()
         self.model = model
 
+    @property
+    def training(self) -> bool:
+        """The wrapped model's mode: torchattacks restores the mode it reads here after an
+        attack, so a wrapper with a mode of its own would leave an eval model in train mode."""
+        return self._modules["model"].training if "model" in self._modules else True
+
+    @training.setter
+    def training(self, mode: bool) -> None:  # nn.Module.train() sets the children's mode
+        pass
+
     def forward(self, x: Tensor) -> Tensor:
         """Float32 logits ``[N, n_classes]`` of ``model(x)``."""
         return self.model(x).float()
