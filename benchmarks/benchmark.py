@@ -1446,12 +1446,12 @@ def attack_parity(
         sys.exit(f"unknown defenses {sorted(set(defenses) - set(PARITY_MODELS))}")
     for name in defenses:
         classifier_file, purifier_file = PARITY_MODELS[name]
-        purifier = load_safe(models / purifier_file) if purifier_file else None
-        model = load_defense(load_safe(models / classifier_file), purifier)
-        defense = Defense(name, model, purifier is not None)
         specs = {k: dict(e.spec) for k, e in attacks.items()}
         results = {}
-        for amp in (False, True):
+        for amp in (False, True):  # a freshly loaded model each: no state carries over
+            purifier = load_safe(models / purifier_file) if purifier_file else None
+            model = load_defense(load_safe(models / classifier_file), purifier)
+            defense = Defense(name, model, purifier is not None)
             settings = EvalSettings(params.batch_size, params.draws, params.seed, False, amp)
             with mock.patch.object(protocol, "uses_amp", lambda spec, s: s.attack_amp):
                 results[amp] = evaluate(defense, x, y, specs, settings)
