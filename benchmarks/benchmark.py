@@ -32,6 +32,8 @@ Sections (one argparse function each, registered in ``SECTIONS``):
   bare classifier (image-steps/s, forward-backward passes/s, forward passes/s of the
   fresh-draw judging), and the projected evaluation time of the base and paper protocols
   (``evaluation`` of each profile's typed parameters) on this machine.
+* ``precision``: float32 vs bf16 autocast for every training step and attack.
+* ``layout``: the classifier in NCHW vs channels-last (NHWC) for the same workloads, bf16.
 * ``compile``: ``torch.compile`` and ``channels_last`` against eager, bf16, for PGD-EOT on
   the defended model and for the purifier's training step (:func:`compile_wins`).
 * ``eot-packing``: EOT draws of a small batch packed into one pass (the survivors attack)
@@ -587,18 +589,23 @@ def stages(argv: list[str]) -> None:
 # --------------------------------------------------------------------------- precision
 
 
-def precision(argv: list[str]) -> None:
-    """Section ``precision``: float32 vs bf16 autocast, side by side, for every training step
-    and the attacks (images/s and the bf16 / fp32 ratio).
+#: The workloads of ``precision`` and ``layout``; the attacks count image-passes.
+WORKLOADS = "classifier,purifier,atop,pgd_at,rvs,pgd-defense,pgd-classifier"
+ATTACK_PASSES = {"pgd-defense": 10, "pgd-classifier": 10}
 
-    Each workload runs the library's own step on real CIFAR-10 images with the base models
-    (resnet-fast width 16, the gated U-Net purifier cnum 32, RT2 at the authors' noise):
-    ``classifier`` (one SGD step), ``purifier`` (one D + one g step, Eq. 8), ``atop`` (FGSM
-    against f(g(t(.))) + the GAN update + CE, Eq. 9), ``pgd_at`` (PGD-10 + one SGD step),
-    ``rvs`` (one generator + one classifier step), and the attacks ``pgd-defense`` (PGD-EOT
-    on f(g(t(.))), image-passes/s) and ``pgd-classifier``. Runs alternate fp32 / bf16; the
-    median of ``--repeats`` is reported.
-    """
+
+def workload_factory(
+    x: Tensor, y: Tensor, device: torch.device
+) -> Callable[[str, bool, bool], Callable[[], Any]]:
+    """``make(workload, amp, channels_last)``: a callable running one step of ``workload``
+    (:data:`WORKLOADS`) on the batch ``x`` (float32 ``[B, 3, 32, 32]`` in [0, 1]), ``y``, with
+    the base models (resnet-fast width 16, the gated U-Net cnum 32, RT2 at the authors' noise)
+    built from seed 0: ``classifier`` (one SGD step), ``purifier`` (one D + one g step, Eq. 8),
+    ``atop`` (FGSM against f(g(t(.))) + the GAN update + CE, Eq. 9), ``pgd_at`` (PGD-10 + one
+    SGD step), ``rvs`` (one generator + one classifier step), and the attacks ``pgd-defense``
+    (PGD-5 x EOT-2 on f(g(t(.)))) and ``pgd-classifier`` (PGD-5 on f), which return their
+    adversarial images. ``amp``: bf16 autocast; ``channels_last``: the classifier's weights
+    (and, where it trains, its input batches) in NHWC."""
     import functools
 
     from atop.attacks import build_attack, run_attack
@@ -615,22 +622,7 @@ def precision(argv: list[str]) -> None:
     from atop.training import autocast
     from atop.transforms import RandomTransform
 
-    parser = argparse.ArgumentParser(prog="benchmark.py precision")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=3, help="timed batches per run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument(
-        "--workloads", default="classifier,purifier,atop,pgd_at,rvs,pgd-defense,pgd-classifier"
-    )
-    add_common(parser)
-    args = parser.parse_args(argv)
-    device = setup_device(args)
-    x, y = training_batch(args.batch_size, device)
     transform = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
-
-    def classifier_model() -> nn.Module:
-        torch.manual_seed(0)
-        return build_classifier("resnet-fast", N_CLASSES, width=16).to(device)
 
     def purifier_models() -> tuple[nn.Module, nn.Module]:
         torch.manual_seed(0)
@@ -641,17 +633,20 @@ def precision(argv: list[str]) -> None:
         opts = [torch.optim.Adam(m.parameters(), lr=1e-4, betas=(0.5, 0.999)) for m in (g, d)]
         return PurifierStep(g, d, transform, *opts, gan_weight=0.1, device=device, amp=amp)
 
-    def make(workload: str, amp: bool) -> Callable[[], Any]:
+    def make(workload: str, amp: bool, channels_last: bool = False) -> Callable[[], Any]:
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        torch.manual_seed(0)
+        f = build_classifier("resnet-fast", N_CLASSES, width=16).to(device, memory_format=layout)
+        xb = x.contiguous(memory_format=layout)  # the batches a trainer feeds f
         if workload == "classifier":
-            f = classifier_model().train()
             opt = torch.optim.SGD(f.parameters(), lr=0.05, momentum=0.9)
-            step = classifier_step(f, opt, device, amp, 0.1)
-            return lambda: step(x, y)
+            step = classifier_step(f.train(), opt, device, amp, 0.1)
+            return lambda: step(xb, y)
         if workload == "purifier":
             step = adam_step(*purifier_models(), amp)
             return lambda: step(x, x)
         if workload == "atop":
-            f = classifier_model().eval().requires_grad_(False)
+            f = f.eval().requires_grad_(False)
             g, d = purifier_models()
             attack = build_attack(
                 PurifiedClassifier(f, g, transform), {"name": "fgsm", "eps": 8 / 255}, N_CLASSES
@@ -659,40 +654,51 @@ def precision(argv: list[str]) -> None:
             step = atop_train_step(f, adam_step(g, d, amp), attack, lambda_cls=0.1)
             return lambda: step(x, y)
         if workload == "pgd_at":
-            f = classifier_model().train()
             opt = torch.optim.SGD(f.parameters(), lr=0.05, momentum=0.9)
             attack = pgd_attack(
-                f, PGDTrainAttackParams(eps=8 / 255, alpha=2 / 255, steps=10), N_CLASSES
+                f.train(), PGDTrainAttackParams(eps=8 / 255, alpha=2 / 255, steps=10), N_CLASSES
             )
-            return lambda: pgd_at_step(f, opt, x, y, attack=attack, amp=amp)
+            return lambda: pgd_at_step(f, opt, xb, y, attack=attack, amp=amp)
         if workload == "rvs":
-            f = classifier_model().train()
             gen = RvSGenerator().to(device)
             opts = [torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for m in (f, gen)]
             ot_fn = functools.partial(entropic_ot, reg=0.01, num_iter=100)
-            return lambda: rvs_step(f, gen, *opts, x, y, ot_fn=ot_fn, amp=amp)
-        model = classifier_model().eval().requires_grad_(False)
+            return lambda: rvs_step(f.train(), gen, *opts, xb, y, ot_fn=ot_fn, amp=amp)
+        model = f.eval().requires_grad_(False)
         if workload == "pgd-defense":
             model = PurifiedClassifier(
                 model, purifier_models()[0].eval().requires_grad_(False), transform
             )
-        spec = {
-            "name": "pgd",
-            "norm": "Linf",
-            "eps": 8 / 255,
-            "alpha": 2 / 255,
-            "steps": 5,
-            "eot_iter": 2,
-        }
-        attack = build_attack(model, spec, N_CLASSES)
+        spec = {"name": "pgd", "norm": "Linf", "eps": 8 / 255, "alpha": 2 / 255, "steps": 5}
+        attack = build_attack(model, {**spec, "eot_iter": 2}, N_CLASSES)
 
-        def run() -> None:
+        def run() -> Tensor:
+            torch.manual_seed(1)
             with autocast(device, amp):
-                run_attack(attack, x, y, len(x), progress=False)
+                return run_attack(attack, x, y, len(x), progress=False)
 
         return run
 
-    passes = {"pgd-defense": 10, "pgd-classifier": 10}
+    return make
+
+
+def precision(argv: list[str]) -> None:
+    """Section ``precision``: float32 vs bf16 autocast, side by side, for every training step
+    and the attacks (images/s and the bf16 / fp32 ratio), the workloads of
+    :func:`workload_factory` (the attacks in image-passes/s). Runs alternate fp32 / bf16; the
+    median of ``--repeats`` is reported.
+    """
+    parser = argparse.ArgumentParser(prog="benchmark.py precision")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default=WORKLOADS)
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    make = workload_factory(*training_batch(args.batch_size, device), device)
+
+    passes = ATTACK_PASSES
     print(
         f"float32 vs bf16 autocast: device {device}, {torch.get_num_threads()} threads, batch "
         f"{args.batch_size}, {args.batches} batches per run, median of {args.repeats}"
@@ -715,6 +721,52 @@ def precision(argv: list[str]) -> None:
         fp32, bf16 = (scale / statistics.median(times[amp]) for amp in (False, True))
         print(
             f"  {workload:15s} fp32 {fp32:8.1f} | bf16 {bf16:8.1f} {unit} | ratio {bf16 / fp32:5.2f}x"
+        )
+
+
+def layout(argv: list[str]) -> None:
+    """Section ``layout``: the classifier contiguous (NCHW) vs channels-last (NHWC), side by
+    side under bf16 autocast (as the base profile runs), for the workloads of
+    :func:`workload_factory` (images/s, image-passes/s for the attacks; runs alternate, the
+    median of ``--repeats``). For the attacks it also checks that both layouts return the
+    same adversarial images from the same seed (bit for bit, or the largest difference)."""
+    parser = argparse.ArgumentParser(prog="benchmark.py layout")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batches", type=int, default=3, help="timed batches per run")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workloads", default=WORKLOADS)
+    add_common(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    make = workload_factory(*training_batch(args.batch_size, device), device)
+    print(
+        f"classifier NCHW vs NHWC, bf16 autocast: device {device}, {torch.get_num_threads()} "
+        f"threads, batch {args.batch_size}, {args.batches} batches per run, median of "
+        f"{args.repeats}"
+    )
+    for workload in args.workloads.split(","):
+        runs = {cl: make(workload, True, cl) for cl in (False, True)}
+        outputs = {cl: run() for cl, run in runs.items()}  # warm-up (attacks: their output)
+        times: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(args.repeats):
+            for cl, run in runs.items():
+                sync(device)
+                began = time.perf_counter()
+                for _ in range(args.batches):
+                    run()
+                sync(device)
+                times[cl].append(time.perf_counter() - began)
+        unit = "image-passes/s" if workload in ATTACK_PASSES else "images/s"
+        scale = ATTACK_PASSES.get(workload, 1) * args.batches * args.batch_size
+        nchw, nhwc = (scale / statistics.median(times[cl]) for cl in (False, True))
+        same = ""
+        if workload in ATTACK_PASSES:
+            diff = (outputs[False] - outputs[True]).abs().max().item()
+            same = " | outputs identical" if diff == 0 else f" | outputs differ by {diff:.3g}"
+        print(
+            f"  {workload:15s} NCHW {nchw:8.1f} | NHWC {nhwc:8.1f} {unit} | "
+            f"ratio {nhwc / nchw:5.2f}x{same}",
+            flush=True,
         )
 
 
@@ -1479,6 +1531,7 @@ SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "purifier": purifier,
     "purifier-quality": purifier_quality,
     "precision": precision,
+    "layout": layout,
     "compile": compile_wins,
     "autoattack-check": autoattack_check,
     "eot-packing": eot_packing,

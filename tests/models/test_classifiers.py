@@ -108,6 +108,34 @@ def test_checkpoint_round_trip_through_a_safe_file(tmp_path, cifar10_test_batch)
     assert ckpt["meta"] == {"epochs": 1}
 
 
+def test_channels_last_classifier_computes_the_same_logits_and_gradients(cifar10_test_batch):
+    from atop.training import autocast
+
+    torch.manual_seed(0)
+    config = {"num_classes": 10, "width": 16}
+    model = build_classifier("resnet-fast", **config).train()
+    model(cifar10_test_batch[0][:64])  # BN running statistics away from their init
+    ckpt = classifier_checkpoint(model, "resnet-fast", config)
+    nchw = load_classifier(ckpt).requires_grad_(False)
+    nhwc = load_classifier(ckpt, channels_last=True).requires_grad_(False)
+    assert not nhwc.training
+    assert nhwc.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = cifar10_test_batch[0][:32], cifar10_test_batch[1][:32]
+    for amp, tol in ((False, 1e-4), (True, 2e-2)):  # float32, then bf16 where available
+        results = []
+        for model in (nchw, nhwc):
+            images = x.clone().requires_grad_(True)  # an NCHW input, as the attacks give
+            with autocast(x.device, amp):
+                logits = model(images).float()
+            grad = torch.autograd.grad(F.cross_entropy(logits, y), images)[0]
+            results.append((logits.detach(), grad))
+        (la, ga), (lb, gb) = results
+        assert torch.allclose(la, lb, atol=tol, rtol=tol)
+        # a max-pool near-tie may route a pixel's gradient elsewhere: compare directions
+        assert F.cosine_similarity(ga.flatten(), gb.flatten(), dim=0) > 0.99
+        assert torch.equal(la.argmax(1), lb.argmax(1))
+
+
 def test_load_classifier_gives_clear_errors():
     config = {"num_classes": 10, "width": 8}
     ckpt = classifier_checkpoint(build_classifier("resnet-fast", **config), "resnet-fast", config)

@@ -101,8 +101,11 @@ def test_baselines_decay_only_conv_and_linear_weights(stage, inputs, tmp_path):
     assert plain["weight_decay"] == 0.0
     assert decayed["lr"] == plain["lr"] == params.optimizer.lr
 
-    assert params.channels_last is None
-    assert setup.channels_last is False  # channels_last null: CUDA only
+    assert params.channels_last is True  # the base profile's NHWC classifier and batches
+    assert setup.channels_last is True
+    assert setup.classifier.body[0][0].weight.is_contiguous(memory_format=torch.channels_last)
+    cpu_default, _ = baseline_setup(inputs, tmp_path, stage, channels_last=None)
+    assert cpu_default.channels_last is False  # channels_last null: CUDA only
     keep = random_subset(192, 100, params.seed, sort=False)  # in draw order
     assert torch.equal(setup.batches.images, inputs["train_set"]["images"][keep])
     mean, std = channel_stats(inputs["train_set"]["images"][keep])

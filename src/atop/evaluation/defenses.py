@@ -138,7 +138,7 @@ def build_defense(
         raise ValueError(f"Defense {name!r} needs the checkpoint(s) {missing}.")
     if name not in PURIFIED:
         key = NEEDS[name][0]
-        model = _frozen(load_classifier(checkpoints[key], device), device)
+        model = _frozen(load_classifier(checkpoints[key], device, channels_last=True), device)
         return Defense(name, model, False)
     purifier_key = NEEDS[name][1]
     purifier = checkpoints[purifier_key]
@@ -158,7 +158,7 @@ def build_defense(
                 "purifier only defends the classifier it was trained with. Load that one."
             )
     generator, _ = load_purifier(purifier, device)
-    classifier = load_classifier(checkpoints["classifier"], device)
+    classifier = load_classifier(checkpoints["classifier"], device, channels_last=True)
     model = PurifiedClassifier(classifier, generator, build_transform(transform))
     return Defense(name, _frozen(model, device), True, {}, model.transform.config.to_dict())
 

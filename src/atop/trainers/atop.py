@@ -195,7 +195,7 @@ def finetune_purifier(
     device = resolve_device(params.device)
     batch_generator = seed_everything(params.seed)
 
-    classifier = load_classifier(classifier_ckpt, device).requires_grad_(False).eval()
+    classifier = load_classifier(classifier_ckpt, device, channels_last=True).requires_grad_(False)
     generator, discriminator = load_purifier(purifier_ckpt, device)
     if discriminator is None:
         raise ValueError("AToP needs the purifier's discriminator: the checkpoint has none.")

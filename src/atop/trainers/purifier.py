@@ -496,7 +496,7 @@ def evaluate_purifier(
         )
     device = resolve_device(params.device)
     generator, _ = load_purifier(purifier, device)
-    f = load_classifier(classifier, device).requires_grad_(False)
+    f = load_classifier(classifier, device, channels_last=True).requires_grad_(False)
     transform = build_transform(meta["transform"])
     index = torch.as_tensor(meta["val_indices"], dtype=torch.int64)
     images = to_unit(test_set["images"][index].to(device))

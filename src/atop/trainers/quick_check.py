@@ -50,7 +50,7 @@ def robust_quick_check(
         atop.checkpoint.CheckpointError: the checkpoint is malformed.
     """
     device = resolve_device(params.device)
-    model = load_classifier(classifier, device=device)
+    model = load_classifier(classifier, device=device, channels_last=True)
     cuda = device.type == "cuda"
     batch = params.eval_batch_size
     clean = accuracy(model, test_set["images"], test_set["labels"], batch, device, cuda)
