@@ -40,6 +40,7 @@ Sections (one argparse function each, registered in ``SECTIONS``):
   against sequential passes on trained checkpoints: time and a paired strength check.
 * ``processes``: one process with 2 threads vs two processes with 1 thread each, and EOT
   passes of 128 rows, for PGD-EOT on the defended model (:func:`processes`).
+* ``runs``: one defense in two pipeline runs, paired on the same images (exact McNemar).
 * ``stages``: training throughput of each stage of the last pipeline run, from its own
   records (``data/08_reporting/<dataset>/<profile>/<stage>_metrics.json``,
   ``params/<profile>.yaml``).
@@ -1370,6 +1371,63 @@ def paper_projection(argv: list[str]) -> None:
         print(f"| {name} | {total / 1e15:,.0f} | {total / rate / 3600:,.1f} |")
 
 
+# --------------------------------------------------------------------------- two runs
+
+
+def runs(argv: list[str]) -> None:
+    """Section ``runs``: one defense in two runs of the pipeline (e.g. before and after a
+    change that retrained it), paired on the same evaluation images: per image, the clean
+    verdict and the worst case over the threat model's attacks (the ε sweep and the
+    fixed-randomness rows left out), on the first draw and on all draws (worst-of-N), from each
+    run's ``<report>_verdicts.csv``; accuracies and a two-sided exact McNemar test
+    (:func:`atop.evaluation.stats.mcnemar`; +a/−b: images right only in the new / old run)."""
+    import pandas as pd
+
+    from atop.evaluation.stats import mcnemar
+
+    parser = argparse.ArgumentParser(prog="benchmark.py runs")
+    parser.add_argument("--old", required=True, help="project folder of the first run")
+    parser.add_argument("--new", required=True, help="project folder of the second run")
+    parser.add_argument("--defense", default="atop")
+    parser.add_argument("--report", default="robustness", help="robustness | comparison")
+    parser.add_argument("--dataset", default="cifar10")
+    parser.add_argument("--profile", default="base")
+    args = parser.parse_args(argv)
+
+    def verdicts(run: str) -> pd.DataFrame:
+        path = Path(run) / "data/07_model_output" / args.dataset / args.profile
+        table = pd.read_csv(path / f"{args.report}_verdicts.csv")
+        table = table[table.defense == args.defense]
+        if table.empty:
+            sys.exit(f"{path}: no verdicts of defense {args.defense!r}.")
+        draws = [c for c in table.columns if c.startswith("draw_")]
+        table = table.assign(
+            first=table["draw_0"].astype(bool),
+            every=table[draws].fillna(1).astype(bool).all(axis=1),  # right on every draw
+        )
+        return table[~table.attack.str.contains("_eps_|fixed")]
+
+    def worst(table: pd.DataFrame, norm: str | None) -> pd.DataFrame:
+        rows = table[table.attack == "clean"] if norm is None else table[table.norm == norm]
+        clean = table[table.attack == "clean"]
+        return pd.concat([clean, rows]).groupby("image")[["first", "every"]].min()
+
+    old, new = verdicts(args.old), verdicts(args.new)
+    print(f"{args.defense}: {args.old} (old) vs {args.new} (new), {args.report} verdicts")
+    for norm in (None, "Linf", "L2"):
+        a, b = worst(new, norm), worst(old, norm)
+        b = b.reindex(a.index)
+        for column, rule in (("first", "first draw"), ("every", "worst-of-N")):
+            x = torch.tensor(a[column].to_numpy(dtype=bool))
+            y = torch.tensor(b[column].to_numpy(dtype=bool))
+            test = mcnemar(x, y)
+            print(
+                f"  {'clean' if norm is None else 'worst ' + norm:10s} {rule:10s} old "
+                f"{100 * y.float().mean():6.2f} % | new {100 * x.float().mean():6.2f} % | "
+                f"+{test.only_a}/-{test.only_b}, p = {test.p_value:.3g} ({len(x)} images)"
+            )
+
+
 # --------------------------------------------------------------------------- bf16 parity
 
 
@@ -1540,6 +1598,7 @@ SECTIONS: dict[str, Callable[[list[str]], None]] = {
     "stages": stages,
     "paper-projection": paper_projection,
     "parity": parity,
+    "runs": runs,
 }
 
 
