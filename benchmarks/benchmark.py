@@ -683,13 +683,21 @@ def workload_factory(
     return make
 
 
-def precision(argv: list[str]) -> None:
-    """Section ``precision``: float32 vs bf16 autocast, side by side, for every training step
-    and the attacks (images/s and the bf16 / fp32 ratio), the workloads of
-    :func:`workload_factory` (the attacks in image-passes/s). Runs alternate fp32 / bf16; the
-    median of ``--repeats`` is reported.
-    """
-    parser = argparse.ArgumentParser(prog="benchmark.py precision")
+def side_by_side(
+    argv: list[str],
+    prog: str,
+    title: str,
+    labels: tuple[str, str],
+    build: Callable[[Callable[..., Any], str, bool], Callable[[], Any]],
+    compare_outputs: bool = False,
+) -> None:
+    """The body of ``precision`` and ``layout``: for each workload of
+    :func:`workload_factory`, its two variants (``build(make, workload, second)``) warmed up,
+    then timed alternately (the median of ``--repeats`` runs of ``--batches`` steps), printed as
+    throughput (images/s; image-passes/s for the attacks) and the second / first ratio;
+    ``compare_outputs``: whether both variants of an attack return the same adversarial images
+    (bit for bit, or the largest difference)."""
+    parser = argparse.ArgumentParser(prog=f"benchmark.py {prog}")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=3, help="timed batches per run")
     parser.add_argument("--repeats", type=int, default=3)
@@ -698,77 +706,61 @@ def precision(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     device = setup_device(args)
     make = workload_factory(*training_batch(args.batch_size, device), device)
-
-    passes = ATTACK_PASSES
     print(
-        f"float32 vs bf16 autocast: device {device}, {torch.get_num_threads()} threads, batch "
+        f"{title}: device {device}, {torch.get_num_threads()} threads, batch "
         f"{args.batch_size}, {args.batches} batches per run, median of {args.repeats}"
     )
     for workload in args.workloads.split(","):
-        runs = {amp: make(workload, amp) for amp in (False, True)}
+        runs = {second: build(make, workload, second) for second in (False, True)}
+        outputs = {second: run() for second, run in runs.items()}  # warm-up
         times: dict[bool, list[float]] = {False: [], True: []}
-        for run in runs.values():
-            run()  # warm-up
         for _ in range(args.repeats):
-            for amp, run in runs.items():
+            for second, run in runs.items():
                 sync(device)
                 began = time.perf_counter()
                 for _ in range(args.batches):
                     run()
                 sync(device)
-                times[amp].append(time.perf_counter() - began)
-        unit = "image-passes/s" if workload in passes else "images/s"
-        scale = passes.get(workload, 1) * args.batches * args.batch_size
-        fp32, bf16 = (scale / statistics.median(times[amp]) for amp in (False, True))
+                times[second].append(time.perf_counter() - began)
+        unit = "image-passes/s" if workload in ATTACK_PASSES else "images/s"
+        scale = ATTACK_PASSES.get(workload, 1) * args.batches * args.batch_size
+        first, second = (scale / statistics.median(times[k]) for k in (False, True))
+        same = ""
+        if compare_outputs and workload in ATTACK_PASSES:
+            diff = (outputs[False] - outputs[True]).abs().max().item()
+            same = " | outputs identical" if diff == 0 else f" | outputs differ by {diff:.3g}"
         print(
-            f"  {workload:15s} fp32 {fp32:8.1f} | bf16 {bf16:8.1f} {unit} | ratio {bf16 / fp32:5.2f}x"
+            f"  {workload:15s} {labels[0]} {first:8.1f} | {labels[1]} {second:8.1f} {unit} | "
+            f"ratio {second / first:5.2f}x{same}",
+            flush=True,
         )
+
+
+def precision(argv: list[str]) -> None:
+    """Section ``precision``: float32 vs bf16 autocast, side by side, for every training step
+    and the attacks of :func:`workload_factory` (:func:`side_by_side`)."""
+    side_by_side(
+        argv,
+        "precision",
+        "float32 vs bf16 autocast",
+        ("fp32", "bf16"),
+        lambda make, workload, amp: make(workload, amp),
+    )
 
 
 def layout(argv: list[str]) -> None:
     """Section ``layout``: the classifier contiguous (NCHW) vs channels-last (NHWC), side by
     side under bf16 autocast (as the base profile runs), for the workloads of
-    :func:`workload_factory` (images/s, image-passes/s for the attacks; runs alternate, the
-    median of ``--repeats``). For the attacks it also checks that both layouts return the
-    same adversarial images from the same seed (bit for bit, or the largest difference)."""
-    parser = argparse.ArgumentParser(prog="benchmark.py layout")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--batches", type=int, default=3, help="timed batches per run")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workloads", default=WORKLOADS)
-    add_common(parser)
-    args = parser.parse_args(argv)
-    device = setup_device(args)
-    make = workload_factory(*training_batch(args.batch_size, device), device)
-    print(
-        f"classifier NCHW vs NHWC, bf16 autocast: device {device}, {torch.get_num_threads()} "
-        f"threads, batch {args.batch_size}, {args.batches} batches per run, median of "
-        f"{args.repeats}"
+    :func:`workload_factory` (:func:`side_by_side`); for the attacks it also checks that both
+    layouts return the same adversarial images from the same seed."""
+    side_by_side(
+        argv,
+        "layout",
+        "classifier NCHW vs NHWC, bf16 autocast",
+        ("NCHW", "NHWC"),
+        lambda make, workload, nhwc: make(workload, True, nhwc),
+        compare_outputs=True,
     )
-    for workload in args.workloads.split(","):
-        runs = {cl: make(workload, True, cl) for cl in (False, True)}
-        outputs = {cl: run() for cl, run in runs.items()}  # warm-up (attacks: their output)
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.repeats):
-            for cl, run in runs.items():
-                sync(device)
-                began = time.perf_counter()
-                for _ in range(args.batches):
-                    run()
-                sync(device)
-                times[cl].append(time.perf_counter() - began)
-        unit = "image-passes/s" if workload in ATTACK_PASSES else "images/s"
-        scale = ATTACK_PASSES.get(workload, 1) * args.batches * args.batch_size
-        nchw, nhwc = (scale / statistics.median(times[cl]) for cl in (False, True))
-        same = ""
-        if workload in ATTACK_PASSES:
-            diff = (outputs[False] - outputs[True]).abs().max().item()
-            same = " | outputs identical" if diff == 0 else f" | outputs differ by {diff:.3g}"
-        print(
-            f"  {workload:15s} NCHW {nchw:8.1f} | NHWC {nhwc:8.1f} {unit} | "
-            f"ratio {nhwc / nchw:5.2f}x{same}",
-            flush=True,
-        )
 
 
 def compile_wins(argv: list[str]) -> None:
