@@ -268,6 +268,9 @@ def atop(argv: list[str]) -> None:
     The base profile's models (resnet-fast width 16, native purifier cnum 32, RT2) and one
     full fine-tuning step per batch: craft x' against f(g(t(.))), one D step, one g step with
     L_org(x') + 0.1 * CE (paper Eq. 9). Prints images/s and the projected time per epoch.
+    The pipeline crafts x' in float32 (only the GAN update runs under bf16 autocast);
+    ``--attack-amp`` also times each step with the attack under bf16 autocast, alternating with
+    the float32 one (median of 3), and prints the ratio.
     """
     from atop.attacks import build_attack
     from atop.defense import PurifiedClassifier
@@ -279,12 +282,17 @@ def atop(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--batches", type=int, default=3, help="timed batches per attack")
     parser.add_argument("--cnum", type=int, default=32, help="purifier width")
+    parser.add_argument(
+        "--attack-amp", action="store_true", help="also the attack under bf16 autocast"
+    )
     add_common(parser)
     args = parser.parse_args(argv)
     device = setup_device(args)
     seed_everything(0)
     x, y = training_batch(args.batch_size, device)
-    f = build_classifier("resnet-fast", N_CLASSES).to(device).eval().requires_grad_(False)
+    f = build_classifier("resnet-fast", N_CLASSES, width=16)
+    f = f.to(device, memory_format=torch.channels_last)
+    f = f.eval().requires_grad_(False)  # NHWC, as the fine-tuning arms load it
     eps = 8 / 255
     attacks = {
         "fgsm": {"name": "fgsm", "eps": eps},
@@ -301,22 +309,45 @@ def atop(argv: list[str]) -> None:
         f"device: {device} ({torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}), "
         f"threads {torch.get_num_threads()}, batch {args.batch_size}, purifier cnum {args.cnum}"
     )
-    for label, spec in attacks.items():
-        g, d = build_purifier({"cnum": args.cnum})
+    from atop.training import autocast
+
+    def train_step(spec: dict[str, Any], attack_amp: bool) -> Callable[[], Any]:
+        g, d = build_purifier({"generator": "unet", "cnum": args.cnum, "attention": False})
         step = purifier_step(g.to(device), d.to(device), device)
         attack = build_attack(PurifiedClassifier(f, g, step.transform), spec, N_CLASSES)
-        train_step = atop_train_step(f, step, attack, lambda_cls=0.1, reconstruction_target="clean")
-        train_step(x, y)  # warm-up
-        sync(device)
-        began = time.perf_counter()
-        for _ in range(args.batches):
-            train_step(x, y)
-        sync(device)
-        rate = args.batches * args.batch_size / (time.perf_counter() - began)
-        print(
-            f"  {label:7s} against f(g(t(.))): {rate:7.1f} images/s | epoch of 6,400 images "
-            f"(base) {6400 / rate / 60:6.1f} min | of 50,000 images {50000 / rate / 60:7.1f} min"
-        )
+
+        def craft(images: Tensor, labels: Tensor) -> Tensor:
+            with autocast(device, attack_amp):
+                return attack(images, labels)
+
+        run = atop_train_step(f, step, craft, lambda_cls=0.1, reconstruction_target="clean")
+        return lambda: run(x, y)
+
+    precisions = (False, True) if args.attack_amp else (False,)
+    for label, spec in attacks.items():
+        runs = {amp: train_step(spec, amp) for amp in precisions}
+        times: dict[bool, list[float]] = {amp: [] for amp in precisions}
+        for run in runs.values():
+            run()  # warm-up
+        for _ in range(3 if args.attack_amp else 1):
+            for amp, run in runs.items():
+                sync(device)
+                began = time.perf_counter()
+                for _ in range(args.batches):
+                    run()
+                sync(device)
+                times[amp].append(time.perf_counter() - began)
+        rates = {
+            amp: args.batches * args.batch_size / statistics.median(times[amp]) for amp in runs
+        }
+        for amp, rate in rates.items():
+            print(
+                f"  {label:7s} ({'bf16' if amp else 'fp32'} attack) against f(g(t(.))): "
+                f"{rate:7.1f} images/s | epoch of 12,800 images (base) {12800 / rate / 60:6.1f} "
+                f"min | of 50,000 images {50000 / rate / 60:7.1f} min"
+            )
+        if args.attack_amp:
+            print(f"  {label:7s} bf16 / fp32 attack: {rates[True] / rates[False]:5.2f}x")
 
 
 # --------------------------------------------------------------------------- purifier
