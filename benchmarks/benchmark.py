@@ -130,6 +130,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def alternate(
+    runs: dict[Any, Callable[[], Any]], repeats: int, batches: int, device: torch.device
+) -> dict[Any, float]:
+    """Median seconds of ``batches`` calls of each (warmed-up) run, the runs taking turns
+    ``repeats`` times so that a change of load hits all of them alike."""
+    times: dict[Any, list[float]] = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            sync(device)
+            began = time.perf_counter()
+            for _ in range(batches):
+                run()
+            sync(device)
+            times[key].append(time.perf_counter() - began)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def purifier_step(generator: nn.Module, discriminator: nn.Module, device: torch.device):
     """The purifier's GAN update (:class:`atop.trainers.purifier.PurifierStep`) with RT2 and
     the paper's Adam (lr 1e-4, betas (0.5, 0.999)), L1 and GAN weights 1."""
@@ -326,20 +343,10 @@ def atop(argv: list[str]) -> None:
     precisions = (False, True) if args.attack_amp else (False,)
     for label, spec in attacks.items():
         runs = {amp: train_step(spec, amp) for amp in precisions}
-        times: dict[bool, list[float]] = {amp: [] for amp in precisions}
         for run in runs.values():
             run()  # warm-up
-        for _ in range(3 if args.attack_amp else 1):
-            for amp, run in runs.items():
-                sync(device)
-                began = time.perf_counter()
-                for _ in range(args.batches):
-                    run()
-                sync(device)
-                times[amp].append(time.perf_counter() - began)
-        rates = {
-            amp: args.batches * args.batch_size / statistics.median(times[amp]) for amp in runs
-        }
+        seconds = alternate(runs, 3 if args.attack_amp else 1, args.batches, device)
+        rates = {amp: args.batches * args.batch_size / seconds[amp] for amp in runs}
         for amp, rate in rates.items():
             print(
                 f"  {label:7s} ({'bf16' if amp else 'fp32'} attack) against f(g(t(.))): "
@@ -744,18 +751,10 @@ def side_by_side(
     for workload in args.workloads.split(","):
         runs = {second: build(make, workload, second) for second in (False, True)}
         outputs = {second: run() for second, run in runs.items()}  # warm-up
-        times: dict[bool, list[float]] = {False: [], True: []}
-        for _ in range(args.repeats):
-            for second, run in runs.items():
-                sync(device)
-                began = time.perf_counter()
-                for _ in range(args.batches):
-                    run()
-                sync(device)
-                times[second].append(time.perf_counter() - began)
+        seconds = alternate(runs, args.repeats, args.batches, device)
         unit = "image-passes/s" if workload in ATTACK_PASSES else "images/s"
         scale = ATTACK_PASSES.get(workload, 1) * args.batches * args.batch_size
-        first, second = (scale / statistics.median(times[k]) for k in (False, True))
+        first, second = (scale / seconds[k] for k in (False, True))
         same = ""
         if compare_outputs and workload in ATTACK_PASSES:
             diff = (outputs[False] - outputs[True]).abs().max().item()
