@@ -862,17 +862,10 @@ def compile_wins(argv: list[str]) -> None:
             runs[variant] = make(variant)
             runs[variant]()  # first call: compiles where compiled
             first[variant] = time.perf_counter() - began
-        times: dict[str, list[float]] = {v: [] for v in variants}
-        for _ in range(args.repeats):
-            for variant, run in runs.items():
-                sync(device)
-                began = time.perf_counter()
-                run()
-                sync(device)
-                times[variant].append(time.perf_counter() - began)
-        eager = statistics.median(times["eager"])
+        medians = alternate(runs, args.repeats, 1, device)
+        eager = medians["eager"]
         for variant in variants:
-            median = statistics.median(times[variant])
+            median = medians[variant]
             line = (
                 f"  {name:28s} {variant:13s} first call {first[variant]:6.1f} s | "
                 f"{passes * len(x) / median:7.1f} image-passes/s | x{eager / median:4.2f}"

@@ -129,10 +129,8 @@ def evaluate_classifier(
         atop.checkpoint.CheckpointError: the checkpoint is malformed.
     """
     device = resolve_device(params.device)
-    model = load_classifier(classifier, device=device)
     channels_last = bool(params.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = load_classifier(classifier, device=device, channels_last=channels_last)
     acc = accuracy(
         model,
         test_set["images"],
