@@ -5,6 +5,7 @@ adversarial examples, rendered as HTML (README "Inspecting a run")."""
 from __future__ import annotations
 
 from atop.validation.core import DOCS_INDEX, VALIDATIONS
+from atop.validation.docs_assets import external_references
 
 
 def test_the_main_job_leaves_data_docs_of_the_splits_and_the_adversarial_examples(atop_project):
@@ -18,3 +19,5 @@ def test_the_main_job_leaves_data_docs_of_the_splits_and_the_adversarial_example
     assert suites - adversarial, suites  # the data splits
     pages = list((index.parent / "validations").rglob("*.html"))
     assert len(pages) >= len(suites)
+    # readable offline: no page loads an asset from a CDN (tests/validation/test_data_docs_offline.py)
+    assert external_references(index.parent.rglob("*.html")) == []

@@ -10,7 +10,8 @@ Outside a Kedro run the GX context is ephemeral (nothing written). In a Kedro ru
 then file-backed (``data/08_reporting/<dataset>/<profile>/gx``, created on first use, one
 process at a time under a file lock), every validation result is stored under the run's name
 (the pipelines), and :func:`build_data_docs` renders the Data Docs once at the end of the run
-(``gx/uncommitted/data_docs/local_site/index.html``).
+(``gx/uncommitted/data_docs/local_site/index.html``), readable offline: the CDN assets of
+GX's pages are copied into the site and linked relatively (:mod:`atop.validation.docs_assets`).
 """
 
 from __future__ import annotations
@@ -131,7 +132,8 @@ def stop_data_docs() -> None:
 
 def build_data_docs(root: str | Path) -> Path | None:
     """Render the Data Docs of the GX project under ``root`` (every stored validation
-    result and suite), when some result is stored.
+    result and suite), when some result is stored, with local copies of the assets GX's
+    pages load from CDNs (:func:`atop.validation.docs_assets.make_offline`).
 
     Returns:
         The front page (``<root>/gx/uncommitted/data_docs/local_site/index.html``), or
@@ -142,10 +144,13 @@ def build_data_docs(root: str | Path) -> Path | None:
         return None
     import great_expectations as gx
 
+    from atop.validation.docs_assets import make_offline
+
     with _locked(root):
         context = gx.get_context(mode="file", project_root_dir=str(root))
         context.clean_data_docs()  # drop the pages of results replaced since the last build
         context.build_data_docs()
+        make_offline((root / DOCS_INDEX).parent)
     return root / DOCS_INDEX
 
 
