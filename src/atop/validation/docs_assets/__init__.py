@@ -132,8 +132,9 @@ ASSETS: tuple[Asset, ...] = (
         "pypi", "fontawesomefree", "6.6.0", "css/all.min.css",
         root="fontawesomefree/static/fontawesomefree", extra=("webfonts",),
     ),
-    # `@5` / `@6` on the CDN resolve to the newest release of that major version:
-    # vega 5.33.0, vega-lite 5.23.0 and vega-embed 6.29.0, the ones this package ships.
+    # `@5` / `@6` on the CDN resolve to the newest release of that major version (npm,
+    # 2026-12: vega 5.33.1, vega-lite 5.23.0, vega-embed 6.29.0); this package ships vega
+    # 5.33.0, vega-lite 5.23.0 and vega-embed 6.29.0.
     Asset(
         ("https://cdn.jsdelivr.net/npm/vega@5",),
         "pypi", "django-js-lib-vega-embed", "6.29.0.3", "vega5.js",
