@@ -4,21 +4,51 @@ vs Croce & Hein's code (``autoattack-check``) and packed vs sequential EOT passe
 
 from __future__ import annotations
 
+import argparse
 import time
 
 import torch
+from torch import Tensor, nn
 
+from atop.data import random_subset, to_unit
 from atop.training import autocast, seed_everything
 from benchmarks.common import (
     N_CLASSES,
-    add_defense_args,
-    defense_slice,
+    add_common,
+    cifar10,
     parser,
     percent,
     positive_float,
     positive_int,
+    require_files,
+    setup_device,
     verdict,
 )
+
+
+def add_defense_args(parser: argparse.ArgumentParser, images: int) -> None:
+    """``--classifier``/``--purifier`` checkpoints, ``--images`` (default ``images``),
+    ``--draws`` and the common options of a sub-command on a trained purified defense."""
+    parser.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
+    parser.add_argument("--purifier", required=True, help="purifier checkpoint (.pt)")
+    parser.add_argument("--images", type=positive_int, default=images)
+    parser.add_argument("--draws", type=positive_int, default=10)
+    add_common(parser)
+
+
+def defense_slice(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, torch.device]:
+    """The trained defense of ``args`` (``--classifier`` + ``--purifier``) and the first
+    ``--images`` of the evaluation subset (float32 in ``[0, 1]``, int64 labels) on the
+    chosen device."""
+    from atop.checkpoint import load_safe
+    from atop.evaluation import load_defense
+
+    device = setup_device(args)
+    require_files(args.classifier, args.purifier, why="give trained checkpoints (make run)")
+    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
+    images, labels = cifar10(10_000, train=False)
+    index = random_subset(10_000, 512, 0)[: args.images]
+    return model, to_unit(images[index]).to(device), labels[index].to(device), device
 
 
 def autoattack_check(argv: list[str]) -> None:

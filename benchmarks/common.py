@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import statistics
 import sys
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atop.data import random_subset, to_unit
+from atop.data import to_unit
 from atop.training import resolve_device
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -89,16 +88,6 @@ def setup_device(args: argparse.Namespace) -> torch.device:
     return resolve_device(args.device)
 
 
-def add_defense_args(parser: argparse.ArgumentParser, images: int) -> None:
-    """``--classifier``/``--purifier`` checkpoints, ``--images`` (default ``images``),
-    ``--draws`` and the common options of a sub-command on a trained purified defense."""
-    parser.add_argument("--classifier", required=True, help="classifier checkpoint (.pt)")
-    parser.add_argument("--purifier", required=True, help="purifier checkpoint (.pt)")
-    parser.add_argument("--images", type=positive_int, default=images)
-    parser.add_argument("--draws", type=positive_int, default=10)
-    add_common(parser)
-
-
 def require_files(*paths: str | os.PathLike, why: str) -> None:
     """Exit with a message naming every missing file (``why``: what they are needed for)."""
     missing = [str(p) for p in paths if not Path(p).is_file()]
@@ -106,37 +95,48 @@ def require_files(*paths: str | os.PathLike, why: str) -> None:
         sys.exit(f"missing {', '.join(missing)}: {why}")
 
 
-@functools.cache
-def _raw_parameters(profile: str) -> dict[str, Any]:
-    from atop.dvc_params import resolve_parameters
-
-    return resolve_parameters(PROJECT_ROOT, profile)
+#: parameter block -> its typed class (``module:Class``), built without Kedro's registry.
+BLOCKS = {
+    "classifier_pretraining": "atop.trainers.classifier:ClassifierParams",
+    "purifier_pretraining": "atop.trainers.purifier:PurifierParams",
+    "atop_finetuning": "atop.trainers.atop:AToPParams",
+    "adversarial_training": "atop.trainers.pgd_at:PGDATParams",
+    "rvs": "atop.trainers.rvs:RvSParams",
+    "evaluation": "atop.evaluation.suite:EvalParams",
+    "convergence": "atop.evaluation.convergence:ConvergenceParams",
+    "data_ingestion": "atop.pipelines.data_ingestion.nodes:IngestionParams",
+}
 
 
 class _Blocks(dict):
-    """The typed parameter blocks of a profile, each validated on first use (so a block
-    being edited elsewhere does not stop a benchmark that does not read it)."""
+    """The typed parameter blocks of a profile, each built on first use from the resolved
+    YAML (:func:`atop.dvc_params.resolve_parameters`) with its class's ``from_dict``, as
+    ``kedro run`` builds it: a block being edited elsewhere does not stop a benchmark that
+    does not read it."""
 
     def __init__(self, profile: str) -> None:
         super().__init__()
         self.profile = profile
+        self.raw: dict[str, Any] | None = None
 
     def __missing__(self, key: str) -> Any:
-        from kedro.framework.project import pipelines
-        from kedro.validation.parameter_validator import ParameterValidator
+        import importlib
 
-        raw = _raw_parameters(self.profile)
-        if key not in raw:
-            raise KeyError(f"profile {self.profile!r} has no parameter block {key!r}")
-        typed = ParameterValidator(dict(pipelines)).validate_raw_params({key: raw[key]})
-        self[key] = typed[key]
+        from atop.dvc_params import resolve_parameters
+
+        if self.raw is None:
+            self.raw = resolve_parameters(PROJECT_ROOT, self.profile)
+        if key not in self.raw or key not in BLOCKS:
+            raise KeyError(f"profile {self.profile!r}: no typed parameter block {key!r}")
+        module, name = BLOCKS[key].split(":")
+        self[key] = getattr(importlib.import_module(module), name).from_dict(self.raw[key])
         return self[key]
 
 
 @functools.cache
 def profile_parameters(profile: str = "base") -> dict[str, Any]:
-    """The typed parameter blocks of a profile, as ``kedro run --env <profile>`` builds them
-    (:func:`atop.dvc_params.typed_parameters`, one block at a time)."""
+    """The typed parameter blocks of a profile (``classifier_pretraining``, ...; see
+    :data:`BLOCKS`), as ``kedro run --env <profile>`` builds them."""
     return _Blocks(profile)
 
 
@@ -166,23 +166,6 @@ def training_batch(n: int, device: torch.device) -> tuple[Tensor, Tensor]:
     ``[0, 1]``) and labels (int64 ``[n]``) on ``device``."""
     images, labels = cifar10(n, train=True)
     return to_unit(images).to(device), labels.to(device)
-
-
-def test_subsets(run: str | os.PathLike = PROJECT_ROOT) -> tuple[list[int], list[int], str]:
-    """The base profile's evaluation and monitor subsets of the test split (indices), and
-    where they came from: ``data/05_model_input/cifar10/base/{eval,monitor}_indices.json``
-    of the project folder ``run`` when present, else drawn as data_ingestion draws them
-    (:func:`atop.data.random_subset`, the base ``eval_subset`` / ``monitor_subset``)."""
-    folder = Path(run) / "data" / "05_model_input" / "cifar10" / "base"
-    files = folder / "eval_indices.json", folder / "monitor_indices.json"
-    if all(f.is_file() for f in files):
-        return (*(json.loads(f.read_text()) for f in files), str(folder))
-    ingestion = profile_parameters("base")["data_ingestion"]
-    evals = random_subset(10_000, ingestion.eval_subset.images, ingestion.eval_subset.seed)
-    monitor = random_subset(
-        10_000, ingestion.monitor_subset.images, ingestion.monitor_subset.seed, exclude=evals
-    )
-    return evals.tolist(), monitor.tolist(), "drawn as data_ingestion (base) draws them"
 
 
 # --------------------------------------------------------------------------- timing
@@ -273,21 +256,6 @@ def base_models(device: torch.device) -> dict[str, nn.Module]:
         "defense": defense.to(device).eval().requires_grad_(False),
         "classifier": f.to(device).eval().requires_grad_(False),
     }
-
-
-def defense_slice(args: argparse.Namespace) -> tuple[nn.Module, Tensor, Tensor, torch.device]:
-    """The trained defense of ``args`` (``--classifier`` + ``--purifier``) and the first
-    ``--images`` of the evaluation subset (float32 in ``[0, 1]``, int64 labels) on the
-    chosen device."""
-    from atop.checkpoint import load_safe
-    from atop.evaluation import load_defense
-
-    device = setup_device(args)
-    require_files(args.classifier, args.purifier, why="give trained checkpoints (make run)")
-    model = load_defense(load_safe(args.classifier), load_safe(args.purifier), device=device)
-    images, labels = cifar10(10_000, train=False)
-    index = random_subset(10_000, 512, 0)[: args.images]
-    return model, to_unit(images[index]).to(device), labels[index].to(device), device
 
 
 # --------------------------------------------------------------------------- output

@@ -81,6 +81,21 @@ def attack_passes(
     return float(backward), 5.0 * judge + spec.get("n_queries", 5000)
 
 
+def sanity_references(params: Any) -> list[tuple[Any, list[float]]]:
+    """Each sanity-check reference entry of an ``evaluation`` block (one per threat model)
+    and the extra eps its sweep attacks (0 and the reference's own eps reuse runs)."""
+    sanity = params.sanity
+    if hasattr(sanity, "references"):
+        sweeps = [(r, sanity.eps_sweep[r.norm]) for r in params.references]
+    else:  # one l-inf reference (before the per-threat-model references)
+        reference = next(e for e in params.entries if e.label == sanity.reference)
+        sweeps = [(reference, sanity.eps_sweep)]
+    return [
+        (r, [e for e in sorted(set(sweep)) if e != 0 and abs(e - r.eps) > 1e-9])
+        for r, sweep in sweeps
+    ]
+
+
 def protocol_passes(params: Any, n: int, stochastic: bool) -> dict[str, float]:
     """Passes per defense for a whole ``evaluation`` block
     (:class:`atop.evaluation.suite.EvalParams`) on ``n`` images (one defense)."""
@@ -96,16 +111,15 @@ def protocol_passes(params: Any, n: int, stochastic: bool) -> dict[str, float]:
         b, f = attack_passes(entry.spec, stochastic, draws, N_CLASSES)
         backward, forward, runs = backward + b * n, forward + f * n, runs + 1
     forward += draws * n  # clean verdicts
-    reference = next(e for e in entries if e.label == sanity.reference)
-    ref_b, ref_f = attack_passes(reference.spec, stochastic, draws, N_CLASSES)
-    extra = sum(1 for e in sanity.eps_sweep if e != 0 and abs(e - reference.eps) > 1e-9)
-    backward += extra * ref_b * n_sanity
-    forward += extra * ref_f * n_sanity
-    runs += extra
-    if sanity.stronger:
-        strong = {**reference.spec, **sanity.stronger}
-        b, f = attack_passes(strong, stochastic, draws, N_CLASSES)
-        backward, forward, runs = backward + b * n_sanity, forward + f * n_sanity, runs + 1
+    for reference, extra in sanity_references(params):
+        ref_b, ref_f = attack_passes(reference.spec, stochastic, draws, N_CLASSES)
+        backward += len(extra) * ref_b * n_sanity
+        forward += len(extra) * ref_f * n_sanity
+        runs += len(extra)
+        if sanity.stronger:
+            strong = {**reference.spec, **sanity.stronger}
+            b, f = attack_passes(strong, stochastic, draws, N_CLASSES)
+            backward, forward, runs = backward + b * n_sanity, forward + f * n_sanity, runs + 1
     return {"backward": backward, "forward": forward, "suites": runs}
 
 

@@ -20,6 +20,7 @@ from benchmarks.common import (
     setup_device,
     training_batch,
 )
+from benchmarks.evaluation import sanity_references
 
 
 def paper_projection(argv: list[str]) -> None:
@@ -132,8 +133,14 @@ def paper_projection(argv: list[str]) -> None:
     n_train = 50_000
     variant = pur_p.purifier["variant"]
     dfb, dfw = flops[f"defense fwd+bwd ({variant})"], flops[f"defense fwd ({variant})"]
-    pgd_steps = dict(fin_p.arms["atop_pgd"].attack)["steps"]
-    atop_pgd = flops[f"AToP step, no attack ({variant})"] + pgd_steps * dfb
+    no_attack = flops[f"AToP step, no attack ({variant})"]
+
+    def arm_steps(arm: str) -> int:
+        """Forward-backward passes of the arm's training attack per image (0: none)."""
+        attack = fin_p.arms[arm].attack
+        return 0 if attack is None else int(dict(attack).get("steps", 1))
+
+    main_arms = [arm for arm in fin_p.arms if arm != "atop_pgd"]
     stochastic = [d for d in ev_p.defenses if d not in ("standard", "pgd_at", "rvs")]
 
     def eval_passes(stochastic_defense: bool) -> tuple[float, float]:
@@ -159,10 +166,10 @@ def paper_projection(argv: list[str]) -> None:
         return fb, fw
 
     sanity = ev_p.sanity
-    ref = next(e for e in ev_p.entries if e.label == sanity.reference).spec
-    n_sweep = len([e for e in sanity.eps_sweep if e not in (0, ref["eps"])])
-    sanity_fb = n_sweep * ref["steps"] * ref["eot_iter"] + (
-        sanity.stronger["steps"] * sanity.stronger["eot_iter"]
+    sanity_fb = sum(
+        len(extra) * ref.spec["steps"] * ref.spec["eot_iter"]
+        + sanity.stronger["steps"] * sanity.stronger["eot_iter"]
+        for ref, extra in sanity_references(ev_p)
     )
     fb_s, fw_s = eval_passes(True)
     fb_d, fw_d = eval_passes(False)
@@ -180,15 +187,17 @@ def paper_projection(argv: list[str]) -> None:
     stages = {
         "classifier_pretraining": cls_p.epochs * n_train * flops["classifier step"],
         "purifier_pretraining": pur_p.epochs * n_train * flops[f"purifier step ({variant})"],
-        "atop_finetuning (3 arms)": fin_p.epochs
+        f"atop_finetuning ({len(main_arms)} arms)": fin_p.epochs
         * n_train
-        * (2 * flops[f"AToP step, no attack ({variant})"] + flops[f"AToP step, FGSM ({variant})"]),
-        f"atop_pgd (PGD-{pgd_steps})": fin_p.epochs * n_train * atop_pgd,
+        * sum(no_attack + arm_steps(arm) * dfb for arm in main_arms),
         "adversarial_training": at_p.epochs * n_train * flops["PGD-AT step"],
         "rvs": rvs_p.epochs * n_train * flops["RvS step"],
         f"evaluation ({len(stochastic)} random + 3 deterministic)": evaluation,
         "convergence": convergence,
     }
+    if "atop_pgd" in fin_p.arms:
+        steps = arm_steps("atop_pgd")
+        stages[f"atop_pgd (PGD-{steps})"] = fin_p.epochs * n_train * (no_attack + steps * dfb)
     if not args.skip_upsample:
         stages["purifier_pretraining, 256 px route"] = (
             pur_p.epochs * n_train * flops["purifier step (upsample)"]
@@ -199,3 +208,5 @@ def paper_projection(argv: list[str]) -> None:
     print("|---|---:|---:|")
     for name, total in stages.items():
         print(f"| {name} | {total / 1e15:,.0f} | {total / rate / 3600:,.1f} |")
+    total = sum(stages.values())
+    print(f"| **total** | **{total / 1e15:,.0f}** | **{total / rate / 3600:,.1f}** |")

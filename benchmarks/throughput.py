@@ -156,7 +156,7 @@ def atop(argv: list[str]) -> None:
     L_org(x') + 0.1 * CE (paper Eq. 9); images/s and the projected time per epoch. The
     pipeline crafts x' in float32 (only the GAN update runs under bf16 autocast);
     ``--attack-amp`` also times each step with the attack under bf16 autocast, alternating
-    with the float32 one (median of 3), and prints the ratio (the strength side of that
+    with the float32 one (median of ``--repeats``, default 3), and prints the ratio (the strength side of that
     question: ``train-attack-amp``).
     """
     from atop.attacks import build_attack
@@ -170,6 +170,7 @@ def atop(argv: list[str]) -> None:
     p.add_argument("--batches", type=positive_int, default=3, help="timed batches per attack")
     p.add_argument("--cnum", type=positive_int, default=32, help="purifier width")
     p.add_argument("--attack-amp", action="store_true", help="also the attack under bf16")
+    p.add_argument("--repeats", type=positive_int, help="default: 3 with --attack-amp, else 1")
     add_common(p)
     args = p.parse_args(argv)
     device = setup_device(args)
@@ -206,7 +207,8 @@ def atop(argv: list[str]) -> None:
         runs = {amp: train_step(spec, amp) for amp in precisions}
         for run in runs.values():
             run()  # warm-up
-        seconds = alternate(runs, 3 if args.attack_amp else 1, args.batches, device)
+        repeats = args.repeats or (3 if args.attack_amp else 1)
+        seconds = alternate(runs, repeats, args.batches, device)
         rates = {amp: args.batches * args.batch_size / seconds[amp] for amp in runs}
         for amp, rate in rates.items():
             print(
