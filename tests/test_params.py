@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import pytest
 from kedro.validation.exceptions import ParameterValidationError
@@ -193,3 +194,60 @@ def test_the_makefile_switches_off_the_same_telemetry_as_the_hook():
     makefile = (PROJECT_ROOT / "Makefile").read_text()
     exported = dict(re.findall(r"^export (\w+) :?= (\S+)$", makefile, re.M))
     assert {k: exported.get(k) for k in TELEMETRY_OFF} == TELEMETRY_OFF
+
+
+@pytest.mark.parametrize("env", ["base", "smoke", "paper"])
+def test_every_profile_passes_the_preflight_checks(env):
+    """The pre-run checks of atop.preflight (every attack spec, every count against what it
+    slices) accept each profile as committed: they refuse typos, not the project's settings."""
+    from atop.dvc_params import resolve_parameters
+    from atop.preflight import find_attack_specs, parameter_problems
+
+    params = resolve_parameters(PROJECT_ROOT, env)
+    assert parameter_problems(params) == []
+    keys = [found.key for found in find_attack_specs(params)]
+    assert any(k.startswith("evaluation.attacks[") for k in keys)
+    assert any(k.startswith("atop_finetuning.arms.") for k in keys)
+    assert "atop_finetuning.val_attack" in keys and "evaluation.sanity.stronger" in keys
+    assert any(k.startswith("convergence.attack") for k in keys)
+
+
+def test_a_refusal_names_the_file_and_line_that_define_the_key(tmp_path):
+    """conf/<env> before conf/base (a profile's list replaces the base list whole, so its
+    items are the profile's), params/overrides.yaml before both, --params before all."""
+    import shutil
+
+    from atop.params import set_locator
+    from atop.preflight import ConfSources, split_key
+
+    assert split_key("evaluation.attacks[2].eps") == ["evaluation", "attacks", 2, "eps"]
+    shutil.copytree(PROJECT_ROOT / "conf", tmp_path / "conf")
+    sources = ConfSources(tmp_path, tmp_path / "conf", "smoke")
+    smoke = (tmp_path / "conf/smoke/parameters_evaluation.yml").read_text().splitlines()
+    where = sources.locate("evaluation.attacks[1].eps")
+    path, line = where.rsplit(" line ", 1)
+    assert path == "conf/smoke/parameters_evaluation.yml"
+    assert smoke[int(line) - 1].strip().startswith("eps:")
+    base_only = sources.locate("evaluation.seed")  # smoke does not change it
+    assert base_only.startswith("conf/base/parameters_evaluation.yml line ")
+    assert sources.locate("evaluation.no_such_key") is None
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params" / "overrides.yaml").write_text("evaluation.seed: 3\n")
+    assert sources.locate("evaluation.seed") == "params/overrides.yaml"
+    sources.runtime = {"evaluation": {"seed": 4}}
+    assert sources.locate("evaluation.seed") == "the --params override"
+
+    # a typed block's refusal names the same file once the run guard set the locator
+    set_locator(ConfSources(tmp_path, tmp_path / "conf", "smoke").locate)
+    try:
+        with pytest.raises(ParameterError) as info:
+            stage_params("classifier_pretraining").replace(epochs=0)
+    finally:
+        set_locator(None)
+    assert re.search(
+        r"Fix it in conf/(smoke|base)/parameters_classifier_pretraining\.yml line \d+\.$",
+        str(info.value),
+    ), str(info.value)
+    with pytest.raises(ParameterError) as info:
+        stage_params("classifier_pretraining").replace(epochs=0)
+    assert str(info.value).endswith(FIX)  # no locator: the generic hint

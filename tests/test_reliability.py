@@ -1,8 +1,14 @@
-"""Reliability: bad input refused before any work, safe loading, locks, orphans (docs/reliability.md)."""
+"""Reliability: bad input refused before any work, safe loading, locks, signals, orphans,
+provenance and cross-machine comparison (docs/reliability.md lists each guarantee and its test)."""
 
 from __future__ import annotations
 
+import json
+import multiprocessing
 import os
+import re
+import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -10,11 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from atop.checkpoint import CheckpointError, save_atomic, state_hash
+from atop.checkpoint import CheckpointError, load_safe, save_atomic, state_hash
 from atop.hooks import RunLock, RunRefused, check_run, remove_orphans
 from atop.models import build_classifier, classifier_checkpoint, load_classifier
 from atop.models.purifier import build_purifier, load_purifier, purifier_checkpoint
+from atop.params import ParameterError
 from tests.conftest import make_project_copy, run_kedro
 
 RT2 = {"kind": "rt2", "sigma": 0.25, "missing_rate": 0.25, "mask_block": None, "mask_number": 4}
@@ -131,20 +139,79 @@ def test_check_run_refuses_a_read_only_output_folder(tmp_path):
         models.chmod(0o700)
 
 
-def test_a_second_run_is_refused_and_a_stale_lock_taken_over(tmp_path):
+def _hold_lock(folder: str, ready, release) -> None:
+    lock = RunLock(Path(folder))
+    lock.acquire()
+    ready.set()
+    release.wait(30)
+
+
+def test_a_second_run_is_refused_while_the_first_holds_the_lock(tmp_path):
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(RunRefused, match=f"pid {holder.pid}, started 20"):
+            RunLock(tmp_path).acquire()
+    finally:
+        release.set()
+        holder.join(30)
+    lock = RunLock(tmp_path)
+    lock.acquire()  # its holder is gone: the kernel dropped the lock
+    assert lock.path.read_text().split()[0] == str(os.getpid())
+    lock.release()
+    assert lock.path.read_text() == ""  # released: no owner left in the file
+
+
+def test_a_killed_run_leaves_no_lock_and_a_reused_pid_never_blocks(tmp_path):
+    """The lock is the kernel's (flock): a run killed with SIGKILL holds nothing, and a lock
+    file naming a live process that does not hold the lock (a reused pid) does not block."""
+    context = multiprocessing.get_context("fork")
+    ready, release = context.Event(), context.Event()
+    holder = context.Process(target=_hold_lock, args=(str(tmp_path), ready, release))
+    holder.start()
+    assert ready.wait(30)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.join(30)
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
+        RunLock(tmp_path).path.write_text(f"{sleeper.pid} 2026-12-02T09:00:00\n")
         lock = RunLock(tmp_path)
-        lock.path.write_text(f"{sleeper.pid} 2026-12-02T09:00:00\n")
-        with pytest.raises(RunRefused, match=f"pid {sleeper.pid}, started 2026-12-02T09:00:00"):
-            lock.acquire()
+        lock.acquire()  # the old code refused: "pid <sleeper> is alive"
+        lock.release()
     finally:
         sleeper.kill()
         sleeper.wait()
-    lock.acquire()  # its process is gone: stale, taken over
-    assert lock.path.read_text().split()[0] == str(os.getpid())
+
+
+def _race(folder: str, start, results) -> None:
+    lock = RunLock(Path(folder))
+    start.wait(30)
+    try:
+        lock.acquire()
+    except RunRefused:
+        results.put("refused")
+        return
+    results.put("took")
+    time.sleep(2)
     lock.release()
-    assert not lock.path.exists()
+
+
+def test_two_runs_starting_after_a_crash_cannot_both_take_the_lock(tmp_path):
+    """After a crash (a stale lock file of a dead pid), four runs start at once: exactly one
+    takes the lock (the old check-then-unlink takeover let several through)."""
+    (tmp_path / ".atop-run.lock").write_text("999999999 2026-12-02T09:00:00\n")
+    context = multiprocessing.get_context("fork")
+    start, results = context.Barrier(4), context.Queue()
+    racers = [context.Process(target=_race, args=(str(tmp_path), start, results)) for _ in range(4)]
+    for racer in racers:
+        racer.start()
+    outcomes = sorted(results.get(timeout=60) for _ in racers)
+    for racer in racers:
+        racer.join(30)
+    assert outcomes == ["refused", "refused", "refused", "took"]
 
 
 def test_orphans_of_interrupted_saves_are_removed(tmp_path):
@@ -247,10 +314,9 @@ def test_a_retrain_with_the_same_settings_writes_the_same_checkpoint_bytes(tmp_p
     assert "seconds" in history.read_text().splitlines()[0]
 
 
-def test_every_record_says_which_dataset_profile_and_code_it_describes(ingested_project):
-    import json
-
+def test_every_record_says_which_dataset_profile_code_and_machine_it_describes(ingested_project):
     from atop.hooks import code_commit
+    from atop.machine import machine
 
     reports = ingested_project / "data" / "08_reporting" / "cifar10" / "smoke"
     record = json.loads((reports / "data_validation.json").read_text())
@@ -258,7 +324,9 @@ def test_every_record_says_which_dataset_profile_and_code_it_describes(ingested_
         "dataset": "cifar10",
         "profile": "smoke",
         "commit": code_commit(),
+        "machine": machine(),  # the CPU, its kernel-selecting ISA flags, threads, libraries
     }
+    assert {"cpu", "isa", "threads", "torch", "onednn", "device"} <= set(machine())
     assert code_commit() == "unknown" or len(code_commit().split("+")[0]) == 40
     # the DVC metrics beside it stay numbers only
     assert "provenance" not in json.loads(
@@ -286,3 +354,363 @@ def test_a_rerun_after_an_interrupted_fine_tuning_skips_the_finished_stages(atop
     run_kedro(project, "atop", only_missing_outputs=True)
     assert (models / "purifier_atop.pt").is_file()
     assert {path: path.stat().st_mtime_ns for path in done} == before
+
+
+# --------------------------------------------------------------------------------------
+# Every parameter of the chosen pipelines checked before the first node (issue 33, item 1)
+
+
+def set_attack_value(conf_file: Path, key: str, text: str) -> tuple[int, int]:
+    """In a parameters file, write ``text`` as the value of ``key`` in the first entry of
+    ``evaluation.attacks`` that has it; return the entry's index and the value's line."""
+    source = conf_file.read_text()
+    root = yaml.compose(source)
+    block = next(v for k, v in root.value if k.value == "evaluation")
+    attacks = next(v for k, v in block.value if k.value == "attacks")
+    for index, item in enumerate(attacks.value):
+        value = next((v for k, v in item.value if k.value == key), None)
+        if value is not None:
+            lines = source.splitlines(keepends=True)
+            line = lines[value.start_mark.line]
+            lines[value.start_mark.line] = line[: value.start_mark.column] + text + "\n"
+            conf_file.write_text("".join(lines))
+            return index, value.start_mark.line + 1
+    raise AssertionError(f"no evaluation.attacks entry with {key} in {conf_file}")
+
+
+@pytest.mark.parametrize(
+    ("text", "shown", "rule"),
+    [
+        (".inf", "inf", "expected a finite number"),
+        ("-0.1", "-0.1", "out of range"),
+        ("1.0e9", "1000000000.0", "out of range"),
+        (".nan", "nan", "expected a finite number"),
+        ("8", "8", "out of range"),
+    ],
+)
+def test_a_bad_eps_in_evaluation_attacks_is_refused_before_any_node(
+    tmp_path, data_root, text, shown, rule
+):
+    """Refused when the context is created, naming evaluation.attacks[i].eps, the value, the
+    range with its unit and the file and line; the old code ran ingestion, classifier and
+    purifier training first (overwriting their checkpoints) and failed in evaluate_ap."""
+    os.environ["ATOP_DATA_ROOT"] = str(data_root)
+    project = make_project_copy(tmp_path)
+    index, line = set_attack_value(
+        project / "conf" / "smoke" / "parameters_evaluation.yml", "eps", text
+    )
+    began = time.perf_counter()
+    with pytest.raises(ParameterError) as info:
+        run_kedro(project, "atop", env="smoke")
+    assert time.perf_counter() - began < 30
+    message = str(info.value)
+    assert message.startswith(f"evaluation.attacks[{index}].eps={shown}"), message
+    assert rule in message and "on the [0, 1] pixel scale" in message
+    assert f"Fix it in conf/smoke/parameters_evaluation.yml line {line}." in message
+    assert written_files(project) == []
+
+
+@pytest.mark.parametrize(
+    ("where", "key", "value", "rule"),
+    [
+        ("convergence.attack", "eps", -0.1, "is out of range: it must be > 0 and <= 1 on the"),
+        ("atop_finetuning.val_attack", "eps", 1e9, "is out of range: it must be > 0 and <= 1"),
+        ("atop_finetuning.arms.atop.attack", "eps", float("nan"), ": expected a finite number"),
+        ("evaluation.sanity.stronger", "steps", 0, "is out of range: it must be an integer >= 1"),
+        (
+            "adversarial_training.robust_eval",
+            "steps",
+            10**9,
+            "is out of range: it must be an integer >= 1 and <= 10000 (gradient steps",
+        ),
+        ("evaluation.sanity", "eps_sweep", [0, 8], "is out of range: it must be >= 0 and <= 1"),
+    ],
+)
+def test_every_attack_spec_is_checked_with_its_dotted_key(where, key, value, rule):
+    """Every attack spec wherever it lives (the convergence study's, the fine-tuning arms',
+    the validation attack, the sanity checks' stronger attack and ε sweep, the robust
+    baselines' PGD), found by walking the resolved parameters."""
+    from atop.dvc_params import resolve_parameters
+    from atop.preflight import ConfSources, check_parameters, find_attack_specs
+    from tests.conftest import PROJECT_ROOT
+
+    params = resolve_parameters(PROJECT_ROOT, "smoke")
+    if key == "eps_sweep":
+        params["evaluation"]["sanity"]["eps_sweep"] = value
+        dotted, shown = "evaluation.sanity.eps_sweep[1]", "8"
+    else:
+        found = next(f for f in find_attack_specs(params) if f.key.startswith(where))
+        found.spec[key] = value  # the walk hands back the mapping itself
+        dotted, shown = f"{found.key}.{key}", repr(value)
+    sources = ConfSources(PROJECT_ROOT, PROJECT_ROOT / "conf", "smoke")
+    with pytest.raises(ParameterError) as info:
+        check_parameters(params, None, sources)
+    message = str(info.value)
+    assert message.startswith(f"{dotted}={shown} {rule}".replace(" :", ":")), message
+    assert re.search(r"Fix it in conf/(smoke|base)/parameters_\w+\.yml line \d+\.", message)
+
+
+@pytest.mark.parametrize("child", ["sanity", "grid"])
+def test_counts_above_their_limit_are_refused_not_lowered(project, child):
+    """evaluation.sanity.images / evaluation.grid.images above evaluation.images were silently
+    lowered (evaluation.images itself above the subset was refused): now both are refused."""
+    with pytest.raises(ParameterError, match=rf"evaluation\.{child}\.images=100 is out of range: "
+                       r"it must be an integer >= 1 and <= 8 .*Fix it in the --params override"):  # fmt: skip
+        run_kedro(project, "atop", env="smoke", params=nested({f"evaluation.{child}.images": 100}))
+    assert written_files(project) == []
+
+
+def test_a_bad_eps_on_the_base_profile_is_refused_in_seconds_and_nothing_is_written(
+    tmp_path, data_root
+):
+    """`kedro run --pipelines atop` (the base profile, the command a user types) with a
+    negative eps: refused in under 30 s, in at most 5 lines, exit code 2; the existing
+    checkpoints keep their modification times and no file is written."""
+    project = make_project_copy(tmp_path)
+    index, line = set_attack_value(
+        project / "conf" / "base" / "parameters_evaluation.yml", "eps", "-0.1"
+    )
+    models = project / "data" / "06_models" / "cifar10" / "base"
+    models.mkdir(parents=True)
+    existing = {
+        models / name: b"a previous run's checkpoint" for name in ("classifier.pt", "purifier.pt")
+    }
+    for path, content in existing.items():
+        path.write_bytes(content)
+    before = {p: p.stat().st_mtime_ns for p in written_files(project)}
+    env = {**os.environ, "ATOP_DATA_ROOT": str(data_root)}
+    began = time.perf_counter()
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "kedro"), "run", "--pipelines", "atop"],
+        cwd=project, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    seconds = time.perf_counter() - began
+    output = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert seconds < 30, seconds
+    assert len(output) <= 5, output
+    assert f"evaluation.attacks[{index}].eps=-0.1 is out of range" in output[-1]
+    assert f"conf/base/parameters_evaluation.yml line {line}" in output[-1]
+    assert {p: p.stat().st_mtime_ns for p in written_files(project)} == before
+
+
+# --------------------------------------------------------------------------------------
+# Every checkpoint an evaluation will use, checked before the first attack (item 2)
+
+
+@pytest.fixture(scope="module")
+def finished_project(atop_project, tmp_path_factory) -> Path:
+    """A copy of a finished smoke run of the main job (its checkpoints and reports)."""
+    target = tmp_path_factory.mktemp("finished") / "project"
+    shutil.copytree(atop_project, target)
+    return target
+
+
+def _tampered(project: Path, name: str, change) -> Path:
+    path = project / "data" / "06_models" / "cifar10" / "smoke" / name
+    checkpoint = load_safe(path)
+    change(checkpoint)
+    save_atomic(checkpoint, path)
+    return path
+
+
+def _outputs(project: Path) -> dict[Path, int]:
+    paths = list((project / "data" / "07_model_output").rglob("*"))
+    paths += list((project / "data" / "08_reporting").glob("*/*/robustness*"))
+    return {p: p.stat().st_mtime_ns for p in paths if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            lambda c: c["meta"]["transform"].update(missing_rate=2.0),
+            r"purifier_atop\.pt: meta\.transform\.missing_rate=2\.0 is refused: missing_rate",
+        ),
+        (
+            lambda c: c["meta"]["transform"].update(kind="rt9"),
+            r"purifier_atop\.pt: meta\.transform\.kind='rt9' is refused",
+        ),
+        (
+            lambda c: c["meta"]["transform"].update(
+                kind="rt3", mask_number=10**9, missing_rate=1e-12
+            ),
+            r"purifier_atop\.pt: meta\.transform\.mask_number=1000000000 is refused: 1000000000 "
+            r"disjoint masks do not fit the 64 mask blocks",
+        ),
+        (
+            lambda c: next(iter(c["state_dict"]["generator"].values())).fill_(float("nan")),
+            r"purifier_atop\.pt: The purifier checkpoint holds NaN",
+        ),
+    ],
+)
+def test_a_broken_checkpoint_fails_before_the_first_attack_with_no_output_written(
+    finished_project, change, message
+):
+    """`kedro run --pipelines evaluation` with a broken AToP purifier: refused in seconds,
+    naming the file and the key, before any defense is attacked (the old code attacked
+    standard, AP and two arms first and rewrote their per-defense outputs)."""
+    path = finished_project / "data" / "06_models" / "cifar10" / "smoke" / "purifier_atop.pt"
+    original = path.read_bytes()
+    before = _outputs(finished_project)
+    _tampered(finished_project, "purifier_atop.pt", change)
+    began = time.perf_counter()
+    try:
+        with pytest.raises(CheckpointError, match=message) as info:
+            run_kedro(finished_project, "evaluation")
+    finally:
+        path.write_bytes(original)
+    assert time.perf_counter() - began < 30
+    assert "data/06_models/cifar10/smoke/purifier_atop.pt" in str(info.value)
+    assert "kedro run --pipelines atop_finetuning" in str(info.value) or "Retrain" in str(
+        info.value
+    )
+    assert _outputs(finished_project) == before
+
+
+def test_a_truncated_checkpoint_is_named_before_any_work(finished_project):
+    path = finished_project / "data" / "06_models" / "cifar10" / "smoke" / "purifier.pt"
+    original = path.read_bytes()
+    before = _outputs(finished_project)
+    path.write_bytes(original[: len(original) // 3])
+    try:
+        with pytest.raises(CheckpointError, match=r"Cannot load '.*purifier\.pt'.*truncated"):
+            run_kedro(finished_project, "evaluation")
+    finally:
+        path.write_bytes(original)
+    assert _outputs(finished_project) == before
+
+
+# --------------------------------------------------------------------------------------
+# Signals end the run through the error path (item 7)
+
+
+def test_sigterm_ends_the_run_with_a_log_line_its_lock_released_and_the_data_docs(
+    tmp_path, data_root
+):
+    project = make_project_copy(tmp_path)
+    env = {**os.environ, "ATOP_DATA_ROOT": str(data_root), "PYTHONUNBUFFERED": "1"}
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        run = subprocess.Popen(
+            [str(Path(sys.executable).parent / "kedro"), "run", "--pipelines", "atop", "--env", "smoke"],
+            cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.time() + 120
+            while "Running node: train_classifier" not in log.read_text():
+                assert run.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.2)
+            run.send_signal(signal.SIGTERM)
+            code = run.wait(120)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    text = log.read_text()
+    assert code == 128 + signal.SIGTERM, text
+    assert "The run was stopped by SIGTERM" in text
+    assert "Traceback" not in text
+    lock = RunLock(project / "data")
+    lock.acquire()  # released
+    lock.release()
+    docs = (
+        project / "data/08_reporting/cifar10/smoke/gx/uncommitted/data_docs/local_site/index.html"
+    )
+    assert docs.is_file() and "Great Expectations Data Docs" in text
+
+
+# --------------------------------------------------------------------------------------
+# Results across machines: provenance.machine and `atop compare` (item 8)
+
+
+def test_machines_with_other_kernels_are_told_apart():
+    from atop.machine import machine, numerics_differences
+
+    here = machine()
+    assert numerics_differences(here, dict(here)) == []
+    other = {
+        **here,
+        "isa": [f for f in here["isa"] if not f.startswith("amx")] or ["avx2"],
+        "threads": 7,
+    }
+    differences = numerics_differences(here, other)
+    assert [d.split(":")[0] for d in differences] == ["isa", "threads"]
+    assert numerics_differences(here, {}) != []  # an old record without a machine
+
+
+def _copy_run(project: Path, target: Path) -> Path:
+    """The records of a finished smoke run, as a user copies them: the report folder with the
+    verdicts CSV beside robustness.json."""
+    reports = project / "data" / "08_reporting" / "cifar10" / "smoke"
+    target.mkdir(parents=True)
+    shutil.copy(reports / "robustness.json", target / "robustness.json")
+    verdicts = (
+        project / "data" / "07_model_output" / "cifar10" / "smoke" / "robustness_verdicts.csv"
+    )
+    shutil.copy(verdicts, target / "robustness_verdicts.csv")
+    return target
+
+
+def test_compare_tells_identical_consistent_and_different_runs_apart(
+    atop_project, tmp_path, capsys
+):
+    import pandas as pd
+
+    from atop.compare import main as compare
+
+    run_a = atop_project / "data" / "08_reporting" / "cifar10" / "smoke"
+    same = _copy_run(atop_project, tmp_path / "same")
+    assert compare(run_a, same) == 0
+    report = capsys.readouterr().out
+    assert "machines: the same numerics" in report
+    assert "atop: identical verdicts" in report and "standard: identical verdicts" in report
+
+    # one image of one defense flips: other numerics, not a different result
+    nudged = _copy_run(atop_project, tmp_path / "nudged")
+    table = pd.read_csv(nudged / "robustness_verdicts.csv")
+    row = table.index[(table["defense"] == "ap") & (table["attack"] == "clean")][0]
+    draws = [c for c in table.columns if c.startswith("draw_")]
+    table.loc[row, draws[0]] = 1 - table.loc[row, draws[0]]
+    table.loc[row, "correct"] = table.loc[row, draws].sum()
+    table.to_csv(nudged / "robustness_verdicts.csv", index=False)
+    record = json.loads((nudged / "robustness.json").read_text())
+    record["provenance"]["machine"] = {**record["provenance"]["machine"], "isa": ["avx512_bf16"]}
+    (nudged / "robustness.json").write_text(json.dumps(record))
+    assert compare(run_a, nudged) == 0
+    report = capsys.readouterr().out
+    assert "machines: different numerics (isa:" in report
+    assert "ap: consistent" in report
+    assert any(line.split()[:2] == ["ap", "clean"] for line in report.splitlines())
+
+    # every verdict of AToP flipped: different beyond numerics
+    broken = _copy_run(atop_project, tmp_path / "broken")
+    table = pd.read_csv(broken / "robustness_verdicts.csv")
+    rows = table["defense"] == "atop"
+    table.loc[rows, draws] = 1 - table.loc[rows, draws]
+    table.loc[rows, "correct"] = table.loc[rows, draws].sum(axis=1)
+    table.to_csv(broken / "robustness_verdicts.csv", index=False)
+    assert compare(run_a, broken, out=tmp_path / "compare.json") == 1
+    report = capsys.readouterr().out
+    assert "atop: DIFFERENT beyond numerics" in report
+    saved = json.loads((tmp_path / "compare.json").read_text())
+    assert saved["defenses"]["atop"] == "different" and saved["defenses"]["standard"] == "identical"
+
+
+def test_compare_refuses_what_cannot_be_paired(atop_project, tmp_path):
+    from atop.compare import CompareError
+    from atop.compare import main as compare
+    from atop.errors import MissingOutputs
+
+    run_a = atop_project / "data" / "08_reporting" / "cifar10" / "smoke"
+    with pytest.raises(MissingOutputs, match="holds no robustness.json"):
+        compare(run_a, tmp_path)
+    other = _copy_run(atop_project, tmp_path / "other")
+    record = json.loads((other / "robustness.json").read_text())
+    record["settings"]["draws"] += 1
+    (other / "robustness.json").write_text(json.dumps(record))
+    with pytest.raises(CompareError, match=r"different protocols \(settings\.draws"):
+        compare(run_a, other)
+    (other / "robustness_verdicts.csv").unlink()
+    with pytest.raises(MissingOutputs, match="no per-image verdicts"):
+        compare(run_a, other)

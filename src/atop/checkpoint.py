@@ -22,8 +22,10 @@ from typing import Any
 
 import torch
 
+from atop.errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A torch file is missing, truncated, corrupted or holds objects that are not allowed."""
 
 
@@ -70,6 +72,12 @@ def load_safe(path: str | os.PathLike, map_location: str | torch.device = "cpu")
             objects other than tensors and primitive containers.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"'{path}' is a folder, not a torch file. An exported defense is a folder holding "
+            "config.json and model.safetensors (written by `atop export`); a checkpoint is a "
+            ".pt file such as data/06_models/<dataset>/<profile>/classifier.pt."
+        )
     if not path.is_file():
         raise CheckpointError(
             f"No torch file at '{path}'. Run the pipeline stage that produces it first "

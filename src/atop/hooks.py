@@ -1,27 +1,41 @@
 """Kedro hooks of the project: telemetry off, the guard every run goes through, and the
 Great Expectations Data Docs of each run (:class:`DataDocsHooks`).
 
-:class:`RunGuardHooks` runs after Kedro has built the typed parameters of the chosen
-pipeline (a bad value is refused there, before any node) and before the first node:
+:class:`RunGuardHooks` checks a run before it does any work and guards it while it runs:
 
-* refuses the run, within seconds and writing nothing, when a parameter key is unknown,
-  the dataset of ``data_ingestion`` disagrees with the one the catalog paths use, the
-  dataset's image side does not fit the purifier, an output folder is not writable or the
-  disk is nearly full (:func:`check_run`);
-* takes a lock on the project's ``data/`` folder (:class:`RunLock`): a second run on the
-  same outputs is refused with the first one's pid and start time; a stale lock (its
-  process is gone) is taken over;
+* when the Kedro context is created (before Kedro builds the typed parameters): names the
+  file and line that defines a refused key (:func:`atop.params.set_locator`), and refuses
+  the parameters of the chosen pipelines that no typed block checks -- every attack spec
+  wherever it lives, and counts above what they slice (:func:`atop.preflight.check_parameters`);
+* before the first node: refuses the run, within seconds and writing nothing, when a
+  parameter key is unknown, the dataset of ``data_ingestion`` disagrees with the one the
+  catalog paths use, the dataset's image side does not fit the purifier, an output folder is
+  not writable or the disk is nearly full (:func:`check_run`), or a checkpoint that the run
+  takes as input is broken (:func:`atop.preflight.check_defense`: every defense whose
+  checkpoints the pipeline consumes, loaded with the project's loaders, one forward pass);
+  a checkpoint the run itself writes is checked the same way before the first node that
+  consumes it;
+* takes a lock on the project's ``data/`` folder (:class:`RunLock`, ``fcntl.flock``): a
+  second run on the same outputs is refused with the first one's pid and start time; the
+  kernel drops the lock of a process that dies, so there is no stale lock to take over;
+* ends the run on SIGTERM / SIGINT through Kedro's error path (:class:`atop.errors.RunInterrupted`):
+  a log line, the lock released, the Data Docs built;
+* records the run's provenance (dataset, profile, commit, machine: :mod:`atop.machine`) for
+  every JSON record it writes, and logs a user error (:mod:`atop.errors`) as one line;
 * removes temporary files that a killed save left behind (``.<name>.<random>.tmp``).
 """
 
 from __future__ import annotations
 
 import difflib
+import fcntl
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +43,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from atop.datasets.atomic import PROVENANCE_ENV
+from atop.errors import RunInterrupted, UserError, one_line, user_error
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +61,18 @@ MIN_FREE_BYTES = 1024**3
 SIDE_MULTIPLE = 8
 
 
-class RunRefused(RuntimeError):
+#: Signals that end a run through the error path (lock released, Data Docs built).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class RunRefused(UserError, RuntimeError):
     """The run was refused before any node ran; nothing was written."""
+
+
+def telemetry_off() -> None:
+    """Set :data:`TELEMETRY_OFF` in the environment (values already set are kept)."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
 
 
 class TelemetryOffHooks:
@@ -55,8 +80,7 @@ class TelemetryOffHooks:
 
     @hook_impl
     def after_context_created(self, context) -> None:  # noqa: ARG002 (hook signature)
-        for key, value in TELEMETRY_OFF.items():
-            os.environ.setdefault(key, value)
+        telemetry_off()
 
 
 def _known_keys(pipelines: dict[str, Any]) -> set[str]:
@@ -141,43 +165,52 @@ def check_profile(env: str | None, profile: str | None) -> None:
 
 
 class RunLock:
-    """An exclusive lock on an output folder: the file ``.atop-run.lock`` holding the owner's
-    pid and start time, created atomically (``O_EXCL``).
+    """An exclusive lock on an output folder: ``fcntl.flock`` on the file ``.atop-run.lock``.
+
+    The kernel holds the lock for the open file and drops it when the process ends, however
+    it ends (a crash, SIGKILL): there is no stale lock to take over, no check-then-unlink
+    race between two runs starting after a crash, and a pid reused by another program never
+    blocks. The file holds the owner's pid and start time (for the refusal message); it
+    stays, empty, after the release.
 
     Raises:
-        RunRefused: another live process holds it.
+        RunRefused: another process holds it.
     """
 
     def __init__(self, folder: Path) -> None:
         self.path = Path(folder) / ".atop-run.lock"
+        self._fd: int | None = None
 
     def acquire(self) -> None:
-        """Take the lock (a stale one, whose process is gone, is taken over with a warning)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and owner[0] != os.getpid() and _alive(owner[0]):
-                    raise RunRefused(
-                        f"Another run (pid {owner[0]}, started {owner[1]}) is writing to "
-                        f"{self.path.parent}: wait for it, or stop it. Two runs on the same "
-                        "outputs would mix their results."
-                    ) from None
-                log.warning("Removing the stale lock %s (%s): its run is gone.", self.path, owner)
-                self.path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as fh:
-                fh.write(f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+        """Take the lock, or refuse naming its holder."""
+        if self._fd is not None:
             return
-        raise RunRefused(f"Could not take the lock {self.path}: remove it if no run is active.")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = self._owner()
+            os.close(fd)
+            who = f"pid {owner[0]}, started {owner[1]}" if owner else "pid unknown"
+            raise RunRefused(
+                f"Another run ({who}) is writing to {self.path.parent}: wait for it, or stop "
+                "it. Two runs on the same outputs would mix their results."
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+        self._fd = fd
 
     def release(self) -> None:
-        """Remove the lock if this process holds it."""
-        owner = self._owner()
-        if owner is not None and owner[0] == os.getpid():
-            self.path.unlink(missing_ok=True)
+        """Drop the lock if this object holds it (the file stays, emptied)."""
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            os.ftruncate(fd, 0)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def _owner(self) -> tuple[int, str] | None:
         try:
@@ -185,16 +218,6 @@ class RunLock:
             return int(pid), started
         except (OSError, ValueError):
             return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_orphans(data_dir: Path) -> list[Path]:
@@ -229,11 +252,36 @@ def code_commit() -> str:
 
 
 class RunGuardHooks:
-    """Refuse bad runs before any node, lock the outputs, clean orphans (module doc)."""
+    """Check a run before any work, lock its outputs, end it cleanly on a signal, record its
+    provenance (module doc)."""
 
     def __init__(self) -> None:
         self._lock: RunLock | None = None
         self._cwd: Path | None = None
+        self._signals: dict[int, Any] = {}
+        self._checks: CheckpointChecks | None = None
+
+    @hook_impl
+    def after_context_created(self, context) -> None:
+        """Name the file of refused keys; refuse the chosen pipelines' parameters that no
+        typed block checks (attack specs, counts): before Kedro builds the typed blocks."""
+        from atop.params import set_locator
+        from atop.preflight import ConfSources, check_parameters
+
+        telemetry_off()
+        loader = context.config_loader
+        project = Path(context.project_path)
+        sources = ConfSources(
+            project,
+            Path(getattr(loader, "conf_source", project / "conf")),
+            context.env,
+            getattr(loader, "runtime_params", None) or {},
+            getattr(loader, "base_env", None) or "base",
+        )
+        set_locator(sources.locate)
+        params = loader["parameters"]
+        blocks = _requested_blocks()
+        check_parameters(params, blocks, sources)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -252,28 +300,73 @@ class RunGuardHooks:
             dataset, profile = _globals(project, run_params.get("env"))
             check_run(params, _known_keys(dict(pipelines)), data_dir, dataset)
             check_profile(run_params.get("env"), profile)
+            self._checks = CheckpointChecks(pipeline, catalog, project, params)
+            self._checks.check_ready({})  # the checkpoints the run takes as inputs
             self._lock = RunLock(data_dir)
             self._lock.acquire()
         except BaseException:
             self._release()
             raise
         remove_orphans(data_dir)
+        from atop.machine import machine
+
         provenance = {
             "dataset": dataset,
             "profile": profile,
             "commit": code_commit(),
+            "machine": machine(),
         }
         os.environ[PROVENANCE_ENV] = json.dumps(provenance)
+        self._catch_signals()
+
+    @hook_impl
+    def before_node_run(self, node, catalog, inputs: dict[str, Any]) -> None:  # noqa: ARG002
+        """Check the checkpoints this node consumes (and the defenses they complete)."""
+        if self._checks is not None:
+            self._checks.before_node(node, inputs)
+
+    @hook_impl
+    def after_node_run(self, node) -> None:
+        if self._checks is not None:
+            self._checks.done.update(node.outputs)
 
     @hook_impl
     def after_pipeline_run(self) -> None:
         self._release()
 
     @hook_impl
-    def on_pipeline_error(self) -> None:
+    def on_pipeline_error(self, error: BaseException) -> None:
+        found = user_error(error)
+        if isinstance(found, RunInterrupted):
+            log.error("%s", found)
+        elif found is not None:
+            log.error("%s", one_line(found))
+        if found is not None:
+            error._atop_reported = True  # type: ignore[attr-defined]  # atop.cli: said once
         self._release()
 
+    def _catch_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def stop(signum: int, frame: Any) -> None:  # noqa: ARG001 (signal handler)
+            self._restore_signals()  # a second signal acts as usual
+            raise RunInterrupted(signum, signal.Signals(signum).name)
+
+        for sig in STOP_SIGNALS:
+            self._signals[sig] = signal.signal(sig, stop)
+
+    def _restore_signals(self) -> None:
+        for sig, previous in self._signals.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        self._signals = {}
+
     def _release(self) -> None:
+        from atop.params import set_locator
+
+        self._restore_signals()
+        self._checks = None
+        set_locator(None)
         os.environ.pop(PROVENANCE_ENV, None)
         if self._lock is not None:
             self._lock.release()
@@ -281,6 +374,118 @@ class RunGuardHooks:
         if self._cwd is not None:
             os.chdir(self._cwd)
             self._cwd = None
+
+
+def _requested_blocks() -> set[str] | None:
+    """The top-level parameter keys the requested pipelines take (``None``: every block,
+    when a node takes ``parameters`` whole or the request is unknown)."""
+    from kedro.framework.project import pipelines
+
+    names = getattr(pipelines, "_requested_pipelines", None) or ["__default__"]
+    blocks: set[str] = set()
+    for name in names:
+        try:
+            pipeline = pipelines[name]
+        except KeyError:  # Kedro says which names exist
+            continue
+        for item in {i for n in pipeline.nodes for i in n.inputs}:
+            if item == "parameters":
+                return None
+            if item.startswith("params:"):
+                blocks.add(item.split(":", 1)[1].split(".", 1)[0])
+    return blocks
+
+
+class CheckpointChecks:
+    """The checkpoints of a run checked before use (:func:`atop.preflight.check_defense`).
+
+    A defense of :data:`atop.evaluation.defenses.NEEDS` is checked when the run consumes all
+    its checkpoints, as soon as they are all available: at the start for the run's inputs,
+    else before the first node that consumes one after their producers ran.
+
+    Args:
+        pipeline: the run's pipeline.
+        catalog: its catalog.
+        project: the project root (paths in messages are relative to it).
+        params: the run's parameters (for the image side).
+    """
+
+    def __init__(self, pipeline, catalog, project: Path, params: dict[str, Any]) -> None:
+        from atop.evaluation.defenses import NEEDS
+        from atop.preflight import image_side
+
+        consumed = {i for n in pipeline.nodes for i in n.inputs}
+        self.produced = {o for n in pipeline.nodes for o in n.outputs}
+        self.keys = {key for needs in NEEDS.values() for key in needs}
+        self.pending = {
+            name: tuple(needs) for name, needs in NEEDS.items() if set(needs) <= consumed
+        }
+        self.done: set[str] = set()
+        self.catalog = catalog
+        self.project = project
+        self.side = image_side(params)
+        self._fixes: dict[str, str] | None = None
+
+    def before_node(self, node, inputs: dict[str, Any]) -> None:
+        """Check what ``node`` consumes, if it consumes a checkpoint."""
+        if set(node.inputs) & self.keys:
+            self.check_ready(inputs)
+
+    def check_ready(self, inputs: dict[str, Any]) -> None:
+        """Check every pending defense whose checkpoints are all available now.
+
+        Raises:
+            atop.checkpoint.CheckpointError: a broken checkpoint (file, problem, fix).
+        """
+        from atop.preflight import check_defense
+
+        loaded: dict[str, Any] = {}
+        for name, needs in list(self.pending.items()):
+            if not all(k in inputs or k in self.done or k not in self.produced for k in needs):
+                continue
+            del self.pending[name]
+            checkpoints = {k: self._load(k, inputs, loaded) for k in needs}
+            if any(c is None for c in checkpoints.values()):
+                continue  # an optional checkpoint not written yet: the evaluation skips it
+            paths = {k: self._path(k) for k in needs}
+            check_defense(name, checkpoints, paths, self.fixes, self.side)
+
+    @property
+    def fixes(self) -> dict[str, str]:
+        """Checkpoint -> the command that rewrites it (its stage)."""
+        if self._fixes is None:
+            from kedro.framework.project import pipelines
+
+            self._fixes = {}
+            for stage, pipeline in dict(pipelines).items():
+                if stage in ("atop", "__default__"):
+                    continue
+                for output in {o for n in pipeline.nodes for o in n.outputs} & self.keys:
+                    self._fixes.setdefault(output, f"kedro run --pipelines {stage}")
+        return self._fixes
+
+    def _load(self, key: str, inputs: dict[str, Any], loaded: dict[str, Any]) -> Any:
+        if key in inputs:
+            return inputs[key]
+        if key not in loaded:
+            try:
+                loaded[key] = self.catalog.load(key)
+            except Exception as exc:
+                found = user_error(exc)
+                if found is not None and found is not exc:
+                    raise found from exc
+                raise
+        return loaded[key]
+
+    def _path(self, key: str) -> str:
+        try:
+            path = Path(self.catalog.get(key)._describe()["filepath"])
+        except Exception:
+            return key
+        try:
+            return str(path.resolve().relative_to(self.project))
+        except ValueError:
+            return str(path)
 
 
 class DataDocsHooks:

@@ -26,13 +26,28 @@ import difflib
 import math
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from fractions import Fraction
 from typing import Any, ClassVar
 
+from atop.errors import UserError
 
-class ParameterError(ValueError):
+
+class ParameterError(UserError, ValueError):
     """A parameter is missing, unknown, of the wrong type or out of range."""
+
+
+#: Where a dotted key is defined (``"conf/smoke/parameters_evaluation.yml line 12"``), set by
+#: the Kedro run guard for the run's profile (:func:`set_locator`); ``None``: say the generic
+#: ``conf/<profile>/parameters_<stage>.yml``.
+_locator: Callable[[str], str | None] | None = None
+
+
+def set_locator(locator: Callable[[str], str | None] | None) -> None:
+    """Name the file that defines a key in refusals: ``locator(dotted_key)`` returns the file
+    (and line) to fix, or ``None`` when unknown. ``None`` restores the generic hint."""
+    global _locator
+    _locator = locator
 
 
 def fraction(value: Any) -> float:
@@ -148,11 +163,19 @@ class Params:
 
     def fail(self, key: str, message: str) -> typing.NoReturn:
         """Raise a :class:`ParameterError` for ``<path>.<key>``."""
-        raise ParameterError(f"{self._path}.{key}: {message}{_fix(self._path)}")
+        raise ParameterError(f"{self._path}.{key}: {message}{_fix(f'{self._path}.{key}')}")
 
 
 def _fix(path: str) -> str:
     stage = path.split(".", 1)[0].split("[", 1)[0]
+    where = None
+    if _locator is not None and stage and stage[0].islower():
+        try:
+            where = _locator(path)
+        except Exception:  # naming the file is a courtesy: never hide the refusal
+            where = None
+    if where:
+        return f" Fix it in {where}."
     return (
         f" Fix it in conf/<profile>/parameters_{stage}.yml (or the --params override)."
         if stage and stage[0].islower()
@@ -185,7 +208,8 @@ def _build(obj: Params, values: Any, path: str) -> None:
                 close = [RENAMED[key]]
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ParameterError(
-                f"{path}: unknown key {key!r}.{hint} Valid keys: {', '.join(fields)}.{_fix(path)}"
+                f"{path}: unknown key {key!r}.{hint} Valid keys: {', '.join(fields)}."
+                f"{_fix(f'{path}.{key}')}"
             )
     missing = [name for name in fields if name not in values]
     if missing:

@@ -22,7 +22,8 @@ from kedro_datasets.text import TextDataset as _TextDataset
 #: The glob of the temporary files of an interrupted atomic save.
 TEMPORARY = ".*.tmp-*"
 #: Environment variable holding the running pipeline's provenance as JSON (dataset, profile,
-#: commit), set by :class:`atop.hooks.RunGuardHooks` for the duration of a Kedro run.
+#: commit, machine: :func:`atop.machine.machine`), set by :class:`atop.hooks.RunGuardHooks`
+#: for the duration of a Kedro run.
 PROVENANCE_ENV = "ATOP_PROVENANCE"
 
 
@@ -53,7 +54,8 @@ class AtomicSave:
 
 class JSONDataset(AtomicSave, _JSONDataset):
     """``json.JSONDataset``, saved atomically. During a Kedro run a dict record gains a
-    ``provenance`` block (``dataset``, ``profile``, ``commit``: :data:`PROVENANCE_ENV`). With
+    ``provenance`` block (``dataset``, ``profile``, ``commit``, ``machine``:
+    :data:`PROVENANCE_ENV`). With
     ``metrics_filepath`` (a stage's record under ``data/08_reporting``), each save also writes
     the record's metrics there (:func:`atop.datasets.metrics.metrics_only`: numbers only), for
     ``dvc metrics``."""
@@ -77,7 +79,9 @@ class JSONDataset(AtomicSave, _JSONDataset):
             metrics = JSONDataset(
                 filepath=self._metrics_filepath, save_args={"indent": 2}, provenance=False
             )
-            metrics.save(metrics_only(data))
+            # provenance is text plus the machine's thread count: never a DVC metric
+            numbers = {k: v for k, v in data.items() if k != "provenance"}
+            metrics.save(metrics_only(numbers if isinstance(data, dict) else data))
 
     def _describe(self) -> dict[str, Any]:
         return {**super()._describe(), "metrics_filepath": self._metrics_filepath}
