@@ -4,20 +4,31 @@
 
     model.safetensors   the classifier's and the purifier generator's weights
                         ("classifier.<name>", "purifier.<name>"), no pickle at all
-    config.json         format, architectures and configs, the random transform, the hash of
-                        the classifier the purifier was fine-tuned against, training facts
+    config.json         format, architectures and configs, the random transform, the SHA-256
+                        of every weights file (``files``) and of the classifier's and the
+                        purifier's weights, training facts
     README.md           a model card: what the defense is, how it was trained and evaluated
                         (the evaluation table, when given), how to load it
 
+The folder is written beside its target (a temporary sibling) and swapped in atomically
+(``renameat2(RENAME_EXCHANGE)`` on Linux, else two renames), so a reader sees the old export
+or the new one, never a mix and never none; an existing folder is replaced only if it is an
+export itself. Files and folder get the usual permissions (umask).
+
 :func:`load_export` reads it back into the checkpoint dicts that
-:func:`atop.evaluation.load_defense` builds the model from (``load_defense(folder)`` works).
+:func:`atop.evaluation.load_defense` builds the model from (``load_defense(folder)`` works),
+after checking every file against its SHA-256 and the weights against their hashes; a broken
+file is a :class:`atop.checkpoint.CheckpointError` naming it.
 
 Core module: torch, safetensors and the standard library.
 """
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,13 +40,79 @@ import torch
 
 from atop.checkpoint import CheckpointError, state_hash
 
-FORMAT = "atop-defense/1"
+log = logging.getLogger(__name__)
+
+#: The format written; ``atop-defense/1`` (no file hashes, only the classifier's) is read too.
+FORMAT = "atop-defense/2"
+FORMATS = ("atop-defense/1", FORMAT)
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "README.md"
 
 
 def is_export(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a folder written by :func:`export_defense`."""
     return (Path(path) / CONFIG).is_file() and (Path(path) / WEIGHTS).is_file()
+
+
+def not_an_export(path: str | os.PathLike) -> str:
+    """Why ``path`` is not an export: what an export holds, what the folder holds, and how
+    to make one."""
+    path = Path(path)
+    if not path.exists():
+        found = "it does not exist"
+    elif not path.is_dir():
+        found = "it is a file"
+    else:
+        names = sorted(p.name for p in path.iterdir())
+        found = (
+            f"it holds {names[:6]}{' ...' if len(names) > 6 else ''}" if names else "it is empty"
+        )
+    return (
+        f"{path} is not an exported defense ({found}): an export is a folder holding "
+        f"{CONFIG} (format {FORMAT}) and {WEIGHTS}, written by `atop export --classifier C.pt "
+        "[--purifier P.pt] --out DIR`."
+    )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes (hex, 64 characters)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); ``False`` when the
+    system cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_int,
+        ctypes.c_char_p,
+        ctypes.c_uint,
+    ]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _swap_in(staging: Path, out: Path) -> None:
+    """Put the folder ``staging`` at ``out`` atomically; the previous ``out`` (an export or
+    an empty folder) is removed after the swap."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    if not _exchange(staging, out):  # two renames: a moment without `out`, never a mix
+        old = staging.with_name(staging.name + ".old")
+        os.replace(out, old)
+        os.replace(staging, out)
+        staging = old
+    shutil.rmtree(staging)
 
 
 def _plain(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -69,7 +146,8 @@ def export_defense(
         classifier: the classifier checkpoint dict (``arch``, ``config``, ``state_dict``).
         purifier: a purifier checkpoint dict (its generator is exported, not the
             discriminator), or ``None`` for a classifier alone.
-        out_dir: the folder to create (replaced if it exists).
+        out_dir: the folder to create; an existing export (or empty folder) there is
+            replaced atomically.
         name: the defense's name in the model card.
         evaluation: this defense's entry of ``robustness.json`` (``defenses.<name>``) and the
             settings, ``{"settings": ..., "defense": ...}``, for the card's table.
@@ -78,10 +156,17 @@ def export_defense(
         The folder.
 
     Raises:
-        CheckpointError: the purifier was fine-tuned against another classifier.
+        CheckpointError: the purifier was fine-tuned against another classifier, or
+            ``out_dir`` exists and is neither an export nor empty.
     """
     from safetensors.torch import save_file
 
+    out = Path(out_dir)
+    if out.exists() and not (out.is_dir() and (is_export(out) or not any(out.iterdir()))):
+        raise CheckpointError(
+            f"{out} exists and is not an export: `atop export` replaces only a previous export "
+            "(or an empty folder). Choose another --out."
+        )
     classifier_hash = state_hash(classifier["state_dict"])
     tensors = {f"classifier.{k}": v for k, v in classifier["state_dict"].items()}
     config: dict[str, Any] = {
@@ -93,7 +178,9 @@ def export_defense(
             "meta": _plain(classifier.get("meta", {})),
         },
         "classifier_hash": classifier_hash,
+        "purifier_hash": None,
         "purifier": None,
+        "files": {},
     }
     if purifier is not None:
         meta = purifier.get("meta", {})
@@ -103,23 +190,28 @@ def export_defense(
                 f"The purifier was fine-tuned against classifier {expected[:12]}, not "
                 f"{classifier_hash[:12]}: export it with the classifier it was trained with."
             )
-        tensors.update({f"purifier.{k}": v for k, v in purifier["state_dict"]["generator"].items()})
+        generator = purifier["state_dict"]["generator"]
+        tensors.update({f"purifier.{k}": v for k, v in generator.items()})
+        config["purifier_hash"] = state_hash(generator)
         config["purifier"] = {
             "arch": purifier["arch"],
             "config": dict(purifier["config"]),
             "transform": dict(meta["transform"]),
             "meta": _plain(meta),
         }
-    out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, staging / WEIGHTS)
+        config["files"] = {WEIGHTS: file_sha256(staging / WEIGHTS)}
         (staging / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         (staging / CARD).write_text(model_card(config, evaluation))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        for name in (WEIGHTS, CONFIG, CARD):
+            os.chmod(staging / name, 0o666 & ~umask)
+        _swap_in(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -128,44 +220,89 @@ def export_defense(
 
 def load_export(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The classifier and purifier checkpoint dicts of an export folder (weights loaded with
-    safetensors: no pickle).
+    safetensors: no pickle), after checking every file of ``config.json: files`` against its
+    SHA-256 and the classifier's and purifier's weights against their hashes.
 
     Raises:
-        CheckpointError: not an export of this project, or weights that do not match.
+        CheckpointError: not an export (what one must hold), a ``config.json`` that is not
+            valid or lacks keys, a weights file that does not match its SHA-256 or cannot be
+            read (truncated, corrupted), or weights that do not match their hash; the message
+            names the file.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
     if not is_export(path):
+        raise CheckpointError(not_an_export(path))
+    redo = "export it again with `atop export`"
+    try:
+        config = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise CheckpointError(f"{path / CONFIG} is not valid JSON ({exc}): {redo}.") from None
+    if not isinstance(config, dict) or config.get("format") not in FORMATS:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise CheckpointError(
-            f"{path} is not an exported defense (it needs {CONFIG} and {WEIGHTS}): create one "
-            "with `atop export`."
+            f"{path / CONFIG}: unknown export format {found!r} (this version reads {FORMATS}): "
+            f"{redo}."
         )
-    config = json.loads((path / CONFIG).read_text())
-    if config.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unknown export format {config.get('format')!r}.")
-    tensors = load_file(path / WEIGHTS)
+    files = config.get("files")
+    if config["format"] == FORMAT:
+        if not isinstance(files, dict) or WEIGHTS not in files:
+            raise CheckpointError(f"{path / CONFIG} lists no SHA-256 of {WEIGHTS}: {redo}.")
+        for name, expected in files.items():
+            if Path(name).name != name or not (path / name).is_file():
+                raise CheckpointError(f"{path}: {name}, listed in {CONFIG}, is missing: {redo}.")
+            if file_sha256(path / name) != expected:
+                raise CheckpointError(
+                    f"{path / name} does not match the SHA-256 in {CONFIG}: the file was altered "
+                    f"or truncated; {redo}."
+                )
+    else:
+        log.warning(
+            "%s is an %s export: only its classifier's weights are verified (%s).",
+            path, config["format"], redo,
+        )  # fmt: skip
+    try:
+        tensors = load_file(path / WEIGHTS)
+    except Exception as exc:
+        raise CheckpointError(
+            f"Cannot read {path / WEIGHTS} ({type(exc).__name__}: {exc}): the file is truncated "
+            f"or corrupted; {redo}."
+        ) from exc
 
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-    classifier = {
-        "arch": config["classifier"]["arch"],
-        "config": config["classifier"]["config"],
-        "state_dict": part("classifier."),
-        "meta": config["classifier"]["meta"],
-    }
-    if state_hash(classifier["state_dict"]) != config["classifier_hash"]:
-        raise CheckpointError(f"{path}: the classifier's weights do not match config.json's hash.")
-    purifier = None
-    if config["purifier"] is not None:
-        meta = {**config["purifier"]["meta"], "transform": config["purifier"]["transform"]}
-        purifier = {
-            "arch": config["purifier"]["arch"],
-            "config": config["purifier"]["config"],
-            "state_dict": {"generator": part("purifier.")},
-            "meta": meta,
+    try:
+        classifier = {
+            "arch": config["classifier"]["arch"],
+            "config": config["classifier"]["config"],
+            "state_dict": part("classifier."),
+            "meta": config["classifier"]["meta"],
         }
+        if state_hash(classifier["state_dict"]) != config["classifier_hash"]:
+            raise CheckpointError(
+                f"{path}: the classifier's weights do not match config.json's hash: {redo}."
+            )
+        purifier = None
+        if config["purifier"] is not None:
+            meta = {**config["purifier"]["meta"], "transform": config["purifier"]["transform"]}
+            generator = part("purifier.")
+            expected = config.get("purifier_hash")
+            if config["format"] == FORMAT and state_hash(generator) != expected:
+                raise CheckpointError(
+                    f"{path}: the purifier's weights do not match config.json's hash: {redo}."
+                )
+            purifier = {
+                "arch": config["purifier"]["arch"],
+                "config": config["purifier"]["config"],
+                "state_dict": {"generator": generator},
+                "meta": meta,
+            }
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path / CONFIG} lacks or mangles the key {exc} of an export: {redo}."
+        ) from None
     return classifier, purifier
 
 
