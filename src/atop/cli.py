@@ -39,6 +39,10 @@ class ParamsError(UserError):
     """A ``--params`` override that the config loader cannot merge."""
 
 
+class UnknownPipeline(UserError):
+    """``--pipelines`` names no registered pipeline (Kedro's message, with its suggestions)."""
+
+
 def _quiet() -> tuple[logging.Filter, list[logging.Handler]]:
     quiet = QuietUserErrors()
     handlers = list(logging.getLogger().handlers)
@@ -68,6 +72,8 @@ def run_command(verbose: bool = False, **kwargs: Any) -> Any:
             if loud:
                 raise problem from exc
             exc = problem
+        if isinstance(exc, ValueError) and str(exc).startswith("Failed to find the pipeline"):
+            exc = UnknownPipeline(" ".join(str(exc).split()))  # a typo in --pipelines
         found = user_error(exc)
         if found is None or loud:
             raise
