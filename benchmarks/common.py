@@ -50,20 +50,15 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse type: a float > 0 (``8/255`` is accepted)."""
+    """argparse type: a float > 0, a fraction such as ``8/255`` accepted."""
+    top, _, bottom = text.partition("/")
     try:
-        value = float(eval_fraction(text))
-    except ValueError:
+        value = float(top) / float(bottom) if bottom else float(top)
+    except (ValueError, ZeroDivisionError):
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
     return value
-
-
-def eval_fraction(text: str) -> float:
-    """``"8/255"`` -> 0.0313..., ``"0.5"`` -> 0.5 (ValueError otherwise)."""
-    top, _, bottom = text.partition("/")
-    return float(top) / float(bottom) if bottom else float(top)
 
 
 def choices(text: str, allowed: Sequence[str], what: str) -> list[str]:
@@ -182,16 +177,32 @@ def alternate(
 ) -> dict[Any, float]:
     """Median seconds of ``batches`` calls of each (warmed-up) run, the runs taking turns
     ``repeats`` times so that a change of load hits all of them alike."""
-    times: dict[Any, list[float]] = {key: [] for key in runs}
+    return {
+        key: wall for key, (wall, _) in alternate_clocks(runs, repeats, batches, device).items()
+    }
+
+
+def alternate_clocks(
+    runs: dict[Any, Callable[[], Any]], repeats: int, batches: int, device: torch.device
+) -> dict[Any, tuple[float, float]]:
+    """:func:`alternate` on two clocks: the median wall seconds and the median CPU seconds
+    of the process divided by its torch threads (the wall time the run would take with the
+    cores to itself; meaningful under ``OMP_WAIT_POLICY=PASSIVE``, where waiting threads
+    sleep instead of spinning)."""
+    times: dict[Any, list[tuple[float, float]]] = {key: [] for key in runs}
     for _ in range(repeats):
         for key, run in runs.items():
             sync(device)
-            began = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             for _ in range(batches):
                 run()
             sync(device)
-            times[key].append(time.perf_counter() - began)
-    return {key: statistics.median(values) for key, values in times.items()}
+            cpu = (time.process_time() - cpu) / torch.get_num_threads()
+            times[key].append((time.perf_counter() - wall, cpu))
+    return {
+        key: (statistics.median(w for w, _ in values), statistics.median(c for _, c in values))
+        for key, values in times.items()
+    }
 
 
 class _NoModuleTracker:

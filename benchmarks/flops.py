@@ -7,12 +7,14 @@ backward, the attacks included), its time (bf16 autocast as the stage runs it; t
 alternating), and the achieved GFLOP/s against the bf16 and float32 matmul peaks measured
 in the same run. A stage below ``--explain-below`` of the bf16 peak gets a torch.profiler
 breakdown of one step: the share of op time in convolutions / matmuls against the rest.
+``--clock cpu`` times the steps and the peaks by the process's CPU seconds per thread
+instead of the wall clock: on a CPU shared with other processes (with
+``OMP_WAIT_POLICY=PASSIVE``) that is the time the work itself took.
 """
 
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 from unittest import mock
@@ -23,7 +25,7 @@ from torch import Tensor
 from benchmarks.common import (
     N_CLASSES,
     add_common,
-    alternate,
+    alternate_clocks,
     choices,
     count_flops,
     markdown_table,
@@ -33,7 +35,6 @@ from benchmarks.common import (
     positive_int,
     profile_parameters,
     setup_device,
-    sync,
     training_batch,
 )
 
@@ -163,17 +164,15 @@ def stage_steps(
     return steps
 
 
-def matmul_peak(dtype: torch.dtype, n: int, repeats: int, device: torch.device) -> float:
-    """FLOP/s of the best of ``repeats`` ``n x n`` matmuls in ``dtype`` (after a warm-up)."""
+def matmul_peak(
+    dtype: torch.dtype, n: int, repeats: int, device: torch.device, cpu_clock: bool = False
+) -> float:
+    """FLOP/s of the best of ``repeats`` ``n x n`` matmuls in ``dtype`` (after a warm-up);
+    ``cpu_clock``: timed in CPU seconds per thread (:func:`benchmarks.common.alternate_clocks`)."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    out = torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        began = time.perf_counter()
-        torch.mm(a, b, out=out)
-        sync(device)
-        best = min(best, time.perf_counter() - began)
+    out = torch.mm(a, b)  # warm-up
+    run = {0: lambda: torch.mm(a, b, out=out)}
+    best = min(alternate_clocks(run, 1, 1, device)[0][cpu_clock] for _ in range(repeats))
     return 2 * n**3 / best
 
 
@@ -238,6 +237,7 @@ def flops(argv: list[str]) -> None:
     p.add_argument("--repeats", type=positive_int, default=3, help="runs, stages alternating")
     p.add_argument("--peak-size", type=positive_int, default=4096, help="side of the peak matmuls")
     p.add_argument("--peak-repeats", type=positive_int, default=5)
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall", help="see above")
     p.add_argument("--explain-below", type=positive_float, default=0.5,
                    help="profile the stages below this fraction of the bf16 peak")  # fmt: skip
     add_common(p)
@@ -245,8 +245,9 @@ def flops(argv: list[str]) -> None:
     args = p.parse_args(argv)
     stages = choices(args.stages, list(STAGES), "stages")
     device = setup_device(args)
+    cpu_clock = args.clock == "cpu"
     peaks = {
-        name: matmul_peak(dtype, args.peak_size, args.peak_repeats, device)
+        name: matmul_peak(dtype, args.peak_size, args.peak_repeats, device, cpu_clock)
         for name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
     }
     largest = max([args.batch_size or 0, 128])
@@ -255,9 +256,11 @@ def flops(argv: list[str]) -> None:
     for stage, (step, _) in steps.items():
         step()  # warm-up (allocations, kernel selection)
         counts[stage] = count_flops(step)
-    seconds = alternate({k: v[0] for k, v in steps.items()}, args.repeats, args.steps, device)
+    clocks = alternate_clocks({k: v[0] for k, v in steps.items()}, args.repeats, args.steps, device)
+    seconds = {stage: clocks[stage][cpu_clock] for stage in clocks}
     print(
-        f"device {device}, {torch.get_num_threads()} threads; matmul peak ({args.peak_size}^2, "
+        f"device {device}, {torch.get_num_threads()} threads, {args.clock} clock"
+        f"{' (CPU seconds per thread)' if cpu_clock else ''}; matmul peak ({args.peak_size}^2, "
         f"best of {args.peak_repeats}): bf16 {peaks['bf16'] / 1e9:,.1f} GFLOP/s, fp32 "
         f"{peaks['fp32'] / 1e9:,.1f} GFLOP/s; steps: median of {args.repeats} runs of "
         f"{args.steps}, real CIFAR-10 training images, base parameters, random weights"
@@ -272,6 +275,8 @@ def flops(argv: list[str]) -> None:
     headers = ("stage", "batch", "GFLOP per step", "s per step", "GFLOP/s", "% of bf16 peak",
                "% of fp32 peak")  # fmt: skip
     print(markdown_table(headers, rows))
+    for stage in steps:
+        print(f"  {stage}: {STAGES[stage]}")
     for stage, rate in achieved.items():
         if rate < args.explain_below * peaks["bf16"]:
             shares, top = time_shares(steps[stage][0])

@@ -113,6 +113,12 @@ def test_unknown_subcommands_and_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit) as bad:
         main(["crosscheck", "--classifier", "a", "--purifier", "b", "--images", "0"])
     assert bad.value.code == 2 and "expected a whole number >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["crosscheck", "--classifier", "a", "--purifier", "b", "--eps-linf", "0/255"])
+    assert "expected a number > 0" in capsys.readouterr().err
+    from benchmarks.common import positive_float
+
+    assert positive_float("8/255") == pytest.approx(8 / 255) and positive_float("0.5") == 0.5
     with pytest.raises(SystemExit, match="unknown workloads"):
         main(["precision", "--workloads", "classifier,nope"])
     with pytest.raises(SystemExit, match="PRETRAINED classifier"):
@@ -240,7 +246,7 @@ def test_parity(capsys, run_folder, stage):
 
 def test_flops(capsys):
     out = bench(capsys, "flops", "--batch-size", "2", "--steps", "1", "--repeats", "1",
-                "--peak-size", "128", "--peak-repeats", "1", "--explain-below", "1e-9",
+                "--peak-size", "128", "--peak-repeats", "1", "--explain-below", "1e-9", "--clock", "cpu",
                 "--stages", ",".join(flops_stages()))  # fmt: skip
     table = [line for line in out.splitlines() if line.startswith("| ")]
     assert len(table) == 1 + len(flops_stages())
