@@ -99,7 +99,6 @@ BLOCKS = {
     "rvs": "atop.trainers.rvs:RvSParams",
     "evaluation": "atop.evaluation.suite:EvalParams",
     "convergence": "atop.evaluation.convergence:ConvergenceParams",
-    "data_ingestion": "atop.pipelines.data_ingestion.nodes:IngestionParams",
 }
 
 
@@ -114,17 +113,23 @@ class _Blocks(dict):
         self.profile = profile
         self.raw: dict[str, Any] | None = None
 
-    def __missing__(self, key: str) -> Any:
-        import importlib
-
+    def raw_block(self, key: str) -> dict[str, Any]:
+        """Block ``key`` as the resolved YAML gives it (plain values, not validated)."""
         from atop.dvc_params import resolve_parameters
 
         if self.raw is None:
             self.raw = resolve_parameters(PROJECT_ROOT, self.profile)
-        if key not in self.raw or key not in BLOCKS:
-            raise KeyError(f"profile {self.profile!r}: no typed parameter block {key!r}")
+        if key not in self.raw:
+            raise KeyError(f"profile {self.profile!r} has no parameter block {key!r}")
+        return self.raw[key]
+
+    def __missing__(self, key: str) -> Any:
+        import importlib
+
+        if key not in BLOCKS:
+            raise KeyError(f"no typed class for parameter block {key!r}: see BLOCKS")
         module, name = BLOCKS[key].split(":")
-        self[key] = getattr(importlib.import_module(module), name).from_dict(self.raw[key])
+        self[key] = getattr(importlib.import_module(module), name).from_dict(self.raw_block(key))
         return self[key]
 
 

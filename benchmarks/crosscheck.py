@@ -147,7 +147,7 @@ def summary(verdicts: Tensor) -> list[str]:
     return cells
 
 
-def test_subsets(run: str | os.PathLike = PROJECT_ROOT) -> tuple[list[int], list[int], str]:
+def split_subsets(run: str | os.PathLike = PROJECT_ROOT) -> tuple[list[int], list[int], str]:
     """The base profile's evaluation and monitor subsets of the test split (indices), and
     where they came from: ``data/05_model_input/cifar10/base/{eval,monitor}_indices.json``
     of the project folder ``run`` when present, else drawn as data_ingestion draws them
@@ -156,18 +156,17 @@ def test_subsets(run: str | os.PathLike = PROJECT_ROOT) -> tuple[list[int], list
     files = folder / "eval_indices.json", folder / "monitor_indices.json"
     if all(f.is_file() for f in files):
         return (*(json.loads(f.read_text()) for f in files), str(folder))
-    ingestion = profile_parameters("base")["data_ingestion"]
-    evals = random_subset(10_000, ingestion.eval_subset.images, ingestion.eval_subset.seed)
-    monitor = random_subset(
-        10_000, ingestion.monitor_subset.images, ingestion.monitor_subset.seed, exclude=evals
-    )
+    ingestion = profile_parameters("base").raw_block("data_ingestion")
+    subset, held = ingestion["eval_subset"], ingestion["monitor_subset"]
+    evals = random_subset(10_000, subset["images"], subset["seed"])
+    monitor = random_subset(10_000, held["images"], held["seed"], exclude=evals)
     return evals.tolist(), monitor.tolist(), "drawn as data_ingestion (base) draws them"
 
 
 def held_out_images(n: int, run: str) -> tuple[list[int], str]:
     """The first ``n`` test indices outside both the evaluation and the monitor subset, and
-    where those subsets came from (:func:`benchmarks.common.test_subsets`)."""
-    evals, monitor, source = test_subsets(run)
+    where those subsets came from (:func:`split_subsets`)."""
+    evals, monitor, source = split_subsets(run)
     taken = set(evals) | set(monitor)
     free = [i for i in range(10_000) if i not in taken]
     if n > len(free):

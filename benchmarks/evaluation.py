@@ -161,7 +161,7 @@ def evaluation(argv: list[str]) -> None:
     for env in args.profiles.split(","):
         typed = profile_parameters(env)
         params = typed["evaluation"]
-        n = params.images or typed["data_ingestion"].eval_subset.images  # null = all
+        n = params.images or typed.raw_block("data_ingestion")["eval_subset"]["images"]
         total = 0.0
         parts = []
         for defense, stochastic, count in (("standard", False, 1), ("ap+atop", True, 2)):

@@ -150,7 +150,9 @@ def attack_parity(
             purifier = load_safe(models / purifier_file) if purifier_file else None
             model = load_defense(load_safe(models / classifier_file), purifier)
             defense = Defense(name, model, purifier is not None)
-            settings = EvalSettings(params.batch_size, params.draws, params.seed, False, amp)
+            settings = EvalSettings(
+                batch_size=params.batch_size, draws=params.draws, seed=params.seed, attack_amp=amp
+            )
             with mock.patch.object(protocol, "uses_amp", lambda spec, s: s.attack_amp):
                 results[amp] = evaluate(defense, x, y, specs, settings)
         for label in attacks:

@@ -153,11 +153,11 @@ def atop(argv: list[str]) -> None:
 
     The base models (resnet-fast width 16 in NHWC, the gated U-Net, RT2; random weights)
     and one full fine-tuning step per batch: craft x', one D step, one g step with
-    L_org(x') + 0.1 * CE (paper Eq. 9); images/s and the projected time per epoch. The
-    pipeline crafts x' in float32 (only the GAN update runs under bf16 autocast);
-    ``--attack-amp`` also times each step with the attack under bf16 autocast, alternating
-    with the float32 one (median of ``--repeats``, default 3), and prints the ratio (the strength side of that
-    question: ``train-attack-amp``).
+    L_org(x') + 0.1 * CE (paper Eq. 9); images/s and the projected time per epoch. x' is
+    crafted in float32 (the GAN update under bf16 autocast); ``--attack-amp`` also times each
+    step with the attack under bf16 autocast, alternating with the float32 one (median of
+    ``--repeats``, default 3), and prints the ratio. On the trained models, with the
+    strength side of that question: ``train-attack-amp``.
     """
     from atop.attacks import build_attack
     from atop.defense import PurifiedClassifier

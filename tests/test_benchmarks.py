@@ -355,3 +355,19 @@ def test_crosscheck_attacks_stay_in_budget_and_beat_a_linear_model():
         assert 0 <= adv.min() and adv.max() <= 1
         assert not judge(model, adv, y, draws=2, rows=64).any()  # every image misclassified
     assert judge(model, x, y, draws=3, rows=64).all()
+
+
+def test_crosscheck_draws_the_subsets_as_data_ingestion_when_their_files_are_missing(tmp_path):
+    from atop.pipelines.data_ingestion.nodes import (
+        IngestionParams,
+        select_eval_subset,
+        select_monitor_subset,
+    )
+    from benchmarks.common import profile_parameters
+    from benchmarks.crosscheck import split_subsets
+
+    evals, monitor, source = split_subsets(tmp_path)
+    test_set = {"labels": torch.zeros(10_000, dtype=torch.int64)}
+    typed = IngestionParams.from_dict(profile_parameters("base").raw_block("data_ingestion"))
+    assert evals == select_eval_subset(test_set, typed) and "drawn" in source
+    assert monitor == select_monitor_subset(test_set, evals, typed)
