@@ -423,7 +423,7 @@ def test_a_bad_eps_in_evaluation_attacks_is_refused_before_any_node(
             10**9,
             "is out of range: it must be an integer >= 1 and <= 10000 (gradient steps",
         ),
-        ("evaluation.sanity", "eps_sweep", [0, 8], "is out of range: it must be >= 0 and <= 1"),
+        ("evaluation.sanity", "eps_sweep", 8, "is out of range: it must be >= 0 and <= 1"),
     ],
 )
 def test_every_attack_spec_is_checked_with_its_dotted_key(where, key, value, rule):
@@ -435,9 +435,12 @@ def test_every_attack_spec_is_checked_with_its_dotted_key(where, key, value, rul
     from tests.conftest import PROJECT_ROOT
 
     params = resolve_parameters(PROJECT_ROOT, "smoke")
-    if key == "eps_sweep":
-        params["evaluation"]["sanity"]["eps_sweep"] = value
-        dotted, shown = "evaluation.sanity.eps_sweep[1]", "8"
+    if key == "eps_sweep":  # a list, or a mapping norm -> list
+        sweep = params["evaluation"]["sanity"]["eps_sweep"]
+        norm = next(iter(sweep), None) if isinstance(sweep, dict) else None
+        points = sweep[norm] if norm else sweep
+        points[1] = 8
+        dotted, shown = f"evaluation.sanity.eps_sweep{'.' + norm if norm else ''}[1]", "8"
     else:
         found = next(f for f in find_attack_specs(params) if f.key.startswith(where))
         found.spec[key] = value  # the walk hands back the mapping itself
@@ -683,16 +686,21 @@ def test_compare_tells_identical_consistent_and_different_runs_apart(
     assert "ap: consistent" in report
     assert any(line.split()[:2] == ["ap", "clean"] for line in report.splitlines())
 
-    # every verdict of AToP flipped: different beyond numerics
-    broken = _copy_run(atop_project, tmp_path / "broken")
-    table = pd.read_csv(broken / "robustness_verdicts.csv")
-    rows = table["defense"] == "atop"
-    table.loc[rows, draws] = 1 - table.loc[rows, draws]
-    table.loc[rows, "correct"] = table.loc[rows, draws].sum(axis=1)
-    table.to_csv(broken / "robustness_verdicts.csv", index=False)
-    assert compare(run_a, broken, out=tmp_path / "compare.json") == 1
+    # AToP right on every draw of every image in one run, wrong in the other: different
+    def atop_verdicts(folder: Path, value: int) -> Path:
+        table = pd.read_csv(folder / "robustness_verdicts.csv")
+        rows = table["defense"] == "atop"
+        for d, column in enumerate(draws):
+            table.loc[rows & (table["draws"] > d), column] = value
+        table.loc[rows, "correct"] = table.loc[rows, draws].sum(axis=1)
+        table.to_csv(folder / "robustness_verdicts.csv", index=False)
+        return folder
+
+    right = atop_verdicts(_copy_run(atop_project, tmp_path / "right"), 1)
+    wrong = atop_verdicts(_copy_run(atop_project, tmp_path / "wrong"), 0)
+    assert compare(right, wrong, out=tmp_path / "compare.json") == 1
     report = capsys.readouterr().out
-    assert "atop: DIFFERENT beyond numerics" in report
+    assert "atop: DIFFERENT beyond numerics: clean +100.00 points" in report
     saved = json.loads((tmp_path / "compare.json").read_text())
     assert saved["defenses"]["atop"] == "different" and saved["defenses"]["standard"] == "identical"
 

@@ -5,8 +5,10 @@ compute alike (:mod:`atop.machine`). On other hardware the training takes other 
 reaches other weights, and every number moves a little. This command tells "different
 numerics" from "different results": per defense, and per measure (clean, each attack, the
 worst case of each threat model), it pairs the two runs' verdicts image by image
-(single-draw scores: each image's fraction of right draws) and tests the difference with
-:func:`atop.evaluation.stats.paired_test` (paired bootstrap interval, sign-flip test). A
+(single-draw scores: each image's fraction of right draws; the worst cases by the
+evaluation's own rule, :func:`atop.evaluation.protocol.worst_case`) and tests the
+difference with :func:`atop.evaluation.stats.paired_test` (paired bootstrap interval,
+sign-flip test). A
 defense's family of tests is its headline: clean accuracy and the worst case of each threat
 model, Holm-adjusted (the single attacks are listed with their own p-values). A defense whose
 adjusted p-values all stay at or above ``alpha`` is *consistent*: its two runs differ by no
@@ -126,14 +128,33 @@ def _threat_models(record: Mapping[str, Any]) -> dict[str, list[str]]:
     return out
 
 
-def _scores(table, defense: str) -> dict[str, Any]:
-    """Attack (or ``clean``) -> per-image single-draw scores (a pandas Series by image)."""
+def _verdicts(table, defense: str) -> dict[str, Any]:
+    """Attack (or ``clean``) -> the defense's per-draw verdicts: a DataFrame indexed by image
+    (sorted), one 0/1 column per draw it was judged with."""
     rows = table[table["defense"] == defense]
     out = {}
     for attack, part in rows.groupby("attack", sort=False):
         part = part.drop_duplicates("image").set_index("image").sort_index()
-        out[str(attack)] = part["correct"] / part["draws"]
+        draws = int(part["draws"].max())
+        out[str(attack)] = part[[f"draw_{d}" for d in range(draws)]]
     return out
+
+
+def _worst(frames: Sequence[Any]):
+    """Per-image single-draw worst case over verdict frames of the same images, by the
+    evaluation's own rule (:func:`atop.evaluation.protocol.worst_case`), as a Series."""
+    import pandas as pd
+    import torch
+
+    from atop.evaluation.protocol import worst_case
+
+    images = frames[0].index
+    for frame in frames[1:]:
+        images = images.intersection(frame.index)
+    sets = [torch.tensor(f.loc[images].to_numpy() == 1) for f in frames]
+    if len({tuple(t.shape) for t in sets}) != 1:  # draws differ: the plain minimum
+        return pd.concat([f.loc[images].mean(axis=1) for f in frames], axis=1).min(axis=1)
+    return pd.Series(worst_case(sets, "single").double().numpy(), index=images)
 
 
 def _check_same_protocol(a: Run, b: Run) -> None:
@@ -206,13 +227,14 @@ def compare_runs(
     rows: list[Row] = []
     verdict: dict[str, str] = {}
     for defense in defenses:
-        sa, sb = _scores(a.verdicts, defense), _scores(b.verdicts, defense)
-        measures = {m: (sa[m], sb[m]) for m in sa if m in sb}
+        va, vb = _verdicts(a.verdicts, defense), _verdicts(b.verdicts, defense)
+        shared = [m for m in va if m in vb]
+        measures = {m: (va[m].mean(axis=1), vb[m].mean(axis=1)) for m in shared}
         for norm, labels in norms.items():
-            shared = [m for m in ["clean", *labels] if m in measures]
-            if len(shared) > 1:
-                worst_a = _frame(measures, shared, 0).min(axis=1)
-                worst_b = _frame(measures, shared, 1).min(axis=1)
+            names = [m for m in ["clean", *labels] if m in measures]
+            if len(names) > 1:
+                worst_a = _worst([va[m] for m in names])
+                worst_b = _worst([vb[m] for m in names])
                 measures[f"worst {norm}"] = (worst_a, worst_b)
         found = []
         for measure, (x, y) in measures.items():
@@ -259,12 +281,6 @@ def compare_runs(
         "alpha": alpha,
         "level": level,
     }
-
-
-def _frame(measures: Mapping[str, Any], names: Sequence[str], side: int):
-    import pandas as pd
-
-    return pd.concat({m: measures[m][side] for m in names}, axis=1)
 
 
 def _same_draws(ta, tb, defense: str) -> bool:

@@ -487,25 +487,37 @@ def _is_spec(child: Mapping[str, Any]) -> bool:
 
 
 def _eps_sweep_problems(params: Mapping[str, Any], blocks: Iterable[str], side: int | None):
-    """ε sweeps (``<block>.sanity.eps_sweep``): each budget >= 0 in the reference's norm."""
+    """ε sweeps (``<block>.<child>.eps_sweep``): each budget >= 0 in its norm's range; a
+    list takes the norm of the child's ``reference`` entry, a mapping is norm -> list."""
     for block in blocks:
         values = params.get(block)
         if not isinstance(values, Mapping):
             continue
+        entries = values.get("attacks") if isinstance(values.get("attacks"), list) else []
         for name, child in values.items():
-            if not isinstance(child, Mapping) or not isinstance(child.get("eps_sweep"), list):
+            if not isinstance(child, Mapping) or "eps_sweep" not in child:
                 continue
-            reference = child.get("reference")
-            entries = values.get("attacks") if isinstance(values.get("attacks"), list) else []
-            entry = next(
-                (e for e in entries if isinstance(e, Mapping) and e.get("label") == reference),
-                {},
-            )
-            rule = budget_rule(entry.get("norm", "Linf"), side, zero=True)
-            for i, eps in enumerate(child["eps_sweep"]):
-                problem = rule.check(f"{block}.{name}.eps_sweep[{i}]", eps)
-                if problem is not None:
-                    yield problem
+            sweep = child["eps_sweep"]
+            if isinstance(sweep, Mapping):
+                sweeps = {
+                    f"{block}.{name}.eps_sweep.{norm}": (str(norm), points)
+                    for norm, points in sweep.items()
+                }
+            else:
+                reference = child.get("reference")
+                entry = next(
+                    (e for e in entries if isinstance(e, Mapping) and e.get("label") == reference),
+                    {},
+                )
+                sweeps = {f"{block}.{name}.eps_sweep": (entry.get("norm", "Linf"), sweep)}
+            for key, (norm, points) in sweeps.items():
+                if not isinstance(points, list):
+                    continue
+                rule = budget_rule(norm if norm in ("Linf", "L2") else "Linf", side, zero=True)
+                for i, eps in enumerate(points):
+                    problem = rule.check(f"{key}[{i}]", eps)
+                    if problem is not None:
+                        yield problem
 
 
 def parameter_problems(
