@@ -22,7 +22,7 @@ export GX_ANALYTICS_ENABLED := false
 
 KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
 
-.PHONY: install data-docs-assets browser run resume run-all repro test test-fast lint viz clean-data
+.PHONY: install data-docs-assets browser run resume run-all repro results test test-fast lint viz clean-data
 
 # The Great Expectations Data Docs' assets that no PyPI package ships (bootstrap-table,
 # bootstrap-datepicker, bootstrap-dark), locked in this package-lock.json.
@@ -68,6 +68,11 @@ run-all: $(STAMP)
 ## time; profile: params/profile.yaml), with the venv's kedro/python on PATH for the stages.
 repro: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
+
+## docs/results.md and the README's results block, regenerated from the committed records
+## (data/08_reporting/cifar10/base/*.json); tests/test_results.py fails when they disagree.
+results: $(STAMP)
+	$(VENV)/bin/python -m atop.results
 
 ## The test suite (real data from ../shared/datasets), on two worker processes (one torch
 ## thread each; a test file stays on one worker, so its module fixtures are built once; the
