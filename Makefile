@@ -22,7 +22,7 @@ export GX_ANALYTICS_ENABLED := false
 
 KEDRO_ENV := $(if $(filter base,$(ENV)),,--env $(ENV))
 
-.PHONY: install data-docs-assets browser run resume run-all repro results test test-fast lint viz clean-data
+.PHONY: install data-docs-assets browser run resume run-all repro seeds scaling results test test-fast lint viz clean-data
 
 # The Great Expectations Data Docs' assets that no PyPI package ships (bootstrap-table,
 # bootstrap-datepicker, bootstrap-dark), locked in this package-lock.json.
@@ -64,10 +64,17 @@ resume: $(STAMP)
 run-all: $(STAMP)
 	$(VENV)/bin/kedro run $(KEDRO_ENV)
 
-## DVC: rerun the stages whose code, parameters or inputs changed (every stage the first
-## time; profile: params/profile.yaml), with the venv's kedro/python on PATH for the stages.
+## DVC: the full comparison (the main job, the baselines, the ablations, the convergence
+## study and their report), rerunning only the stages whose code, parameters or inputs
+## changed (every stage the first time; profile: params/profile.yaml), with the venv's
+## kedro/python on PATH for the stages.
 repro: $(STAMP)
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro comparison
+
+## The studies run alone (each its own DVC stage, cached): every arm of the 2 x 2 with
+## several training seeds, and three arms at larger fine-tuning budgets.
+seeds scaling: $(STAMP)
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(VENV)/bin/dvc repro $@
 
 ## docs/results.md and the README's results block, regenerated from the committed records
 ## (data/08_reporting/cifar10/base/*.json); tests/test_results.py fails when they disagree.

@@ -198,6 +198,7 @@ def test_build_transform_from_parameters():
         "mask_block": None,
         "mask_number": 2,
         "noise_resolution": None,
+        "noise_route": "box",
     }
     authors = build_transform({"kind": "rt2", "sigma": 0.25, "noise_resolution": 256})
     assert authors.config == RandomTransform("rt2", 0.25, noise_resolution=256).config
@@ -250,3 +251,90 @@ def test_too_small_rate_and_bad_images_raise():
         RandomTransform()(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     with pytest.raises(ValueError, match="float images"):
         RandomTransform()(torch.rand(3, 32, 32))
+
+
+# --- the authors' noise route at the working resolution (method.md §6.1) ---------------------
+
+
+def _expected_clamp(x: float, sigma: float) -> float:
+    """E[clamp(x + n, 0, 1)] for n ~ N(0, sigma^2) (a closed form)."""
+    from scipy import stats
+
+    a, b = -x / sigma, (1 - x) / sigma
+    cdf, pdf = stats.norm.cdf, stats.norm.pdf
+    return x * (cdf(b) - cdf(a)) + sigma * (pdf(a) - pdf(b)) + (1 - cdf(b))
+
+
+def test_the_upsample_route_adds_white_noise_of_the_box_std_at_every_frequency():
+    """Bilinear up to 256, i.i.d. N(0, sigma^2), area down to 32: without clipping (a
+    mid-gray image, small sigma) the 32-px noise is the mean of 64 i.i.d. values, white with
+    variance sigma^2 / 64 at DC, the axis Nyquist and the diagonal Nyquist alike."""
+    from atop.transforms import upsampled_noise
+
+    generator = torch.Generator().manual_seed(0)
+    sigma = 0.08  # |n| > 0.5 has probability 4e-10: no clipping
+    x = torch.full((400, 1, 32, 32), 0.5)
+    noise = upsampled_noise(x, sigma, 256, generator=generator) - 0.5
+    power = torch.fft.fft2(noise[:, 0]).abs().pow(2).mean(dim=0) / (32 * 32)  # per frequency
+    expected = sigma**2 / 64
+    for u, v in ((0, 0), (0, 16), (16, 0), (16, 16), (5, 9)):
+        assert power[u, v].item() == pytest.approx(expected, rel=0.2), (u, v)
+    assert noise.std().item() == pytest.approx(sigma / 8, rel=0.02)
+
+
+def test_the_upsample_route_low_passes_the_image_so_its_noise_is_relatively_stronger():
+    """The up/down pair is the filter [1/8, 3/4, 1/8] per axis (0.75 + 0.25 cos w): against
+    the image, the same white noise is 2x stronger at the axis Nyquist and 4x at the diagonal
+    Nyquist than in the box route (which keeps the image). method.md §6.1 quotes 1.75x / 3x
+    for a least-squares recovery of the image from the 256-px one instead of this area
+    downsampling."""
+    from atop.transforms import upsampled_noise
+
+    i = torch.arange(32)
+    axis = (-1.0) ** i[None, :].expand(32, 32)
+    diagonal = (-1.0) ** (i[:, None] + i[None, :])
+    for pattern, gain in ((axis, 0.5), (diagonal, 0.25), (torch.ones(32, 32), 1.0)):
+        image = 0.5 + 0.1 * pattern[None, None]
+        out = upsampled_noise(image, 0.0, 256) - 0.5  # sigma 0: the signal path alone
+        inner = (slice(None), slice(None), slice(4, 28), slice(4, 28))  # away from the border
+        assert torch.allclose(out[inner], gain * 0.1 * pattern[None, None][inner], atol=1e-5)
+
+
+@pytest.mark.parametrize("value", [0.0, 0.1, 0.5, 0.9])
+def test_the_upsample_route_clamps_at_256_px_with_the_formula_s_bias(value):
+    """sigma 0.25 clamped at 256 px biases a pixel by E[clamp(x + n, 0, 1)] - x: +0.100 at
+    x = 0, +0.058 at 0.1, -0.057 at 0.9 (method.md §6.1), about 2-3 eps at 8/255."""
+    from atop.transforms import upsampled_noise
+
+    generator = torch.Generator().manual_seed(1)
+    x = torch.full((64, 3, 32, 32), value)
+    bias = (upsampled_noise(x, 0.25, 256, generator=generator) - value).mean().item()
+    assert bias == pytest.approx(_expected_clamp(value, 0.25) - value, abs=2e-3)
+    known = {0.0: 0.0997, 0.1: 0.058, 0.5: 0.0, 0.9: -0.057}
+    assert _expected_clamp(value, 0.25) - value == pytest.approx(known[value], abs=1e-3)
+
+
+def test_the_upsample_route_has_exact_gradients_and_is_chosen_by_the_config(cifar10_test_batch):
+    cifar_images = cifar10_test_batch[0]
+    from atop.transforms import upsampled_noise
+
+    x = cifar_images[:4].clone().requires_grad_(True)
+    generator = torch.Generator().manual_seed(2)
+    out = upsampled_noise(x, 0.25, 256, generator=generator)
+    assert out.shape == x.shape and 0 <= out.min() and out.max() <= 1
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    # d/dx of the area mean of the clamped bilinear image: the unclamped share of each
+    # pixel's up/down weight (exactly 1 where nothing clamps)
+    assert torch.isfinite(grad).all() and 0 <= grad.min() and grad.max() <= 1 + 1e-5
+    assert (grad > 0.5).float().mean() > 0.5
+    route = RandomTransform("rt2", sigma=0.25, noise_resolution=256, noise_route="upsample")
+    box = RandomTransform("rt2", sigma=0.25, noise_resolution=256)
+    torch.manual_seed(3)
+    routed = route(cifar_images[:4])
+    torch.manual_seed(3)
+    expected = upsampled_noise(cifar_images[:4], 0.25, 256)
+    assert torch.equal(routed.image, expected) and routed.masks.shape == (1, 4, 1, 32, 32)
+    assert box.config.noise_route == "box" and not box.config.upsamples(32)
+    assert route.config.upsamples(32) and not route.config.upsamples(256)
+    with pytest.raises(ValueError, match="noise_route must be one of"):
+        RandomTransform("rt2", noise_route="bicubic")

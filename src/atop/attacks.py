@@ -27,19 +27,18 @@ Facts about torchattacks 3.5.1 this module relies on (checked in its source):
   Both of ours (:class:`PackedEOTPGD`, :class:`EOTPGDL2`) can pack the draws of a batch
   smaller than ``eot_batch`` into one pass (:class:`PackedEOT`); a full batch runs as before.
 * ``AutoAttack`` takes no ``steps`` argument: its sub-attacks default to 10 iterations, not
-  the reference 100, so :func:`build_attack` sets them. Its ``rand`` version is APGD-CE +
-  APGD-DLR with ``eot_iter=20``, one restart each (as the reference AutoAttack); ``standard``
-  is APGD-CE, APGD-T (``n_classes - 1`` targets), FAB-T and Square (5000 queries), one
-  restart each.
+  the reference 100, so :func:`build_attack` sets them. Its ``standard`` version (APGD-CE,
+  APGD-T with ``n_classes - 1`` targets, FAB-T and Square, one restart each) is used for
+  deterministic defenses.
 * ``MultiAttack`` (inside AutoAttack) decides "attack succeeded" from ONE forward pass and
   then stops attacking that image; for a random defense a lucky draw flatters it. We replace
   it by :class:`RejudgedMultiAttack`, which judges with several fresh draws.
-* ``APGD.perturb`` calls ``torch.random.manual_seed(seed)`` (global RNG) at every call of its
-  default mode and picks its returned example from single-draw predictions;
-  :class:`EveryImageAPGD` (AutoAttack-rand on random defenses) uses its ``best_loss`` mode
-  instead (no reseeding there: the evaluation seeds every attack run), which keeps the
-  iterate with the highest loss of one draw. The final verdict is always
-  :func:`draw_correct` with fresh draws, in float32.
+* torchattacks' ``APGD`` never attacks an image that one initial draw got wrong, and with
+  EOT it keeps the loss of its LAST pass: its step-size schedule and its returned iterate
+  follow one draw. AutoAttack-``rand`` here (APGD-CE + APGD-DLR with EOT, both norms) is
+  therefore :class:`EOTAPGD`, which attacks every image and follows the EOT-mean loss, in a
+  :class:`RejudgedMultiAttack`. The final verdict is always :func:`draw_correct` with fresh
+  draws, in float32.
 
 Core module: imports only torch, torchattacks, tqdm and the standard library.
 """
@@ -49,7 +48,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -94,6 +93,33 @@ class PackedEOT:
 
     eot_iter: int
     eot_batch: int | None = None
+    snapshots: tuple[int, ...] = ()
+
+    def keep_snapshots(self, snapshots, steps: int) -> None:
+        """Keep the iterates after the step counts ``snapshots`` (each in ``1 .. steps - 1``)
+        of every call in :attr:`iterates`: with a fixed step size PGD-k is the first k steps
+        of PGD-K from the same start, so one run reads off a whole steps sweep.
+
+        Raises:
+            ValueError: a snapshot outside ``1 .. steps - 1``.
+        """
+        self.snapshots = tuple(sorted({int(k) for k in snapshots}))
+        if any(not 1 <= k < steps for k in self.snapshots):
+            raise ValueError(
+                f"snapshots {list(snapshots)} must lie in 1 .. steps - 1 = {steps - 1}"
+            )
+        self._iterates: dict[int, Tensor] = {}
+
+    @property
+    def iterates(self) -> dict[int, Tensor]:
+        """The last call's iterates at the ``snapshots`` step counts (float32, like its output)."""
+        return getattr(self, "_iterates", {})
+
+    def _snapshot(self, step: int, adv_images: Tensor) -> None:
+        if step == 1:
+            self._iterates = {}
+        if step in self.snapshots:
+            self._iterates[step] = adv_images
 
     def copies(self, n: int) -> int:
         """Draws per forward pass for a batch of ``n`` images (``>= 1``)."""
@@ -101,20 +127,47 @@ class PackedEOT:
             return 1
         return max(1, min(self.eot_iter, self.eot_batch // max(n, 1)))
 
-    def eot_gradient_sum(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Sum over ``eot_iter`` draws of ∇x CE(model(x), y) (CE summed over the batch),
-        float32 shaped like ``images``."""
+    def eot_loss_gradient(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """The EOT means over ``eot_iter`` draws of the per-image loss and of its input
+        gradient (Athalye et al. 2018): float32 ``[N]`` and a float32 tensor like ``images``.
+
+        ``loss(logits, labels) -> [N]`` per-image losses (default: cross-entropy); logits
+        are cast to float32 first, so a bf16 forward pass keeps a float32 loss.
+        """
+        loss = loss or _cross_entropy
         images = images.clone().detach().requires_grad_(True)
         grad = torch.zeros_like(images)
-        copies, left = self.copies(len(images)), self.eot_iter
+        total = torch.zeros(len(images), device=images.device)
+        copies, left, n = self.copies(len(images)), self.eot_iter, len(images)
         while left:
             c = min(copies, left)
             batch = images if c == 1 else images.repeat(c, 1, 1, 1)
             targets = labels if c == 1 else labels.repeat(c)
-            loss = F.cross_entropy(self.get_logits(batch), targets, reduction="sum")
-            grad += torch.autograd.grad(loss, images)[0]
+            per_row = loss(self.get_logits(batch).float(), targets)
+            grad += torch.autograd.grad(per_row.sum(), images)[0]
+            total += per_row.detach().view(c, n).sum(dim=0)
             left -= c
-        return grad
+        return total / self.eot_iter, grad / self.eot_iter
+
+
+def _cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
+def dlr_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """The Difference of Logits Ratio loss of Croce & Hein (2020, Eq. 5), per image:
+    ``-(z_y - max_{i != y} z_i) / (z_pi1 - z_pi3 + 1e-12)`` (``pi``: logits sorted
+    descending). float ``[N, K]`` logits (K >= 3), int64 ``[N]`` labels -> float ``[N]``."""
+    ranked, _ = logits.sort(dim=1, descending=True)
+    true = logits.gather(1, labels[:, None])[:, 0]
+    top_is_true = (ranked[:, 0] == true).float()
+    other = ranked[:, 0] * (1 - top_is_true) + ranked[:, 1] * top_is_true
+    return -(true - other) / (ranked[:, 0] - ranked[:, 2] + 1e-12)
 
 
 class PackedEOTPGD(PackedEOT, torchattacks.EOTPGD):
@@ -138,17 +191,7 @@ class PackedEOTPGD(PackedEOT, torchattacks.EOTPGD):
         super().__init__(model, eps, alpha, steps, eot_iter, random_start)
         self.eot_batch = eot_batch
         self.supported_mode = ["default"]
-        self.snapshots = tuple(sorted({int(k) for k in snapshots}))
-        if any(not 1 <= k < steps for k in self.snapshots):
-            raise ValueError(
-                f"snapshots {list(snapshots)} must lie in 1 .. steps - 1 = {steps - 1}"
-            )
-        self._iterates: dict[int, Tensor] = {}
-
-    @property
-    def iterates(self) -> dict[int, Tensor]:
-        """The last call's iterates at the ``snapshots`` step counts (float32, like its output)."""
-        return self._iterates
+        self.keep_snapshots(snapshots, steps)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """Return adversarial images, float32 ``[N, C, H, W]`` in ``[0, 1]``."""
@@ -160,13 +203,12 @@ class PackedEOTPGD(PackedEOT, torchattacks.EOTPGD):
         if self.random_start:
             start = torch.empty_like(images).uniform_(-self.eps, self.eps)
             adv_images = torch.clamp(images + start, 0, 1)
-        self._iterates = {}
         for step in range(1, self.steps + 1):
-            adv_images = adv_images + self.alpha * self.eot_gradient_sum(adv_images, labels).sign()
+            _, grad = self.eot_loss_gradient(adv_images, labels)
+            adv_images = adv_images + self.alpha * grad.sign()
             delta = torch.clamp(adv_images - images, -self.eps, self.eps)
             adv_images = torch.clamp(images + delta, 0, 1).detach()
-            if step in self.snapshots:
-                self._iterates[step] = adv_images
+            self._snapshot(step, adv_images)
         return adv_images
 
 
@@ -189,13 +231,22 @@ class EOTPGDL2(PackedEOT, torchattacks.PGDL2):
         random_start: start from a random point of the ℓ2 ball, as ``PGDL2``.
         eot_batch: images per pass the draws may fill (:class:`PackedEOT`; ``None``: one
             draw per pass).
+        snapshots: step counts whose iterates each call keeps (:meth:`PackedEOT.keep_snapshots`).
 
     Raises:
-        ValueError: ``eot_iter`` is not a positive integer.
+        ValueError: ``eot_iter`` is not a positive integer, or a bad snapshot.
     """
 
     def __init__(
-        self, model, eps=0.5, alpha=0.1, steps=10, eot_iter=20, random_start=True, eot_batch=None
+        self,
+        model,
+        eps=0.5,
+        alpha=0.1,
+        steps=10,
+        eot_iter=20,
+        random_start=True,
+        eot_batch=None,
+        snapshots=(),
     ):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start)
         self.attack = "EOTPGDL2"
@@ -204,6 +255,7 @@ class EOTPGDL2(PackedEOT, torchattacks.PGDL2):
         self.eot_iter = eot_iter
         self.eot_batch = eot_batch
         self.supported_mode = ["default"]
+        self.keep_snapshots(snapshots, steps)
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """Return adversarial images, float32 ``[N, C, H, W]`` in ``[0, 1]``."""
@@ -215,12 +267,11 @@ class EOTPGDL2(PackedEOT, torchattacks.PGDL2):
             radius = torch.rand(len(images), 1, 1, 1, device=images.device) * self.eps
             adv_images = images + direction / _l2(direction) * radius
             adv_images = adv_images.clamp(0, 1)
-        for _ in range(self.steps):
+        for step in range(1, self.steps + 1):
             grad = self.eot_gradient(adv_images, labels)
             adv_images = adv_images + self.alpha * grad / (_l2(grad) + self.eps_for_division)
-            delta = adv_images - images
-            delta = delta * torch.clamp(self.eps / (_l2(delta) + 1e-12), max=1.0)
-            adv_images = torch.clamp(images + delta, 0, 1).detach()
+            adv_images = project_l2(images, adv_images, self.eps).detach()
+            self._snapshot(step, adv_images)
         return adv_images
 
     def eot_gradient(self, images: Tensor, labels: Tensor) -> Tensor:
@@ -229,12 +280,133 @@ class EOTPGDL2(PackedEOT, torchattacks.PGDL2):
         Returns:
             float32 tensor shaped like ``images``.
         """
-        return self.eot_gradient_sum(images, labels) / self.eot_iter
+        return self.eot_loss_gradient(images, labels)[1]
 
 
 def _l2(x: Tensor) -> Tensor:
     """Per-image ℓ2 norm of ``[N, ...]``, shaped ``[N, 1, 1, 1]``."""
     return x.flatten(1).norm(p=2, dim=1).view(-1, 1, 1, 1)
+
+
+def project_l2(images: Tensor, adv_images: Tensor, eps: float) -> Tensor:
+    """``adv_images`` with its perturbation scaled into the ℓ2 ball of radius ``eps`` around
+    ``images`` (per image), then clipped to ``[0, 1]`` (as torchattacks' ``PGDL2``)."""
+    delta = adv_images - images
+    delta = delta * torch.clamp(eps / (_l2(delta) + 1e-12), max=1.0)
+    return torch.clamp(images + delta, 0, 1)
+
+
+def project_linf(images: Tensor, adv_images: Tensor, eps: float) -> Tensor:
+    """``adv_images`` clipped into the ℓ∞ box of radius ``eps`` around ``images``, then to
+    ``[0, 1]``."""
+    return torch.clamp(images + torch.clamp(adv_images - images, -eps, eps), 0, 1)
+
+
+def apgd_checkpoints(steps: int) -> list[int]:
+    """The iterations at which APGD may halve its step size (Croce & Hein 2020, Sec. 3.1):
+    ``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06)``,
+    ``w_j = ceil(p_j * steps)``, below ``steps``."""
+    points, previous, current = [0], 0.0, 0.22
+    while math.ceil(current * steps) < steps:
+        mark = math.ceil(current * steps)
+        if mark > points[-1]:
+            points.append(mark)
+        previous, current = current, current + max(current - previous - 0.03, 0.06)
+    return points
+
+
+class EOTAPGD(PackedEOT, Attack):
+    """APGD (Croce & Hein 2020, Algorithm 1) on a random defense, fair to its randomness.
+
+    Every image is attacked (no initial one-draw check), and both the step-size schedule
+    and the returned iterate follow the **EOT mean** of the per-image loss over ``eot_iter``
+    fresh draws, never one draw's loss: torchattacks' APGD keeps the loss of its last EOT
+    pass only, which favours an iterate that one lucky draw scored high. Per image: step
+    size ``2 eps``; the first step ``x1 = P(x0 + eta s(g))``, then momentum ``alpha = 0.75``
+    between the projected gradient step and the previous iterate; at the checkpoints of
+    :func:`apgd_checkpoints` the step size halves (and the iterate restarts from the best
+    one) when fewer than ``rho = 0.75`` of the steps since the last checkpoint raised the
+    loss, or when neither the step size nor the best loss changed. ``s(g)`` is ``sign(g)``
+    (ℓ∞) or ``g / ‖g‖₂`` (ℓ2); ``P`` projects onto the ε-ball and ``[0, 1]``.
+
+    Args:
+        model: float32 ``[N, C, H, W]`` in ``[0, 1]`` -> logits ``[N, K]``.
+        norm: ``"Linf"`` or ``"L2"``; eps: the ball's radius on the ``[0, 1]`` scale.
+        steps: iterations (reference AutoAttack: 100); eot_iter: draws per iteration.
+        loss: ``"ce"`` or ``"dlr"`` (:func:`dlr_loss`, needs K >= 3).
+        eot_batch: images per pass the draws may fill (:class:`PackedEOT`).
+
+    Returns (when called): the iterate with the highest EOT-mean loss, float32 in ``[0, 1]``.
+    """
+
+    RHO = 0.75
+    MOMENTUM = 0.75
+
+    def __init__(self, model, norm, eps, steps, eot_iter=1, loss="ce", eot_batch=None):
+        super().__init__(f"EOTAPGD-{loss}", model)
+        if norm not in NORMS or loss not in ("ce", "dlr"):
+            raise ValueError(f"EOTAPGD needs norm in {NORMS} and loss 'ce' or 'dlr'.")
+        _check_positive_int("steps", steps)
+        _check_positive_int("eot_iter", eot_iter)
+        self.norm, self.eps, self.steps, self.eot_iter = norm, eps, steps, eot_iter
+        self.loss = _cross_entropy if loss == "ce" else dlr_loss
+        self.eot_batch = eot_batch
+        self.supported_mode = ["default"]
+
+    def _direction(self, grad: Tensor) -> Tensor:
+        return grad.sign() if self.norm == "Linf" else grad / (_l2(grad) + 1e-12)
+
+    def _project(self, images: Tensor, adv: Tensor) -> Tensor:
+        project = project_linf if self.norm == "Linf" else project_l2
+        return project(images, adv, self.eps)
+
+    def _start(self, images: Tensor) -> Tensor:
+        if self.norm == "Linf":
+            noise = torch.empty_like(images).uniform_(-1, 1)
+            noise = noise / noise.flatten(1).abs().amax(dim=1).view(-1, 1, 1, 1)
+        else:
+            noise = torch.randn_like(images)
+            noise = noise / (_l2(noise) + 1e-12)
+        return torch.clamp(images + self.eps * noise, 0, 1)
+
+    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
+        """Return float32 ``[N, C, H, W]`` adversarial images in ``[0, 1]``."""
+        images = images.clone().detach().to(self.device)
+        labels = labels.clone().detach().to(self.device)
+        shape = (-1, 1, 1, 1)
+        x = self._start(images)
+        loss, grad = self.eot_loss_gradient(x, labels, self.loss)
+        best_x, best_loss, best_grad = x.clone(), loss.clone(), grad.clone()
+        eta = torch.full((len(images),), 2.0 * self.eps, device=images.device)
+        previous = x.clone()
+        marks = apgd_checkpoints(self.steps)
+        raised = torch.zeros(len(images), device=images.device)
+        last_eta, last_best = eta.clone(), best_loss.clone()
+        last_mark = 0
+        for k in range(self.steps):
+            step = self._project(images, x + eta.view(shape) * self._direction(grad))
+            if k > 0:
+                a = self.MOMENTUM
+                step = self._project(images, x + a * (step - x) + (1 - a) * (x - previous))
+            previous, x = x, step.detach()
+            new_loss, grad = self.eot_loss_gradient(x, labels, self.loss)
+            raised += (new_loss > loss).float()
+            better = new_loss > best_loss
+            best_x[better], best_grad[better] = x[better], grad[better]
+            best_loss = torch.where(better, new_loss, best_loss)
+            loss = new_loss
+            if k + 1 in marks[1:]:
+                span = k + 1 - last_mark
+                stalled = (raised < self.RHO * span) | (
+                    (eta == last_eta) & (best_loss == last_best)
+                )
+                last_eta, last_best = eta.clone(), best_loss.clone()
+                eta = torch.where(stalled, eta / 2, eta)
+                x[stalled], grad[stalled] = best_x[stalled], best_grad[stalled]
+                loss = torch.where(stalled, best_loss, loss)
+                raised.zero_()
+                last_mark = k + 1
+        return best_x.detach()
 
 
 def _require_bpda(model: nn.Module) -> None:
@@ -418,9 +590,10 @@ def build_attack(
     ``pgd``/``bpda`` use :class:`PackedEOTPGD` (torchattacks ``EOTPGD``, ℓ∞) or
     :class:`EOTPGDL2` (ℓ2); EOT averages loss gradients over ``eot_iter`` draws, packed
     into passes of up to ``eot_batch`` images for a smaller batch (:class:`PackedEOT`).
-    ``autoattack`` uses torchattacks ``AutoAttack`` with ``n_classes``, and sets ``steps`` on
-    every APGD / APGD-T / FAB sub-attack, ``eot_iter`` on the ``rand`` APGDs, ``n_queries`` on
-    Square; its ``MultiAttack`` is replaced by :class:`RejudgedMultiAttack` with ``draws`` fresh passes.
+    ``autoattack`` ``standard`` uses torchattacks ``AutoAttack`` with ``n_classes``, ``steps``
+    on every APGD / APGD-T / FAB sub-attack and ``n_queries`` on Square; ``rand`` is
+    :class:`EOTAPGD` with the CE then the DLR loss (``steps``, ``eot_iter``). Both run in a
+    :class:`RejudgedMultiAttack` that judges success with ``draws`` fresh passes.
 
     Args:
         model: maps float32 ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, n_classes]``.
@@ -429,8 +602,8 @@ def build_attack(
         n_classes: number of classes of the dataset (10 for CIFAR-10, 100 for CIFAR-100).
         eot_batch: images per forward pass the EOT draws of ``pgd``/``bpda`` may fill (the
             evaluation's batch size); ``None``: one draw per pass.
-        snapshots: step counts ``1 .. steps - 1`` after which an ℓ∞ ``pgd`` keeps its
-            iterate (:attr:`PackedEOTPGD.iterates`); other attacks take none.
+        snapshots: step counts ``1 .. steps - 1`` after which a ``pgd`` keeps its iterate
+            (:attr:`PackedEOT.iterates`); other attacks take none.
 
     Returns:
         An attack; call it (or :func:`run_attack`) with ``(images, labels)``.
@@ -438,37 +611,40 @@ def build_attack(
     Raises:
         ValueError: unknown name (the message lists the valid ones), missing or unknown
             keys, a bad value, ``bpda`` on a model without a ``bpda`` option, or
-            ``snapshots`` for another attack than ℓ∞ ``pgd`` or outside ``1 .. steps - 1``.
+            ``snapshots`` for another attack than ``pgd`` or outside ``1 .. steps - 1``.
     """
     name, p = check_spec(spec)
     _check_positive_int("n_classes", n_classes)
-    if snapshots and (name != "pgd" or p["norm"] != "Linf"):
-        raise ValueError(f"snapshots are kept by the Linf 'pgd' attack only, not by {name!r}")
+    if snapshots and name != "pgd":
+        raise ValueError(f"snapshots are kept by the 'pgd' attack only, not by {name!r}")
     if name == "fgsm":
         if p["norm"] != "Linf":
             raise ValueError("Attack 'fgsm' is an ℓ∞ attack: use norm 'Linf' (or 'pgd' for L2)")
         return torchattacks.FGSM(model, eps=p["eps"])
     if name in ("pgd", "bpda"):
         args = (model, p["eps"], p["alpha"], p["steps"], p["eot_iter"], p["random_start"])
-        if p["norm"] == "Linf":
-            attack = PackedEOTPGD(*args, eot_batch, snapshots)
-        else:
-            attack = EOTPGDL2(*args, eot_batch)
+        pgd = PackedEOTPGD if p["norm"] == "Linf" else EOTPGDL2
+        attack = pgd(*args, eot_batch, snapshots)
         return BPDA(attack) if name == "bpda" else attack
     if name == "cw":
         return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
-    return _build_autoattack(model, p, n_classes)
+    return _build_autoattack(model, p, n_classes, eot_batch)
 
 
-def _build_autoattack(model: nn.Module, p: dict[str, Any], n_classes: int) -> Attack:
+def _build_autoattack(
+    model: nn.Module, p: dict[str, Any], n_classes: int, eot_batch: int | None
+) -> Attack:
     if p["version"] not in AUTOATTACK_VERSIONS:
         raise ValueError(
             f"AutoAttack version must be one of {AUTOATTACK_VERSIONS}, got {p['version']!r}"
         )
     if not isinstance(p["seed"], int) or isinstance(p["seed"], bool):
         raise ValueError(f"autoattack.seed must be an integer, got {p['seed']!r}")
-    if p["version"] == "standard":
-        model = FloatLogits(model)
+    if p["version"] == "rand":  # APGD-CE, APGD-DLR with EOT, fair to random defenses
+        args = (model, p["norm"], p["eps"], p["steps"], p["eot_iter"])
+        attacks = [EOTAPGD(*args, loss, eot_batch) for loss in ("ce", "dlr")]
+        return RejudgedMultiAttack(attacks, draws=p["draws"])
+    model = FloatLogits(model)
     attack = torchattacks.AutoAttack(
         model,
         norm=p["norm"],
@@ -483,10 +659,6 @@ def _build_autoattack(model: nn.Module, p: dict[str, Any], n_classes: int) -> At
             sub.n_queries = p["n_queries"]
         else:  # APGD, APGDT, FAB
             sub.steps = p["steps"]
-        if p["version"] == "rand":
-            sub.eot_iter = p["eot_iter"]
-            if isinstance(sub, torchattacks.APGD) and p["draws"] > 1:
-                sub.__class__ = EveryImageAPGD  # same state, fair selection (see its doc)
     attack._autoattack = RejudgedMultiAttack(sub_attacks, draws=p["draws"])
     return attack
 
@@ -518,26 +690,6 @@ class FloatLogits(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Float32 logits ``[N, n_classes]`` of ``model(x)``."""
         return self.model(x).float()
-
-
-class EveryImageAPGD(torchattacks.APGD):
-    """APGD that attacks every image and returns its highest-loss iterate.
-
-    torchattacks' ``APGD.forward`` computes the initial accuracy from ONE forward pass and
-    never attacks an image that this one draw got wrong, returns the clean image for every
-    image no single draw misclassified during the run, and otherwise the first iterate one
-    draw got wrong (method.md §5.2). On a random defense that flatters it. This subclass runs
-    ``perturb(best_loss=True)``: every image is attacked, and the iterate with the highest
-    loss is returned whatever one draw said; the success judge is then
-    :class:`RejudgedMultiAttack`'s fresh draws. Same constructor and state as ``APGD``.
-    """
-
-    def forward(self, images: Tensor, labels: Tensor) -> Tensor:
-        """Return float32 ``[N, C, H, W]`` adversarial images in ``[0, 1]``."""
-        images = images.clone().detach().to(self.device)
-        labels = labels.clone().detach().to(self.device)
-        _, adv_images = self.perturb(images, labels, best_loss=True)
-        return adv_images
 
 
 def _check_batch(images: Tensor, labels: Tensor | None, batch_size: int) -> None:

@@ -32,9 +32,11 @@ STAGES = (
     "atop_pgd",
     "adversarial_training",
     "rvs",
-    "sigma_ablation",
+    "noise_ablation",
     "convergence",
     "comparison",
+    "seeds",
+    "scaling",
 )
 #: The pipeline module of each stage (for the import closure).
 MODULES = {

@@ -4,7 +4,9 @@ Each stage is registered under its own name (``data_ingestion``, ``classifier_pr
 ...). ``atop`` is the main job, the paper's method end to end with its controls: ingestion ->
 classifier pretraining -> purifier pretraining -> fine-tuning arms -> evaluation.
 ``__default__`` is the full comparison: the main job plus AToP with PGD, the robust-training
-baselines, the sigma ablation, their comparison report and the attack-convergence study.
+baselines, the noise ablations, their comparison report and the attack-convergence study.
+``seeds`` (every arm with several training seeds) and ``scaling`` (three arms at larger
+budgets) are studies run alone.
 
 The training nodes and the per-defense evaluation nodes of every stage run data-parallel
 when their stage's ``distributed`` block asks for more than one process
@@ -22,9 +24,11 @@ from atop.pipelines import (
     convergence,
     data_ingestion,
     evaluation,
+    noise_ablation,
     purifier_pretraining,
     rvs,
-    sigma_ablation,
+    scaling,
+    seeds,
 )
 from atop.pipelines.atop_finetuning.pipeline import create_pgd_pipeline
 from atop.pipelines.distributed_launch.launch import scale_out
@@ -43,10 +47,13 @@ COMPARISON_STAGES = (
     "atop_pgd",
     "adversarial_training",
     "rvs",
-    "sigma_ablation",
+    "noise_ablation",
     "convergence",
     "comparison",
 )
+#: The studies of the training variance and of the budget: each its own stage, run alone
+#: (``kedro run --pipelines seeds``), in neither the main job nor the full comparison.
+STUDIES = ("seeds", "scaling")
 
 _STAGES = {
     "data_ingestion": data_ingestion.create_pipeline,
@@ -57,7 +64,9 @@ _STAGES = {
     "atop_pgd": create_pgd_pipeline,
     "adversarial_training": adversarial_training.create_pipeline,
     "rvs": rvs.create_pipeline,
-    "sigma_ablation": sigma_ablation.create_pipeline,
+    "noise_ablation": noise_ablation.create_pipeline,
+    "seeds": seeds.create_pipeline,
+    "scaling": scaling.create_pipeline,
     "convergence": convergence.create_pipeline,
     "comparison": create_comparison_pipeline,
 }

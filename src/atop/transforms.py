@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 KINDS = ("rt1", "rt2", "rt3")
+NOISE_ROUTES = ("box", "upsample")
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,17 @@ class TransformConfig:
         mask_number: N, the number of disjoint masks of RT3 (ignored by RT1 / RT2); needs
             ``mask_number * missing_rate <= 1``.
         noise_resolution: the side (px) at which ``sigma`` is the per-pixel std; ``None`` =
-            the side of the images the transform is drawn on. At side ``S`` the noise's std
-            is ``sigma * S / noise_resolution``: i.i.d. noise of std ``sigma`` at
-            ``noise_resolution`` px, averaged down to ``S`` px. The authors add sigma = 0.25
-            at 256 px (method.md §5.1): ``noise_resolution: 256`` reproduces that noise at any
-            working side (0.03125 at 32 px).
+            the side of the images the transform is drawn on. The authors add sigma = 0.25
+            at 256 px (method.md §5.1, §6.1).
+        noise_route: how noise given at ``noise_resolution`` reaches images of side ``S``
+            (used when ``noise_resolution > S``). ``"box"``: i.i.d. noise of std ``sigma * S
+            / noise_resolution`` at ``S`` px, clamped there: exactly the box average of
+            i.i.d. noise at ``noise_resolution`` px (0.03125 at 32 px), the mildest reading.
+            ``"upsample"``: the authors' pipeline (:func:`upsampled_noise`): bilinear
+            upsampling to ``noise_resolution``, ``+ sigma N(0, I)`` there, clamp to
+            ``[0, 1]``, area-downsampling back to ``S``: the same DC noise, but 1.75x stronger
+            at the axis Nyquist and about 3x at the diagonal Nyquist relative to the (blurred)
+            image, and a value-dependent clipping bias (method.md §6.1).
 
     Raises:
         ValueError: a parameter is out of range (the message names it and the valid range).
@@ -70,6 +77,7 @@ class TransformConfig:
     mask_block: int | None = None
     mask_number: int = 4
     noise_resolution: int | None = None
+    noise_route: str = "box"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -85,6 +93,11 @@ class TransformConfig:
         _check_positive_int("mask_number", self.mask_number)
         if self.noise_resolution is not None:
             _check_positive_int("noise_resolution", self.noise_resolution)
+        if self.noise_route not in NOISE_ROUTES:
+            raise ValueError(
+                f"noise_route must be one of {NOISE_ROUTES} (how noise given at "
+                f"noise_resolution reaches the working side), got {self.noise_route!r}."
+            )
         if self.kind == "rt3" and self.mask_number * self.missing_rate > 1.0 + 1e-9:
             raise ValueError(
                 f"RT3 needs mask_number * missing_rate <= 1 for disjoint masks, got "
@@ -97,10 +110,19 @@ class TransformConfig:
         return self.kind in ("rt2", "rt3")
 
     def sigma_at(self, side: int) -> float:
-        """The noise's per-pixel std on images of side ``side`` px (see ``noise_resolution``)."""
+        """The noise's per-pixel std on images of side ``side`` px under the ``box`` route
+        (see ``noise_resolution``); the ``upsample`` route's DC component has the same std."""
         if self.noise_resolution is None:
             return float(self.sigma)
         return float(self.sigma) * side / self.noise_resolution
+
+    def upsamples(self, side: int) -> bool:
+        """Whether images of side ``side`` get the noise through :func:`upsampled_noise`."""
+        return (
+            self.noise_route == "upsample"
+            and self.noise_resolution is not None
+            and self.noise_resolution > side
+        )
 
     @property
     def n_masks(self) -> int:
@@ -311,6 +333,43 @@ def add_gaussian_noise(
     return noisy.clamp(0.0, 1.0) if clamp else noisy
 
 
+def upsampled_noise(
+    x: torch.Tensor,
+    sigma: float,
+    resolution: int,
+    *,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The authors' noise route at the working resolution (method.md §6.1): upsample ``x``
+    bilinearly (``align_corners=False``, as ``transforms.Resize`` on tensors) so that its
+    shorter side is ``resolution``, add ``sigma * N(0, I)`` i.i.d. per upsampled pixel, clamp
+    to ``[0, 1]``, and area-downsample back to ``x``'s size.
+
+    Every operator is differentiable, so attacks get exact gradients (zero where a pixel was
+    clamped). Seen at ``x``'s side ``S`` the noise has std ``sigma * S / resolution`` at DC
+    (as the ``box`` route), the image is low-passed by the up/down pair, and the clamp adds
+    ``E[clamp(u + n, 0, 1)] - u`` (+0.100 at u = 0 for sigma 0.25). The masks are drawn at
+    ``S`` px on the block grid: a block mask of side ``P/8`` at ``resolution`` px is the same
+    mask after area-downsampling, so masking before or after the round trip is the same.
+
+    Args:
+        x: float ``[B, C, H, W]`` in ``[0, 1]``.
+        sigma: std at ``resolution`` px on the ``[0, 1]`` scale.
+        resolution: the upsampled shorter side (authors: 256).
+        generator: optional ``torch.Generator``.
+
+    Returns:
+        A tensor like ``x``, in ``[0, 1]``.
+    """
+    height, width = x.shape[-2:]
+    scale = resolution / min(height, width)
+    size = (round(height * scale), round(width * scale))
+    up = nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    noise = _draw("normal", tuple(up.shape), generator, x.device).to(x.dtype)
+    noisy = (up + sigma * noise).clamp(0.0, 1.0)
+    return nn.functional.interpolate(noisy, size=(height, width), mode="area")
+
+
 class RandomTransform(nn.Module):
     """The random transform ``t`` of AToP (paper Sec. 3): RT1, RT2 or RT3.
 
@@ -318,8 +377,8 @@ class RandomTransform(nn.Module):
     libraries switch models to eval). It has no parameters.
 
     Args:
-        kind, sigma, missing_rate, mask_block, mask_number, noise_resolution: see
-            :class:`TransformConfig` (defaults: the paper's RT2, sigma at the drawn side).
+        kind, sigma, missing_rate, mask_block, mask_number, noise_resolution, noise_route:
+            see :class:`TransformConfig` (defaults: the paper's RT2, sigma at the drawn side).
 
     Raises:
         ValueError: bad parameters (see :class:`TransformConfig`).
@@ -337,10 +396,11 @@ class RandomTransform(nn.Module):
         mask_block: int | None = None,
         mask_number: int = 4,
         noise_resolution: int | None = None,
+        noise_route: str = "box",
     ) -> None:
         super().__init__()
         self.config = TransformConfig(
-            kind, sigma, missing_rate, mask_block, mask_number, noise_resolution
+            kind, sigma, missing_rate, mask_block, mask_number, noise_resolution, noise_route
         )
 
     @classmethod
@@ -370,8 +430,13 @@ class RandomTransform(nn.Module):
                 f"{x.dtype} of shape {tuple(x.shape)}."
             )
         cfg = self.config
-        sigma = cfg.sigma_at(x.shape[-1])
-        image = add_gaussian_noise(x, sigma, generator=generator) if cfg.uses_noise else x
+        side = min(x.shape[-2:])
+        if not cfg.uses_noise:
+            image = x
+        elif cfg.upsamples(side):
+            image = upsampled_noise(x, cfg.sigma, cfg.noise_resolution, generator=generator)
+        else:
+            image = add_gaussian_noise(x, cfg.sigma_at(side), generator=generator)
         masks = sample_disjoint_block_masks(
             x.shape[0],
             (x.shape[-2], x.shape[-1]),

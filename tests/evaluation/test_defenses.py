@@ -12,14 +12,20 @@ from atop.evaluation.defenses import (
     DEFENSES,
     DESCRIPTIONS,
     EXTRA,
+    FACTORIAL,
     HISTORIES,
     MAIN,
     NEEDS,
     PURIFIED,
     Defense,
+    base_name,
     build_defense,
     build_defenses,
+    describe,
+    histories,
+    needs,
     unseen_attacks,
+    variant,
 )
 from atop.models.classifiers import ImageClassifier
 from atop.transforms import build_transform
@@ -82,9 +88,11 @@ def test_load_defense_refuses_a_missing_file_and_a_purifier_without_its_transfor
 
 def test_every_defense_has_a_description_and_its_checkpoints():
     assert set(DESCRIPTIONS) == set(NEEDS) == set(DEFENSES)
-    assert len(DEFENSES) == 10 and DEFENSES == MAIN + EXTRA and not set(MAIN) & set(EXTRA)
-    # the main job: the standard classifier, AP and the compute-matched fine-tuning arms
-    assert MAIN == ("standard", "ap", "ap_continued", "ap_classifier_aware", "atop")
+    assert len(DEFENSES) == 13 and DEFENSES == MAIN + EXTRA and not set(MAIN) & set(EXTRA)
+    # the main job: the standard classifier, AP and the 2 x 2 of fine-tuning arms
+    assert MAIN == ("standard", "ap", "ap_continued", "ap_classifier_aware",
+                    "adversarial_reconstruction", "atop")  # fmt: skip
+    assert set(FACTORIAL.values()) == set(MAIN[2:])
     assert set(PURIFIED) <= set(DEFENSES)
     assert set(DEFENSES) - set(PURIFIED) == {"standard", "pgd_at", "rvs"}
     assert all(NEEDS[name][0].endswith("classifier") for name in DEFENSES)
@@ -94,11 +102,23 @@ def test_every_defense_has_a_description_and_its_checkpoints():
         "ap": "purifier",
         "ap_continued": "purifier_ap_continued",
         "ap_classifier_aware": "purifier_ap_classifier_aware",
+        "adversarial_reconstruction": "purifier_adversarial_reconstruction",
         "atop": "purifier_atop",
         "atop_pgd": "purifier_atop_pgd",
         "ap_sigma025": "purifier_sigma025",
         "atop_sigma025": "purifier_atop_sigma025",
+        "ap_upsample": "purifier_upsample",
+        "atop_upsample": "purifier_atop_upsample",
     }
+    # a seed or budget variant of an arm is built like the arm, from its own purifier
+    assert needs("atop_seed3") == ("classifier", "purifier_atop_seed3")
+    assert histories("atop_steps800")[-1] == "finetuning_history_atop_steps800"
+    assert base_name("ap_classifier_aware_seed1") == "ap_classifier_aware"
+    assert base_name("atop") == "atop" and base_name("nothing_seed1") == "nothing_seed1"
+    assert (
+        describe("atop_seed2").endswith("; seed 2")
+        and variant("atop", "steps", 800) == "atop_steps800"
+    )
     assert all(NEEDS[name][0] == "classifier" for name in PURIFIED)
 
 

@@ -1,12 +1,28 @@
-"""Convergence evidence: robust accuracy vs PGD steps and vs EOT samples (method.md §5.2).
+"""Convergence evidence: robust accuracy vs PGD steps and vs EOT samples, both norms
+(method.md §5.2), and whether any stronger setting lowers the headline.
 
 An attack on a stochastic defense is only trustworthy where more steps and more draws per
-step no longer lower the accuracy. :func:`study` runs the PGD of ``convergence.attack`` on a
-defense with each step count of ``steps`` (at ``eot_at`` EOT samples; one run of the largest
-count, read off at the others) and each EOT count of ``eot`` (at ``steps_at`` steps), judges
-every output with ``draws`` fresh draws, and
-:func:`summarize` finds where each curve is flat: the smallest setting whose single-draw
-accuracy is within one standard error of the strongest setting tried.
+step no longer lower the accuracy. :func:`study` runs the PGD of each ``convergence.attacks``
+entry (one per threat model, exact gradients through ``t`` and ``g``) on a defense at every
+setting ``(steps, eot)`` of the steps sweep (``steps`` at ``eot_at`` EOT samples), the EOT
+sweep (``eot`` at ``steps_at`` steps) and the ``extra`` points (e.g. PGD-200 x EOT-20, the
+strongest published protocol), and judges every output with ``draws`` fresh draws.
+
+Cost: the settings with ``steps x eot <= all_images_cost`` passes per image run on every
+image (one run per EOT count, read off at its smaller step counts: PGD-k is the first k
+steps of PGD-K from the same start with a fixed step size). The costlier ones run, in the
+same way, only on the images still standing (AutoAttack's cascade,
+:func:`atop.evaluation.protocol.run_on_survivors`): a right draw in every earlier set (clean,
+the cheaper points and the defense's own headline attacks of that norm). Elsewhere they keep
+the cheaper points' best example, judged afresh.
+
+:func:`summarize` compares every setting with the defense's **headline** (the cross-fitted
+per-image worst case over clean and the evaluation's attacks of the same norm,
+:func:`atop.evaluation.protocol.crossfit_worst`): a setting *lowers the headline* when the
+mean per-image difference exceeds its **paired** standard error, floored at one image's
+share (``1 / n``: with every score at 0 the standard error is 0, and no attack can do
+better than 0). Where one does, the headline is not converged; the full comparison then
+takes the worst case over the headline's and the study's attacks together.
 
 Core module: torch, torchattacks and the project's core modules only.
 """
@@ -14,33 +30,31 @@ Core module: torch, torchattacks and the project's core modules only.
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from atop.attacks import build_attack
 from atop.checkpoint import state_hash
-from atop.evaluation.defenses import PURIFIED, Defense
+from atop.evaluation.defenses import STUDIED, Defense
 from atop.evaluation.protocol import (
+    AttackEntry,
+    AttackRun,
     EvalData,
     EvalSettings,
+    crossfit_worst,
+    format_eps,
     judge,
-    max_perturbation,
     per_image,
+    run_on_survivors,
     run_one,
-    uses_amp,
 )
-from atop.evaluation.stats import standard_error
-from atop.params import Params, run_only, spec
-from atop.progress import progress
-from atop.training import autocast, seed_everything
+from atop.evaluation.stats import paired_se, standard_error
+from atop.params import Params, fraction, run_only, spec
 
 log = logging.getLogger(__name__)
-
-ALPHA_RULES = ("fixed", "2.5eps/steps")
 
 
 @dataclass(init=False, frozen=True)
@@ -49,14 +63,15 @@ class ConvergenceParams(Params):
 
     KEY = "convergence"
 
-    defenses: list[str] = spec(choices=PURIFIED)
+    defenses: list[str] = spec(choices=STUDIED)
     images: int = spec(ge=1, unit="(the first images of eval_indices)")
-    attack: dict[str, Any]
-    alpha_rule: str = spec(choices=ALPHA_RULES)
+    attacks: list[dict[str, Any]]
     steps: list[int] = spec(ge=1)
     eot_at: int = spec(ge=1)
     eot: list[int] = spec(ge=1)
     steps_at: int = spec(ge=1)
+    extra: list[list[int]]
+    all_images_cost: int = spec(ge=1, unit="(steps x EOT passes per image)")
     draws: int = spec(ge=1)
     batch_size: int = spec(ge=1)
     attack_amp: bool
@@ -65,133 +80,183 @@ class ConvergenceParams(Params):
     progress: bool = run_only()
 
     def check(self) -> None:
-        if self.attack.get("name") != "pgd" or "steps" in self.attack or "eot_iter" in self.attack:
-            self.fail("attack", "give a 'pgd' spec without steps and eot_iter (they are swept).")
+        norms = []
+        for i, attack in enumerate(self.attacks):
+            if attack.get("name") != "pgd" or "steps" in attack or "eot_iter" in attack:
+                self.fail(
+                    f"attacks[{i}]",
+                    "give a 'pgd' spec without steps and eot_iter (they are swept).",
+                )
+            norms.append(attack.get("norm"))
+        if len(set(norms)) != len(norms):
+            self.fail("attacks", f"one pgd spec per norm, got norms {norms}.")
+        for i, point in enumerate(self.extra):
+            if len(point) != 2 or any(not isinstance(v, int) or v < 1 for v in point):
+                self.fail(f"extra[{i}]", f"give [steps, eot] (positive integers), got {point}.")
 
     @property
     def settings(self) -> EvalSettings:
         """Batch size, draws, seed, progress, attack precision as :class:`EvalSettings`."""
         return EvalSettings(self.batch_size, self.draws, self.seed, self.progress, self.attack_amp)
 
-    def spec_for(self, steps: int, eot: int) -> dict[str, Any]:
-        """The PGD spec with ``steps`` steps of ``eot`` EOT samples; ``alpha`` as given
-        (``fixed``) or ``2.5 eps / steps`` (Madry et al.'s rule)."""
-        alpha = self.attack["alpha"]
-        if self.alpha_rule != "fixed":
-            alpha = 2.5 * self.attack["eps"] / steps
-        return {**self.attack, "alpha": alpha, "steps": steps, "eot_iter": eot}
+    @property
+    def points(self) -> list[tuple[int, int]]:
+        """Every ``(steps, eot)`` setting, sorted by cost then steps."""
+        settings = {(k, self.eot_at) for k in self.steps}
+        settings |= {(self.steps_at, e) for e in self.eot}
+        settings |= {(int(k), int(e)) for k, e in self.extra}
+        return sorted(settings, key=lambda p: (p[0] * p[1], p[0]))
+
+    def entry(self, norm: str) -> AttackEntry:
+        """The swept PGD of ``norm`` as an attack entry (no steps / EOT yet)."""
+        (attack,) = [a for a in self.attacks if a.get("norm", "Linf") == norm]
+        spec_ = {**attack, "eps": fraction(attack["eps"]), "alpha": fraction(attack["alpha"])}
+        return AttackEntry(f"pgd_{norm.lower()}", spec_, norm, spec_["eps"])
 
 
-def study(defense: Defense, data: EvalData, params: ConvergenceParams) -> dict[str, Any]:
-    """Run both sweeps on ``defense`` (stochastic) and judge every output with fresh draws.
+def point_key(steps: int, eot: int) -> str:
+    """The record key of a setting: ``"200x20"``."""
+    return f"{steps}x{eot}"
 
-    With a fixed ``alpha`` the steps sweep is one run of the largest step count that keeps
-    its iterates at the smaller counts (:class:`atop.attacks.PackedEOTPGD` ``snapshots``):
-    PGD-k is the first k steps of PGD-K from the same start, so this is the same estimator
-    at a fraction of the cost (k passes less per point), with other random numbers than
-    separate runs. A sharded run (``torch.distributed``) and Madry's step-size rule run
-    each setting on its own.
+
+def _groups(points: Sequence[tuple[int, int]], cheap: bool, limit: int) -> dict[int, list[int]]:
+    """``{eot: sorted step counts}`` of the points on the cheap (or the costly) side."""
+    groups: dict[int, list[int]] = {}
+    for steps, eot in points:
+        if (steps * eot <= limit) == cheap:
+            groups.setdefault(eot, []).append(steps)
+    return {e: sorted(ks) for e, ks in sorted(groups.items())}
+
+
+def study(
+    defense: Defense,
+    data: EvalData,
+    params: ConvergenceParams,
+    headline: Mapping[str, Sequence[Tensor]] | None = None,
+) -> dict[str, Any]:
+    """Run every setting of both norms on ``defense`` and judge each output with fresh draws.
+
+    Args:
+        defense: a stochastic defense; data: the study's images.
+        params: ``convergence``.
+        headline: ``{norm: [bool [N, D] verdict sets]}``: clean and the evaluation's attacks
+            of that norm on the same images (the defense's headline); they also decide which
+            images the costly settings still attack. ``None``: no headline to compare with.
 
     Returns:
-        ``{"steps": [(k, bool [N, D])], "eot": [(k, bool [N, D])], "norm", "eps",
-        "eot_at", "steps_at", "indices", "model"}`` (the images' test-set indices, the
-        weights' :func:`atop.checkpoint.state_hash`); a setting present in both sweeps runs
-        once.
+        ``{"model": weights hash, "indices", "norms": {norm: {"eps", "alpha", "points":
+        {key: {"steps", "eot", "draws": bool [N, D], "attacked": bool [N] | None,
+        "seconds"}}, "headline": [bool [N, D]] | None}}}``.
 
     Raises:
         ValueError: a bad spec.
     """
     settings = params.settings
-    norm = params.attack.get("norm", "Linf")
-    done: dict[tuple[int, int], Tensor] = {}
-    if params.alpha_rule == "fixed" and norm == "Linf" and not settings.by_batch:
-        done.update(_trajectory(defense, data, params))
-
-    def verdicts(steps: int, eot: int) -> Tensor:
-        if (steps, eot) not in done:
-            spec_ = params.spec_for(steps, eot)
-            label = f"pgd{steps}_eot{eot}"
-            run = run_one(defense, label, spec_, norm, spec_["eps"], data, settings)
-            done[(steps, eot)] = run.draws
-        return done[(steps, eot)]
-
-    return {
-        "steps": [(k, verdicts(k, params.eot_at)) for k in sorted(params.steps)],
-        "eot": [(k, verdicts(params.steps_at, k)) for k in sorted(params.eot)],
-        "norm": norm,
-        "eps": params.attack["eps"],
-        "eot_at": params.eot_at,
-        "steps_at": params.steps_at,
-        "indices": list(data.indices),
+    out: dict[str, Any] = {
         "model": state_hash(defense.model.state_dict()),
+        "indices": list(data.indices),
+        "norms": {},
     }
-
-
-def _trajectory(
-    defense: Defense, data: EvalData, params: ConvergenceParams
-) -> dict[tuple[int, int], Tensor]:
-    """The steps sweep read off one PGD run of the largest step count (at ``eot_at``):
-    ``{(k, eot_at): bool [N, D]}``, every iterate judged with fresh draws (seeded and in
-    bf16 as :func:`run_one`)."""
-    settings, steps = params.settings, sorted(set(params.steps))
-    spec_ = params.spec_for(steps[-1], params.eot_at)
-    seed_everything(settings.seed)
-    attack = build_attack(
-        defense.model, spec_, data.n_classes, settings.batch_size, tuple(steps[:-1])
-    )
-    iterates: dict[int, list[Tensor]] = {k: [] for k in steps}
-    began = time.perf_counter()
-    size = settings.batch_size
-    with autocast(data.images.device, uses_amp(spec_, settings)):
-        for start in progress(range(0, len(data.labels), size), settings.progress, desc="pgd"):
-            rows = slice(start, start + size)
-            iterates[steps[-1]].append(attack(data.images[rows], data.labels[rows]))
-            for k in steps[:-1]:
-                iterates[k].append(attack.iterates[k])
-    seconds = time.perf_counter() - began
-    out = {}
-    for k in steps:
-        adversarial = torch.cat(iterates[k])
-        label = f"pgd{k}_eot{params.eot_at}"
-        out[(k, params.eot_at)] = draws = judge(defense, adversarial, data.labels, settings, label)
-        log.info(
-            "%s / %s: robust accuracy %.4f single-draw (one %d-step run, %.1f s; max "
-            "perturbation %.4g)",
-            defense.name,
-            label,
-            per_image(draws, "single").mean().item(),
-            steps[-1],
-            seconds,
-            max_perturbation(data.images, adversarial, "Linf"),
-        )
+    clean = AttackRun(judge(defense, data.images, data.labels, settings), data.images, 0.0, 0.0)
+    for attack in params.attacks:
+        norm = attack.get("norm", "Linf")
+        entry = params.entry(norm)
+        earlier = list(headline.get(norm, [])) if headline else []
+        points, runs = {}, [clean]
+        for cheap in (True, False):
+            for eot, steps in _groups(params.points, cheap, params.all_images_cost).items():
+                spec_ = {**entry.spec, "steps": steps[-1], "eot_iter": eot}
+                label = f"{entry.label}_{point_key(steps[-1], eot)}"
+                snapshots = tuple(steps[:-1])
+                if cheap:
+                    run = run_one(
+                        defense, label, spec_, norm, entry.eps, data, settings, None, snapshots
+                    )
+                else:
+                    standing = runs + [_verdicts_only(d) for d in earlier]
+                    costly = AttackEntry(label, spec_, norm, entry.eps, survivors=True)
+                    run = run_on_survivors(
+                        defense, costly, spec_, data, settings, standing, None, snapshots
+                    )
+                for k in steps:
+                    draws = run.draws if k == steps[-1] else run.iterates[k]
+                    points[point_key(k, eot)] = {
+                        "steps": k,
+                        "eot": eot,
+                        "draws": draws,
+                        "attacked": run.attacked,
+                        "seconds": round(run.seconds, 3),
+                    }
+                runs.append(run)
+        out["norms"][norm] = {
+            "eps": entry.eps,
+            "alpha": entry.spec["alpha"],
+            "points": {k: points[k] for k in map(lambda p: point_key(*p), params.points)},
+            "headline": earlier or None,
+        }
     return out
 
 
-def flat_point(curve: list[tuple[int, float, float]]) -> dict[str, Any]:
-    """The smallest setting of a curve ``[(k, accuracy, standard error)]`` whose accuracy is
-    within one standard error (of the strongest point) of the strongest (lowest) one."""
-    strongest = min(curve, key=lambda point: point[1])
-    flat = next(k for k, acc, _ in curve if acc <= strongest[1] + strongest[2])
-    return {
-        "strongest": strongest[0],
-        "strongest_acc": strongest[1],
-        "se": strongest[2],
-        "flat_from": flat,
-    }
+def _verdicts_only(draws: Tensor) -> AttackRun:
+    """An earlier verdict set without its examples (it only decides who still stands; an
+    image it beat keeps the study's own best example instead)."""
+    return AttackRun(draws, torch.empty(0), 0.0, None)
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Single-draw accuracy (and its standard error) of every setting, and each curve's
-    :func:`flat_point`: ``{"steps": {"points": {k: {acc, se, worst_of_n}}, **flat},
-    "eot": ...}``."""
+def summarize(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Per norm: every setting's single-draw accuracy (± binomial SE), worst-of-N, the
+    images it attacked, and its comparison with the headline (``gap`` = headline − setting,
+    mean over images; ``paired_se`` with its floor; ``lowers``: gap > paired SE); then
+    ``converged`` (no setting lowers it), ``max_gap`` and the strongest setting.
+
+    Returns:
+        ``{norm: {"eps", "points": {key: {...}}, "headline", "converged", "max_gap",
+        "strongest"}}`` (``headline``: the cross-fitted single-draw worst case, ``None``
+        without one; then ``converged`` is ``None``).
+    """
     out: dict[str, Any] = {}
-    for sweep in ("steps", "eot"):
-        curve, points = [], {}
-        for k, draws in result[sweep]:
-            single = per_image(draws, "single")
-            acc, se = single.mean().item(), standard_error(single)
-            worst = per_image(draws, "worst_of_n").float().mean().item()
-            curve.append((k, acc, se))
-            points[str(k)] = {"acc": acc, "se": se, "worst_of_n": worst}
-        out[sweep] = {"points": points, **flat_point(curve)}
+    for norm, record in result["norms"].items():
+        headline = crossfit_worst(record["headline"]) if record["headline"] else None
+        points = {}
+        for key, point in record["points"].items():
+            single = per_image(point["draws"], "single")
+            n = len(single)
+            entry = {
+                "steps": point["steps"],
+                "eot": point["eot"],
+                "acc": single.mean().item(),
+                "se": standard_error(single),
+                "worst_of_n": per_image(point["draws"], "worst_of_n").float().mean().item(),
+                "attacked": n if point["attacked"] is None else int(point["attacked"].sum()),
+            }
+            if headline is not None:
+                gap = (headline - single).mean().item()
+                se = max(paired_se(headline, single), 1.0 / n)
+                entry.update(gap=gap, paired_se=se, lowers=gap > se)
+            points[key] = entry
+        strongest = min(points, key=lambda k: points[k]["acc"])
+        out[norm] = {
+            "eps": record["eps"],
+            "points": points,
+            "headline": None if headline is None else headline.mean().item(),
+            "converged": None
+            if headline is None
+            else not any(p["lowers"] for p in points.values()),
+            "max_gap": None if headline is None else max(p["gap"] for p in points.values()),
+            "strongest": strongest,
+        }
     return out
+
+
+def study_sets(result: Mapping[str, Any] | None, norm: str, model: str) -> list[Tensor]:
+    """The verdict sets of a study of the defense whose weights hash to ``model`` at
+    ``norm`` (``[]`` when absent, skipped, stale or of another norm): what the full
+    comparison adds to a headline the study did not find converged."""
+    if not result or result.get("model") != model or norm not in result.get("norms", {}):
+        return []
+    return [p["draws"] for p in result["norms"][norm]["points"].values()]
+
+
+def describe(norm: str, eps: float) -> str:
+    """``"PGD Linf eps 8/255"``."""
+    return f"PGD {norm} eps {format_eps(eps, norm)}"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,11 +33,34 @@ from atop.transforms import build_transform
 log = logging.getLogger(__name__)
 
 #: The main job's defenses (``kedro run --pipelines atop``): the standard classifier, the
-#: pretrained purifier (AP) and the compute-matched fine-tuning arms (issue "Experiment").
-MAIN = ("standard", "ap", "ap_continued", "ap_classifier_aware", "atop")
+#: pretrained purifier (AP) and the 2 x 2 of compute-matched fine-tuning arms (Eq. 9's two
+#: terms: reconstruction from t(x') and CE on x', each on or off).
+MAIN = (
+    "standard",
+    "ap",
+    "ap_continued",
+    "ap_classifier_aware",
+    "adversarial_reconstruction",
+    "atop",
+)
+#: The 2 x 2 of arms: ``(reconstruct from t(x'), CE on x')`` -> arm.
+FACTORIAL = {
+    (False, False): "ap_continued",
+    (False, True): "ap_classifier_aware",
+    (True, False): "adversarial_reconstruction",
+    (True, True): "atop",
+}
 #: Added by the full comparison: AToP with PGD, the robust-training baselines, and the
 #: sigma = 0.25-at-32-px ablation (AP and AToP with the harsher noise).
-EXTRA = ("atop_pgd", "pgd_at", "rvs", "ap_sigma025", "atop_sigma025")
+EXTRA = (
+    "atop_pgd",
+    "pgd_at",
+    "rvs",
+    "ap_sigma025",
+    "atop_sigma025",
+    "ap_upsample",
+    "atop_upsample",
+)
 #: Every defense the evaluation knows, in report order.
 DEFENSES = MAIN + EXTRA
 DESCRIPTIONS = {
@@ -44,12 +68,17 @@ DESCRIPTIONS = {
     "ap": "f(g(t(x))), pretrained purifier (no fine-tuning)",
     "ap_continued": "f(g(t(x))), purifier fine-tuned with L_org only (lambda 0, no adversary)",
     "ap_classifier_aware": "f(g(t(x))), fine-tuned with L_org + lambda CE on clean images",
+    "adversarial_reconstruction": "f(g(t(x))), fine-tuned with L_org restoring x from t(x'), "
+    "FGSM x' against f(g(t(.))), lambda 0",
     "atop": "f(g(t(x))), AToP: L_org(x') + lambda CE on FGSM x' against f(g(t(.)))",
     "atop_pgd": "f(g(t(x))), AToP with PGD x' against f(g(t(.)))",
     "pgd_at": "PGD adversarial training (Madry et al.)",
     "rvs": "Robustness via Synthesis (Baytas & Deb)",
     "ap_sigma025": "AP with sigma 0.25 at 32 px (ablation: 8x the authors' effective noise)",
     "atop_sigma025": "AToP with sigma 0.25 at 32 px (ablation)",
+    "ap_upsample": "AP with the authors' 256-px noise route (bilinear up, noise, clip, area "
+    "down; ablation)",
+    "atop_upsample": "AToP with the authors' 256-px noise route (ablation)",
 }
 #: The checkpoints each defense is built from (catalog names); a second entry is a purifier.
 NEEDS = {
@@ -57,12 +86,15 @@ NEEDS = {
     "ap": ("classifier", "purifier"),
     "ap_continued": ("classifier", "purifier_ap_continued"),
     "ap_classifier_aware": ("classifier", "purifier_ap_classifier_aware"),
+    "adversarial_reconstruction": ("classifier", "purifier_adversarial_reconstruction"),
     "atop": ("classifier", "purifier_atop"),
     "atop_pgd": ("classifier", "purifier_atop_pgd"),
     "pgd_at": ("pgd_at_classifier",),
     "rvs": ("rvs_classifier",),
     "ap_sigma025": ("classifier", "purifier_sigma025"),
     "atop_sigma025": ("classifier", "purifier_atop_sigma025"),
+    "ap_upsample": ("classifier", "purifier_upsample"),
+    "atop_upsample": ("classifier", "purifier_atop_upsample"),
 }
 #: The training histories (catalog names) whose epochs add up to each defense's training
 #: time: the classifier's, the purifier's pretraining, the arm's fine-tuning.
@@ -71,22 +103,69 @@ HISTORIES = {
     "ap": ("classifier_history", "purifier_history"),
     **{
         arm: ("classifier_history", "purifier_history", f"finetuning_history_{arm}")
-        for arm in ("ap_continued", "ap_classifier_aware", "atop", "atop_pgd")
+        for arm in ("ap_continued", "ap_classifier_aware", "adversarial_reconstruction")
+        + ("atop", "atop_pgd")
     },
     "pgd_at": ("adversarial_training_history",),
     "rvs": ("rvs_history",),
-    "ap_sigma025": ("classifier_history", "purifier_history_sigma025"),
-    "atop_sigma025": (
-        "classifier_history",
-        "purifier_history_sigma025",
-        "finetuning_history_atop_sigma025",
-    ),
+    **{
+        f"ap_{name}": ("classifier_history", f"purifier_history_{name}")
+        for name in ("sigma025", "upsample")
+    },
+    **{
+        f"atop_{name}": (
+            "classifier_history",
+            f"purifier_history_{name}",
+            f"finetuning_history_atop_{name}",
+        )
+        for name in ("sigma025", "upsample")
+    },
 }
 #: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).
 PURIFIED = tuple(name for name, needs in NEEDS.items() if len(needs) == 2)
-#: The defenses the convergence study can run on (the main job's AP and AToP); the full
-#: comparison's sanity checks read their stronger attack from it.
-STUDIED = ("ap", "atop")
+#: The defenses the convergence study runs on (the main job's purified defenses: AP and the
+#: four arms); the full comparison's sanity checks read their stronger attack from it.
+STUDIED = tuple(name for name in MAIN if name in PURIFIED)
+#: A fine-tuned arm trained again with another seed or budget (the ``seeds`` and ``scaling``
+#: studies): ``<arm>_seed<k>`` / ``<arm>_steps<k>``, built like ``<arm>``.
+VARIANT = re.compile(r"^(?P<arm>[a-z_]+?)_(?P<kind>seed|steps)(?P<value>\d+)$")
+
+
+def variant(arm: str, kind: str, value: int) -> str:
+    """The name of arm ``arm`` retrained with seed / budget ``value`` (``kind``: ``seed`` |
+    ``steps``), e.g. ``atop_seed3``."""
+    return f"{arm}_{kind}{value}"
+
+
+def base_name(name: str) -> str:
+    """The defense a name is a variant of (``atop_seed3`` -> ``atop``), else the name."""
+    match = VARIANT.match(name)
+    return match["arm"] if match and match["arm"] in NEEDS else name
+
+
+def needs(name: str) -> tuple[str, ...]:
+    """The checkpoints (catalog names) of defense ``name`` or of a :data:`VARIANT`."""
+    base = base_name(name)
+    if base == name:
+        return NEEDS[name]
+    return ("classifier", f"purifier_{name}")
+
+
+def histories(name: str) -> tuple[str, ...]:
+    """The training histories (catalog names) whose epochs add up to ``name``'s training."""
+    base = base_name(name)
+    if base == name:
+        return HISTORIES[name]
+    return (*HISTORIES[base][:-1], f"finetuning_history_{name}")
+
+
+def describe(name: str) -> str:
+    """What defense ``name`` is (a variant: its arm's description and the seed / budget)."""
+    match = VARIANT.match(name)
+    if match and match["arm"] in DESCRIPTIONS:
+        return f"{DESCRIPTIONS[match['arm']]}; {match['kind']} {match['value']}"
+    return DESCRIPTIONS.get(name, name)
+
 
 Checkpoint = Mapping[str, Any] | str | os.PathLike
 
@@ -124,23 +203,23 @@ def _frozen(model: nn.Module, device: torch.device) -> nn.Module:
 def build_defense(
     name: str, checkpoints: Mapping[str, Mapping[str, Any] | None], device: torch.device
 ) -> Defense:
-    """Rebuild defense ``name`` from its checkpoint dicts (:data:`NEEDS`; frozen, eval mode).
+    """Rebuild defense ``name`` from its checkpoint dicts (:func:`needs`; frozen, eval mode).
 
     Raises:
         ValueError: unknown name, a missing checkpoint, or a purifier checkpoint without
             ``meta.transform``.
         atop.checkpoint.CheckpointError: a malformed checkpoint.
     """
-    if name not in NEEDS:
-        raise ValueError(f"Unknown defense {name!r}: use one of {DEFENSES}.")
-    missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
+    if base_name(name) not in NEEDS:
+        raise ValueError(f"Unknown defense {name!r}: use one of {DEFENSES} (or <arm>_seed<k>).")
+    keys = needs(name)
+    missing = [key for key in keys if checkpoints.get(key) is None]
     if missing:
         raise ValueError(f"Defense {name!r} needs the checkpoint(s) {missing}.")
-    if name not in PURIFIED:
-        key = NEEDS[name][0]
-        model = _frozen(load_classifier(checkpoints[key], device, channels_last=True), device)
+    if base_name(name) not in PURIFIED:
+        model = _frozen(load_classifier(checkpoints[keys[0]], device, channels_last=True), device)
         return Defense(name, model, False)
-    purifier_key = NEEDS[name][1]
+    purifier_key = keys[1]
     purifier = checkpoints[purifier_key]
     transform = purifier.get("meta", {}).get("transform")
     if transform is None:

@@ -18,19 +18,18 @@ The rules that keep the numbers honest (method.md §4):
   from the same verdicts: **single-draw** accuracy (the mean over draws: what one query sees,
   the paper's convention and the headline) and **worst-of-N** (an image counts only if every
   draw is right: an attacker who can resubmit). Deterministic models need one pass.
-* Every attack run starts from ``seed_everything(seed)``: a model's numbers do not depend on
-  what ran before.
-* **Sharded evaluation**: inside a ``torch.distributed`` group (:mod:`atop.distributed`) the
-  batches of ``batch_size`` images are dealt to the ranks, whole, and the verdicts and
-  adversarial images gathered in image order. Every batch is then seeded on its own, from
-  ``(seed, batch index)`` for its attack and ``(seed, batch index, run label)`` for its
-  judging (:func:`atop.distributed.batch_seed`), so a verdict does not depend on the number
-  of ranks: a one-process run with ``EvalSettings(batch_seeds=True)`` gives the same
-  verdicts, for deterministic and stochastic defenses alike. (One process without it draws
-  one stream through all batches, as it always did: the same distribution, other draws.)
+* **Independent random streams.** Every batch of every attack run and of every judging
+  pass is seeded on its own, from ``(seed, defense, run label, "attack" | "judge", batch
+  index)`` (:func:`stream_seed`), so no two verdict sets of a run share a draw, a model's
+  numbers do not depend on what ran before, and a sharded evaluation (the batches dealt to
+  the ranks of a ``torch.distributed`` group, :mod:`atop.distributed`) gives the verdicts of
+  one process.
 * The headline is the per-image worst case over clean and every ε-bounded attack of one
-  threat model (ℓ∞ and ℓ2 separately; :func:`worst_cases`): single-draw = the mean over
-  images of each image's lowest single-draw accuracy over the attacks.
+  threat model (ℓ∞ and ℓ2 separately; :func:`worst_cases`). Single-draw, it is
+  **cross-fitted** (:func:`crossfit_worst`): each image's worst attack is chosen on one half
+  of the draws and scored on the other half (and the reverse, averaged), because the plain
+  minimum of several noisy single-draw fractions is biased low (method.md §6.2).
+  Worst-of-N, it is "right on all N draws of every attack".
 
 Attack entries (the evaluation stage's ``attacks`` list) are :func:`atop.attacks.build_attack`
 specs plus a ``label``. C&W ℓ2 is unbounded: with an ``eps`` in its entry, successes with a
@@ -57,7 +56,7 @@ from torchattacks.attack import Attack
 from atop import distributed
 from atop.attacks import build_attack, draw_correct, run_attack
 from atop.data import to_unit
-from atop.evaluation.defenses import DESCRIPTIONS, Defense
+from atop.evaluation.defenses import Defense, describe
 from atop.params import fraction
 from atop.progress import progress
 from atop.training import autocast, seed_everything
@@ -185,14 +184,11 @@ class EvalSettings:
         batch_size: images per attack call and per judging pass.
         draws: fresh forward passes judging each image of a stochastic model (N >= 10 is the
             N-evaluation of DiffHammer; 1 pass for deterministic models).
-        seed: every attack run starts from ``seed_everything(seed)``.
+        seed: the root of every random stream (:func:`stream_seed`).
         progress: tqdm bars.
         attack_amp: compute the attacks' gradients under bf16 autocast
             (:func:`atop.training.autocast`) where checked (:func:`uses_amp`); judging is
             always float32.
-        batch_seeds: seed every batch of an attack and of its judging from its index
-            (module doc): what a sharded evaluation always does, so that one process
-            reproduces its verdicts. ``False``: one stream from ``seed`` through all batches.
     """
 
     batch_size: int = 64
@@ -200,13 +196,14 @@ class EvalSettings:
     seed: int = 0
     progress: bool = False
     attack_amp: bool = False
-    batch_seeds: bool = False
 
-    @property
-    def by_batch(self) -> bool:
-        """Whether batches are seeded one by one: ``batch_seeds``, or a sharded run (a
-        ``torch.distributed`` group of several ranks)."""
-        return self.batch_seeds or distributed.world_size() > 1
+
+def stream_seed(seed: int, *names: str) -> int:
+    """The seed of one random stream, derived from ``seed`` and the names that identify it
+    (e.g. ``("ap", "pgd_linf", "judge", "3")``) with NumPy's ``SeedSequence``
+    (:func:`atop.distributed.batch_seed`): the same on every rank and process, unrelated for
+    different names."""
+    return distributed.batch_seed(seed, zlib.crc32("\x1f".join(names).encode()))
 
 
 def uses_amp(spec: Mapping[str, Any], settings: EvalSettings) -> bool:
@@ -216,10 +213,6 @@ def uses_amp(spec: Mapping[str, Any], settings: EvalSettings) -> bool:
     name = spec.get("name")
     checked = name in ("fgsm", "pgd", "bpda", "autoattack")
     return settings.attack_amp and checked
-
-
-#: :func:`atop.distributed.batch_seed` stream of the attacks' batches.
-ATTACK_STREAM = 0
 
 
 @dataclass
@@ -280,29 +273,66 @@ def select_images(
 
 
 #: The judging rules, from the same per-draw verdicts: ``single`` (mean over draws, the
-#: headline), ``worst_of_n`` (every draw right), ``first`` (the first draw: a 0/1 single-draw
-#: realization, for paired exact tests).
-RULES = ("single", "worst_of_n", "first")
+#: headline) and ``worst_of_n`` (every draw right: an attacker who may resubmit).
+RULES = ("single", "worst_of_n")
 
 
 def per_image(draws: Tensor, rule: str) -> Tensor:
     """Per-image score of bool ``[N, D]`` per-draw verdicts under ``rule`` (:data:`RULES`):
-    float ``[N]`` in ``[0, 1]`` for ``single``, bool ``[N]`` otherwise."""
+    float ``[N]`` in ``[0, 1]`` for ``single``, bool ``[N]`` for ``worst_of_n``."""
     if rule == "single":
         return draws.float().mean(dim=1)
     if rule == "worst_of_n":
         return draws.all(dim=1)
-    if rule == "first":
-        return draws[:, 0]
     raise ValueError(f"Unknown rule {rule!r}: use one of {RULES}.")
 
 
+def plugin_worst(per_attack: Sequence[Tensor]) -> Tensor:
+    """The plain per-image minimum of the single-draw fractions of several bool ``[N, D]``
+    verdict sets: float ``[N]``. Biased low when the sets are noisy (E[min p̂] < min p;
+    method.md §6.2): reported beside :func:`crossfit_worst` to show the bias, never as the
+    headline."""
+    return torch.stack([per_image(d, "single") for d in per_attack]).min(dim=0).values
+
+
+def crossfit_worst(per_attack: Sequence[Tensor]) -> Tensor:
+    """The cross-fitted per-image worst case of ``K`` bool ``[N, D]`` verdict sets (the same
+    images, each set judged with its own ``D`` fresh draws): float ``[N]`` in ``[0, 1]``.
+
+    The draws are split into halves (even and odd columns). Each image's worst set is chosen
+    on half A (lowest single-draw fraction; ties go to the set with the lowest mean over all
+    images on that half, then to list order) and scored on half B, and the reverse; the two
+    scores are averaged. The choice never sees the draws that score it, so for sets of equal
+    strength the estimate is unbiased (the plain minimum, :func:`plugin_worst`, is not); it
+    may pick a weaker set by chance, which errs on the defense's side by at most the gap
+    between the sets. With one draw per set (a deterministic defense) it is the exact
+    minimum of the 0/1 verdicts.
+
+    Raises:
+        ValueError: no set, or sets of different shapes.
+    """
+    if not per_attack or len({tuple(d.shape) for d in per_attack}) != 1:
+        raise ValueError("crossfit_worst needs one or more verdict sets of the same [N, D] shape.")
+    draws = torch.stack([d.bool() for d in per_attack])  # [K, N, D]
+    if draws.shape[-1] < 2:
+        return draws.float().amin(dim=(0, 2))
+    halves = (draws[..., 0::2].float().mean(-1), draws[..., 1::2].float().mean(-1))  # [K, N]
+
+    def pick_and_score(choose: Tensor, score: Tensor) -> Tensor:
+        order = choose.mean(dim=1).argsort(stable=True)  # the strongest sets first on ties
+        chosen = order[choose[order].argmin(dim=0)]  # first minimum in that order, [N]
+        return score.gather(0, chosen[None])[0]
+
+    return (pick_and_score(halves[0], halves[1]) + pick_and_score(halves[1], halves[0])) / 2
+
+
 def worst_case(per_attack: Sequence[Tensor], rule: str) -> Tensor:
-    """Per-image worst case over several bool ``[N, D]`` verdict matrices (the same images):
-    the lowest single-draw score (``single``) or the AND of the 0/1 verdicts."""
-    scores = torch.stack([per_image(d, rule).float() for d in per_attack])
-    worst = scores.min(dim=0).values
-    return worst if rule == "single" else worst.bool()
+    """Per-image worst case over several bool ``[N, D]`` verdict sets of the same images:
+    ``single`` = :func:`crossfit_worst` (float ``[N]``), ``worst_of_n`` = right on every draw
+    of every set (bool ``[N]``)."""
+    if rule == "single":
+        return crossfit_worst(per_attack)
+    return torch.stack([per_image(d, rule) for d in per_attack]).all(dim=0)
 
 
 @dataclass
@@ -316,7 +346,9 @@ class AttackRun:
         max_perturbation: the largest perturbation in the entry's norm.
         spec: the spec that ran.
         attacked: bool ``[N]`` (CPU), the images the attack ran on (a ``survivors`` entry;
-            the others kept an earlier run's all-wrong verdicts); ``None``: all.
+            the others kept the example of the earlier run that beat them); ``None``: all.
+        iterates: ``{k: bool [N, D]}``, the verdicts of the iterates after ``k`` steps (a
+            ``pgd`` run with snapshots, e.g. the convergence study's steps sweep).
     """
 
     draws: Tensor
@@ -325,6 +357,7 @@ class AttackRun:
     max_perturbation: float | None
     spec: dict[str, Any] = field(default_factory=dict)
     attacked: Tensor | None = None
+    iterates: dict[int, Tensor] = field(default_factory=dict)
 
     def accuracy(self, rule: str = "single") -> float:
         """Accuracy in ``[0, 1]`` under ``rule``."""
@@ -379,27 +412,29 @@ def judge(
     """Per-image, per-draw verdicts (bool ``[N, D]``, CPU, float32): ``settings.draws``
     fresh passes of a stochastic defense, one pass of a deterministic one.
 
-    With :attr:`EvalSettings.by_batch` each batch is judged after seeding from ``(seed,
-    batch index, stream)`` (``stream``: the run's label), on the rank it is dealt to, and the
-    verdicts are gathered."""
+    Each batch is judged after seeding from :func:`stream_seed` ``(defense, stream, "judge",
+    batch)`` (``stream``: the run's label), on the rank it is dealt to; the verdicts are
+    gathered in image order."""
     draws = settings.draws if defense.stochastic else 1
-    if not settings.by_batch:
-        return draw_correct(defense.model, images, labels, draws, settings.batch_size)
-    key = zlib.crc32(f"judge:{stream}".encode())
     size = settings.batch_size
 
     def verdicts(k: int, rows: slice) -> Tensor:
-        seed_everything(distributed.batch_seed(settings.seed, key, k))
+        seed_everything(stream_seed(settings.seed, defense.name, stream, "judge", str(k)))
         return draw_correct(defense.model, images[rows], labels[rows], draws, size)
 
     pieces = _gather_batches(_by_batch(len(labels), size, verdicts), len(labels), size)
     return torch.cat(pieces) if pieces else torch.zeros(0, draws, dtype=torch.bool)
 
 
-def _by_batch(n: int, size: int, work: Callable[[int, slice], Any]) -> dict[int, Any]:
-    """``work(k, rows)`` for the batches of ``n`` images dealt to this rank."""
+def _by_batch(
+    n: int, size: int, work: Callable[[int, slice], Any], bar: str | None = None
+) -> dict[int, Any]:
+    """``work(k, rows)`` for the batches of ``n`` images dealt to this rank (a tqdm bar
+    named ``bar`` when given)."""
+    mine = distributed.shard(_batches(n, size))
     return {
-        k: work(k, slice(k * size, (k + 1) * size)) for k in distributed.shard(_batches(n, size))
+        k: work(k, slice(k * size, (k + 1) * size))
+        for k in progress(mine, bar is not None, desc=bar, unit="batch", leave=False)
     }
 
 
@@ -421,36 +456,43 @@ def _attack_by_batch(
     eps: float | None,
     data: EvalData,
     settings: EvalSettings,
+    stream: tuple[str, str],
     check: Callable[[Sequence[int], Tensor], None] | None,
-) -> tuple[Tensor, float]:
-    """The attack on this rank's batches, each from ``seed_everything(batch_seed(seed,
-    ATTACK_STREAM, k))``, C&W cut to ``eps``, ``check(rows, adversarial)`` on this rank's
-    share; gathered in image order. Returns the adversarial images (on the images' device)
-    and the slowest rank's attack seconds."""
+) -> tuple[Tensor, dict[int, Tensor], float]:
+    """The attack on this rank's batches, each from :func:`stream_seed` ``(*stream,
+    "attack", batch)``, C&W cut to ``eps``, ``check(rows, adversarial)`` on this rank's
+    share; gathered in image order. Returns the adversarial images (on the images' device),
+    the snapshot iterates of an attack that keeps them (``{step: images}``) and the slowest
+    rank's attack seconds."""
     size, n = settings.batch_size, len(data.labels)
     spent = 0.0
 
-    def attack_batch(k: int, rows: slice) -> Tensor:
+    def attack_batch(k: int, rows: slice) -> tuple[Tensor, dict[int, Tensor]]:
         nonlocal spent
-        seed_everything(distributed.batch_seed(settings.seed, ATTACK_STREAM, k))
+        seed_everything(stream_seed(settings.seed, *stream, "attack", str(k)))
         began = time.perf_counter()
         with autocast(data.images.device, uses_amp(spec, settings)):
             adversarial = run_attack(attack, data.images[rows], data.labels[rows], size, False)
         spent += time.perf_counter() - began
         if spec["name"] == "cw" and eps is not None:
             adversarial = bound_l2(data.images[rows], adversarial, eps)
-        return adversarial.cpu()
+        iterates = {step: x.cpu() for step, x in getattr(attack, "iterates", {}).items()}
+        return adversarial.cpu(), iterates
 
-    mine = _by_batch(n, size, attack_batch)
+    bar = f"{stream[0]} {stream[1]}" if settings.progress else None
+    mine = _by_batch(n, size, attack_batch, bar)
     if check is not None and mine:
         rows = [i for k in mine for i in range(k * size, min((k + 1) * size, n))]
-        check(rows, torch.cat(list(mine.values())))
+        check(rows, torch.cat([adversarial for adversarial, _ in mine.values()]))
     pieces = _gather_batches(mine, n, size)
-    adversarial = torch.cat(pieces).to(data.images.device) if pieces else data.images.clone()
-    return adversarial, distributed.all_reduce_max(spent)
+    device = data.images.device
+    adversarial = torch.cat([a for a, _ in pieces]).to(device) if pieces else data.images.clone()
+    steps = pieces[0][1].keys() if pieces else ()
+    iterates = {k: torch.cat([its[k] for _, its in pieces]).to(device) for k in steps}
+    return adversarial, iterates, distributed.all_reduce_max(spent)
 
 
-def run_one(
+def attack_images(
     defense: Defense,
     label: str,
     attack: Mapping[str, Any] | Attack,
@@ -459,40 +501,49 @@ def run_one(
     data: EvalData,
     settings: EvalSettings,
     validate: Validator | None = None,
-) -> AttackRun:
-    """Attack ``defense`` (a spec or a ready torchattacks attack), check, judge.
-
-    Runs from ``seed_everything(settings.seed)``; a C&W output is first cut to ``eps``
-    (:func:`bound_l2`); ``validate`` (e.g. the Great Expectations suite) may raise.
-    """
-    seed_everything(settings.seed)
+    snapshots: tuple[int, ...] = (),
+) -> tuple[Tensor, dict[int, Tensor], float, dict[str, Any]]:
+    """The attack half of :func:`run_one`: ``(adversarial images, {step: iterate},
+    attack seconds, the spec that ran)``, checked by ``validate`` but not judged."""
     spec = dict(attack) if isinstance(attack, Mapping) else {"name": type(attack).__name__}
     if isinstance(attack, Mapping):
-        attack = build_attack(defense.model, spec, data.n_classes, settings.batch_size)
+        attack = build_attack(defense.model, spec, data.n_classes, settings.batch_size, snapshots)
     name = f"{defense.name}_{label}"
-    if settings.by_batch:  # sharded (or seeded batch by batch): each rank checks its share
 
-        def check(rows: Sequence[int], adversarial: Tensor) -> None:
-            if validate is not None:
-                clean, labels = data.images[list(rows)], data.labels[list(rows)]
-                indices = [data.indices[i] for i in rows]
-                validate(clean, adversarial.to(clean.device), labels, eps, norm, name, indices)
+    def check(rows: Sequence[int], adversarial: Tensor) -> None:
+        if validate is not None:  # each rank checks its share
+            clean, labels = data.images[list(rows)], data.labels[list(rows)]
+            indices = [data.indices[i] for i in rows]
+            validate(clean, adversarial.to(clean.device), labels, eps, norm, name, indices)
 
-        adversarial, seconds = _attack_by_batch(attack, spec, eps, data, settings, check)
-    else:
-        began = time.perf_counter()
-        with autocast(data.images.device, uses_amp(spec, settings)):
-            adversarial = run_attack(
-                attack, data.images, data.labels, settings.batch_size, settings.progress
-            )
-        seconds = time.perf_counter() - began
-        if spec["name"] == "cw" and eps is not None:
-            adversarial = bound_l2(data.images, adversarial, eps)
-        if validate is not None:
-            validate(data.images, adversarial, data.labels, eps, norm, name, data.indices)
+    stream = (defense.name, label)
+    adversarial, iterates, seconds = _attack_by_batch(
+        attack, spec, eps, data, settings, stream, check
+    )
+    return adversarial, iterates, seconds, spec
+
+
+def judged_run(
+    defense: Defense,
+    label: str,
+    adversarial: Tensor,
+    iterates: Mapping[int, Tensor],
+    seconds: float,
+    spec: Mapping[str, Any],
+    norm: str,
+    data: EvalData,
+    settings: EvalSettings,
+    attacked: Tensor | None = None,
+) -> AttackRun:
+    """The :class:`AttackRun` of ``adversarial`` (and its snapshot ``iterates``), each set
+    judged with fresh draws of its own stream (``label``, ``label@k``)."""
     largest = max_perturbation(data.images, adversarial, norm)
     verdicts = judge(defense, adversarial, data.labels, settings, stream=label)
-    run = AttackRun(verdicts, adversarial, seconds, largest, spec)
+    run = AttackRun(verdicts, adversarial, seconds, largest, dict(spec), attacked)
+    run.iterates = {
+        k: judge(defense, x, data.labels, settings, stream=f"{label}@{k}")
+        for k, x in iterates.items()
+    }
     log.info(
         "%s / %s: robust accuracy %.4f single-draw, %.4f worst-of-%d (%.1f s, max perturbation %.4g)",
         defense.name,
@@ -504,6 +555,31 @@ def run_one(
         largest,
     )
     return run
+
+
+def run_one(
+    defense: Defense,
+    label: str,
+    attack: Mapping[str, Any] | Attack,
+    norm: str,
+    eps: float | None,
+    data: EvalData,
+    settings: EvalSettings,
+    validate: Validator | None = None,
+    snapshots: tuple[int, ...] = (),
+) -> AttackRun:
+    """Attack ``defense`` (a spec or a ready torchattacks attack), check, judge.
+
+    The attack's batches and the judging passes draw from their own streams
+    (:func:`stream_seed` of ``defense.name`` and ``label``); a C&W output is first cut to
+    ``eps`` (:func:`bound_l2`); ``validate`` (e.g. the Great Expectations suite) may raise.
+    ``snapshots``: step counts of a ``pgd`` spec whose iterates are judged too
+    (:attr:`AttackRun.iterates`).
+    """
+    adversarial, iterates, seconds, spec = attack_images(
+        defense, label, attack, norm, eps, data, settings, validate, snapshots
+    )
+    return judged_run(defense, label, adversarial, iterates, seconds, spec, norm, data, settings)
 
 
 def attack_defense(
@@ -518,7 +594,6 @@ def attack_defense(
     Returns:
         ``{"clean": run with the clean verdicts, label: AttackRun, ...}``.
     """
-    seed_everything(settings.seed)
     clean = judge(defense, data.images, data.labels, settings)
     runs = {"clean": AttackRun(clean, data.images, 0.0, 0.0, {"name": "clean"})}
     done: list[tuple[AttackEntry, AttackRun]] = []
@@ -565,41 +640,52 @@ def run_on_survivors(
     settings: EvalSettings,
     earlier: Sequence[AttackRun],
     validate: Validator | None = None,
+    snapshots: tuple[int, ...] = (),
 ) -> AttackRun:
-    """Attack only the images still standing: those whose lowest single-draw score over the
-    ``earlier`` runs (clean first) is above 0. An image that every draw already gets wrong
-    after some earlier attack cannot score lower, so it keeps that run's adversarial image
-    and its verdicts (all wrong); the survivors are attacked afresh (from the clean image,
-    seeded as :func:`run_one`, their EOT draws packed into passes of ``batch_size`` images:
-    :class:`atop.attacks.PackedEOT`) and judged with fresh draws. ``validate`` checks the whole
-    merged set (on the main rank). AutoAttack's cascade, used here
-    to run the attack strength the convergence study calls flat (method.md §5.2) at the cost
-    of the few survivors.
+    """AutoAttack's cascade: attack only the images still standing, those whose lowest
+    single-draw score over the ``earlier`` runs (clean first) is above 0.
+
+    An image that every draw of some earlier set got wrong keeps the example of the earlier
+    run (among those that hold their images) with its lowest score; the survivors are attacked afresh from the clean image (their
+    EOT draws packed into passes of ``batch_size`` images: :class:`atop.attacks.PackedEOT`).
+    Then the WHOLE merged set is judged with fresh draws of this entry's own stream, so its
+    verdicts never reuse the draws that chose the survivors (reusing them would score the
+    kept examples 0 by selection). ``validate`` checks the merged set (on the main rank).
+    This is how an attack at the strength the convergence study calls flat (method.md §5.2)
+    runs at the cost of the few survivors.
 
     Returns:
         :class:`AttackRun` over all images, ``attacked`` = the survivors' mask.
     """
     scores = torch.stack([per_image(run.draws, "single") for run in earlier])  # [R, N]
-    lowest, beaten_by = scores.min(dim=0)
+    lowest = scores.min(dim=0).values
+    # the kept example: the lowest-scoring one among the runs that hold their images
+    held = torch.tensor([r for r, run in enumerate(earlier) if run.adversarial.numel()])
+    beaten_by = held[scores[held].argmin(dim=0)]
     survivors = (lowest > 0).nonzero().flatten()
-    draws = torch.zeros_like(earlier[0].draws)
     adversarial = torch.stack([earlier[r].adversarial[i] for i, r in enumerate(beaten_by.tolist())])
+    iterates = {k: adversarial.clone() for k in snapshots}
     seconds = 0.0
     if len(survivors):
         part = data.take(survivors)
-        run = run_one(defense, entry.label, spec, entry.norm, entry.eps, part, settings)
-        draws[survivors] = run.draws
-        adversarial[survivors.to(adversarial.device)] = run.adversarial
-        seconds = run.seconds
+        found, steps, seconds, _ = attack_images(
+            defense, entry.label, spec, entry.norm, entry.eps, part, settings, None, snapshots
+        )
+        rows = survivors.to(adversarial.device)
+        adversarial[rows] = found
+        for k, x in steps.items():
+            iterates[k][rows] = x
     if validate is not None and distributed.is_main():  # the whole set, as for any attack
         name = f"{defense.name}_{entry.label}"
         validate(data.images, adversarial, data.labels, entry.eps, entry.norm, name, data.indices)
-    largest = max_perturbation(data.images, adversarial, entry.norm)
     log.info(
         "%s / %s: ran on the %d of %d images still standing (%.1f s)",
-        defense.name, entry.label, len(survivors), len(draws), seconds,
+        defense.name, entry.label, len(survivors), len(lowest), seconds,
     )  # fmt: skip
-    return AttackRun(draws, adversarial, seconds, largest, dict(spec), lowest > 0)
+    return judged_run(
+        defense, entry.label, adversarial, iterates, seconds, spec, entry.norm, data, settings,
+        attacked=lowest > 0,
+    )  # fmt: skip
 
 
 def worst_cases(
@@ -671,7 +757,6 @@ def evaluate(
     with torch.no_grad():
         n_classes = max(n_classes, model.model(images[:1]).shape[1])
     data = EvalData(images, labels, list(range(len(labels))), n_classes)
-    seed_everything(settings.seed)
     clean = judge(model, images, labels, settings)
     unattacked = AttackRun(clean, images, 0.0, 0.0, {"name": "clean"})
     runs, entries = {}, []
@@ -697,14 +782,14 @@ def defense_results(
     defense: Defense,
     clean: Tensor,
     runs: Mapping[str, AttackRun],
-    sweep: Sequence[tuple[float, Tensor]],
+    sweep: Mapping[str, Sequence[tuple[float, Tensor]]],
     checks: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Everything the report needs about one defense, as tensors and primitives (a torch
-    file): the per-draw verdicts of clean and every attack (bool ``[N, D]``), the ε sweep's,
-    the sanity checks and the bookkeeping."""
+    file): the per-draw verdicts of clean and every attack (bool ``[N, D]``), the ε sweeps'
+    (``{norm: [(eps, verdicts)]}``), the sanity checks and the bookkeeping."""
     return {
-        "description": DESCRIPTIONS.get(defense.name, defense.name),
+        "description": describe(defense.name),
         "stochastic": defense.stochastic,
         "transform": defense.transform,
         "train_seconds": dict(defense.train_seconds),
@@ -721,6 +806,9 @@ def defense_results(
             }
             for label, run in runs.items()
         },
-        "sweep": [{"eps": eps, "draws": draws} for eps, draws in sweep],
+        "sweep": {
+            norm: [{"eps": eps, "draws": draws} for eps, draws in points]
+            for norm, points in sweep.items()
+        },
         "sanity": dict(checks),
     }

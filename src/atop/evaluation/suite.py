@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from atop.attacks import build_attack
+from atop.attacks import NORMS, build_attack
 from atop.defense import (
     PurifiedClassifier,
     from_working,
@@ -39,7 +39,7 @@ from atop.evaluation.protocol import (
     parse_attacks,
     run_one,
 )
-from atop.evaluation.sanity import SanityParams, sanity_checks, sanity_runs
+from atop.evaluation.sanity import ReferenceRuns, SanityParams, sanity_checks, sanity_runs
 from atop.params import Params, run_only, spec
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,19 @@ class GridParams(Params):
 
 
 @dataclass(init=False, frozen=True)
+class PrimaryParams(Params):
+    """``evaluation.primary``: the confirmatory family, declared before any run. Each test
+    compares ``focus`` with one defense of ``versus`` on one threat model of ``norms``
+    (the single-draw worst case, paired over images); the family's p-values are
+    Holm-adjusted at ``level``. Every other comparison in a report is exploratory."""
+
+    focus: str = spec(choices=DEFENSES)
+    versus: list[str] = spec(choices=DEFENSES)
+    norms: list[str] = spec(choices=NORMS)
+    level: float = spec(gt=0, lt=1)
+
+
+@dataclass(init=False, frozen=True)
 class EvalParams(Params):
     """``evaluation`` (conf/base/parameters_evaluation.yml)."""
 
@@ -63,7 +76,7 @@ class EvalParams(Params):
     images: int | None = spec(ge=1, unit="(the first images of eval_indices; null = all)")
     defenses: list[str] = spec(choices=DEFENSES)
     batch_size: int = spec(ge=1)
-    draws: int = spec(ge=1, unit="(fresh draws judging each image: N of the N-evaluation)")
+    draws: int = spec(ge=2, unit="(fresh draws judging each image: N of the N-evaluation)")
     attack_amp: bool
     fixed_randomness: bool
     tolerance: float = spec(ge=0, le=0.01)
@@ -72,6 +85,7 @@ class EvalParams(Params):
     progress: bool = run_only()
     profile_note: str
     attacks: list[dict[str, Any]]
+    primary: PrimaryParams
     sanity: SanityParams
     grid: GridParams
     distributed: DistributedParams
@@ -81,15 +95,47 @@ class EvalParams(Params):
             entries = parse_attacks(self.attacks)
         except ValueError as exc:
             self.fail("attacks", str(exc))
-        reference = next((e for e in entries if e.label == self.sanity.reference), None)
-        if reference is None or reference.name != "pgd" or reference.survivors:
-            self.fail(
-                "sanity.reference",
-                f"{self.sanity.reference!r} must be the label of a 'pgd' attack entry that "
-                "runs on every image (not `survivors`) "
-                f"(have {[e.label for e in entries if not e.survivors]}).",
-            )
+        by_label = {e.label: e for e in entries}
         covered = set(self.sanity.defenses or DEFENSES)
+        norms = []
+        for i, label in enumerate(self.sanity.references):
+            reference = by_label.get(label)
+            if reference is None or reference.name != "pgd" or reference.survivors:
+                self.fail(
+                    f"sanity.references[{i}]",
+                    f"{label!r} must be the label of a 'pgd' attack entry that runs on every "
+                    f"image (not `survivors`) (have {[e.label for e in entries if not e.survivors]}).",
+                )
+            norms.append(reference.norm)
+            if reference.norm not in self.sanity.eps_sweep:
+                self.fail("sanity.eps_sweep", f"give a sweep for {reference.norm} ({label!r}).")
+            self._covers(reference, covered, f"sanity.references[{i}]")
+        if len(set(norms)) != len(norms):
+            self.fail("sanity.references", f"one reference per threat model, got norms {norms}.")
+        named = {"sanity.defenses": self.sanity.defenses or []}
+        named.update({f"attacks.{e.label}.defenses": e.defenses or [] for e in entries})
+        for key, names in named.items():
+            unknown = sorted(set(names) - set(DEFENSES))
+            if unknown:
+                self.fail(key, f"unknown defenses {unknown}; choose from {list(DEFENSES)}.")
+        if self.images is not None:
+            for key, count in (
+                ("sanity.images", self.sanity.images),
+                ("grid.images", self.grid.images),
+            ):
+                if count is not None and count > self.images:
+                    self.fail(
+                        key,
+                        f"{count} is above evaluation.images={self.images}: it uses the first "
+                        "evaluation images, so choose at most that many.",
+                    )
+        if self.primary.focus in self.primary.versus:
+            self.fail(
+                "primary.versus", f"{self.primary.focus!r} is the focus: compare it with others."
+            )
+
+    def _covers(self, reference: AttackEntry, covered: set[str], key: str) -> None:
+        """Refuse a reference that skips some of the defenses the checks cover."""
         if reference.applies_to != "all":  # stochastic = the purified defenses
             skipped = sorted(
                 n for n in covered if (n in PURIFIED) != (reference.applies_to == "stochastic")
@@ -99,7 +145,7 @@ class EvalParams(Params):
                     "sanity.defenses",
                     f"{skipped} are not attacked by the reference {reference.label!r} "
                     f"(applies_to: {reference.applies_to}); name a reference that applies "
-                    "to every checked defense.",
+                    f"to every checked defense ({key}).",
                 )
         if reference.defenses is not None and not covered <= set(reference.defenses):
             self.fail(
@@ -107,17 +153,17 @@ class EvalParams(Params):
                 f"{sorted(covered - set(reference.defenses))} are not attacked by the "
                 f"reference {reference.label!r} (its defenses: {list(reference.defenses)}).",
             )
-        named = {"sanity.defenses": self.sanity.defenses or []}
-        named.update({f"attacks.{e.label}.defenses": e.defenses or [] for e in entries})
-        for key, names in named.items():
-            unknown = sorted(set(names) - set(DEFENSES))
-            if unknown:
-                self.fail(key, f"unknown defenses {unknown}; choose from {list(DEFENSES)}.")
 
     @property
     def entries(self) -> list[AttackEntry]:
         """The parsed ``attacks``."""
         return parse_attacks(self.attacks)
+
+    @property
+    def references(self) -> list[AttackEntry]:
+        """The sanity checks' reference entries (one per threat model)."""
+        by_label = {e.label: e for e in self.entries}
+        return [by_label[label] for label in self.sanity.references]
 
     @property
     def settings(self) -> EvalSettings:
@@ -167,7 +213,7 @@ def evaluate_defense(
     check_plan(defense, params, data.n_classes)
     runs = attack_defense(defense, params.entries, data, params.settings, validate)
     clean = runs.pop("clean").draws
-    result = defense_results(defense, clean, runs, [], {})
+    result = defense_results(defense, clean, runs, {}, {})
     result["fixed_randomness"] = None
     result = complete_sanity(defense, data, params, result, validate, run=sanity)
     grid = params.grid
@@ -191,63 +237,83 @@ def complete_sanity(
     study: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The sanity checks of a defense already attacked (``result``: its
-    :func:`evaluate_defense` output): the ε sweep and the stronger reference attack on the
-    first ``params.sanity.images`` (the stronger attack read from ``study``, the defense's
-    convergence study, where it fits: :func:`atop.evaluation.sanity.study_points`), the
-    fixed-randomness row (stochastic defenses), then every check
-    (:func:`atop.evaluation.sanity.sanity_checks`).
+    :func:`evaluate_defense` output): for each reference PGD (one per threat model), the ε
+    sweep and the stronger attack on the first ``params.sanity.images`` (the stronger attack
+    read from ``study``, the defense's convergence study, where it fits:
+    :func:`atop.evaluation.sanity.study_points`) and the fixed-randomness row (stochastic
+    defenses), then every check (:func:`atop.evaluation.sanity.sanity_checks`).
 
     A defense outside ``params.sanity.defenses``, or ``run=False``, runs no extra attack:
     its sweep / stronger checks are "not run" with the reason. Returns a new result dict
-    (``sweep``, ``sanity``, ``fixed_randomness`` replaced).
+    (``sweep``: ``{norm: [{"eps", "draws"}]}``, ``sanity``, ``fixed_randomness``: ``{norm:
+    row}`` replaced; ``study`` kept for the report when given).
     """
-    (reference,) = [e for e in params.entries if e.label == params.sanity.reference]
     clean = result["clean"]
     draws = {label: a["draws"] for label, a in result["attacks"].items()}
-    n = min(params.sanity.images or len(clean), len(clean))
+    n = len(clean) if params.sanity.images is None else params.sanity.images
     listed = params.sanity.defenses is None or defense.name in params.sanity.defenses
-    sweep, stronger, fixed, not_run = [], [], None, None
+    not_run = None
     if not listed:
         not_run = "not in evaluation.sanity.defenses"
     elif not run:
         not_run = "runs in the full comparison (comparison_report.md)"
-    else:
-        sweep, stronger = sanity_runs(
-            defense, reference, draws[reference.label], clean, sorted(set(params.sanity.eps_sweep)),
-            data.head(n), params.sanity, params.settings, validate, study,
-        )  # fmt: skip
+    references = [ReferenceRuns(r) for r in params.references if r.label in draws]
+    fixed: dict[str, Any] = {}
+    if not_run is None:
+        references = [
+            sanity_runs(
+                defense, r.reference, draws[r.reference.label], clean,
+                sorted(set(params.sanity.eps_sweep[r.reference.norm])), data.head(n),
+                params.sanity, params.settings, validate, study,
+            )
+            for r in references
+        ]  # fmt: skip
         if params.fixed_randomness and defense.stochastic:
-            fixed = fixed_randomness_run(defense, reference, data, params.settings)
-    checks = sanity_checks(
-        clean[:n], draws, params.entries, sweep, stronger, reference, params.sanity, not_run
-    )
-    return {
+            fixed = {
+                r.reference.norm: fixed_randomness_run(defense, r.reference, data, params.settings)
+                for r in references
+            }
+    checks = sanity_checks(clean[:n], draws, params.entries, references, params.sanity, not_run)
+    out = {
         **result,
-        "sweep": [{"eps": eps, "draws": d} for eps, d in sweep],
+        "sweep": {
+            r.reference.norm: [{"eps": eps, "draws": d} for eps, d in r.sweep] for r in references
+        },
         "sanity": checks,
-        "fixed_randomness": fixed,
+        "fixed_randomness": fixed or None,
     }
+    if study is not None:
+        out["study"] = study
+    return out
 
 
 class FixedRandomness(nn.Module):
-    """A purified defense with ONE draw of its randomness per call (seeded afresh at every
+    """A stochastic defense with ONE draw of its randomness per call (seeded afresh at every
     call): a deterministic model, for the diagnostic that attacks and judges with the same
-    noise and masks. The gap to the fresh-draw accuracy is how much of the defense's
-    robustness comes from its randomness (method.md §5.2). The draw depends on the call's
-    batch, so the attack and the judging must call it on the same batches (both use the
-    settings' batch size, and PGD calls it on whole batches)."""
+    draw. The gap to the fresh-draw accuracy is how much of the defense's robustness comes
+    from its randomness (method.md §5.2). A :class:`atop.defense.PurifiedClassifier` draws
+    from its own generator; any other module runs with the global random generators
+    reseeded (and restored afterwards), so it works for a user's randomized defense that
+    draws from torch's global RNG. The draw depends on the call's batch, so the attack and
+    the judging must call it on the same batches (both use the settings' batch size, and
+    PGD calls it on whole batches). Inputs and outputs as the wrapped model."""
 
-    def __init__(self, defense: PurifiedClassifier, seed: int) -> None:
+    def __init__(self, defense: nn.Module, seed: int) -> None:
         super().__init__()
         self.defense = defense
         self.seed = seed
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.defense.generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        try:
+        if isinstance(self.defense, PurifiedClassifier):
+            self.defense.generator = torch.Generator(device=x.device).manual_seed(self.seed)
+            try:
+                return self.defense(x)
+            finally:
+                self.defense.generator = None
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
             return self.defense(x)
-        finally:
-            self.defense.generator = None
 
 
 def fixed_randomness_run(

@@ -16,10 +16,17 @@ For every batch (x, y) of the training split:
 
 Every **arm** (``atop_finetuning.arms``) starts from the same pretrained purifier with the
 same optimizer, loss settings, images and budget and differs only in ``lambda_cls`` and
-``attack``: ``ap_continued`` (lambda 0, no attack: just more pretraining), ``ap_classifier_aware``
-(lambda > 0 on clean images: the denoised-smoothing term without an adversary), ``atop``
-(Eq. 9 with FGSM against ``f(g(t(.)))``), ``atop_pgd`` (PGD-k). Validation runs on held-out
-test images outside the evaluation subset (``monitor_indices``), judged single-draw.
+``attack``. The main job's four arms are a 2 x 2 of Eq. 9's two changes to pretraining,
+reconstruction from ``t(x')`` and the CE term on ``x'``: ``ap_continued`` (lambda 0, no
+attack: just more pretraining), ``ap_classifier_aware`` (lambda > 0 on clean images: the
+denoised-smoothing term without an adversary), ``adversarial_reconstruction`` (lambda 0,
+FGSM ``x'``: ``g`` learns to restore ``x`` from ``t(x')``, adversarial denoiser training) and
+``atop`` (both: Eq. 9 with FGSM against ``f(g(t(.)))``); ``atop_pgd`` (PGD-k) is in the full
+comparison. The training attack runs under bf16 autocast with ``attack_amp`` (a paired
+strength check in docs/benchmarks.md). ``seed`` draws the data order, the attack's and the
+transform's randomness; the training subset is drawn with ``subset_seed``, so the seeds
+study changes only the former. Validation runs on held-out test images outside the
+evaluation subset (``monitor_indices``), judged single-draw.
 
 Core module: torch, torchattacks and the project's core modules only.
 """
@@ -46,6 +53,7 @@ from atop.trainers.purifier import GANParams, PurifierStep
 from atop.training import (
     Batches,
     LoopConfig,
+    autocast,
     fit,
     resolve_device,
     seed_everything,
@@ -87,6 +95,8 @@ class AToPParams(GANParams):
     attack_target: str = spec(choices=ATTACK_TARGETS)
     val_attack: dict[str, Any] = spec(weights=False)
     val_draws: int = spec(ge=1, weights=False)
+    attack_amp: bool
+    subset_seed: int = spec(ge=0)
     arms: dict[str, ArmParams]
 
     def check(self) -> None:
@@ -151,6 +161,22 @@ def atop_train_step(
     return train_step
 
 
+def amp_attack(
+    attack: Callable[[Tensor, Tensor], Tensor], device: torch.device, enabled: bool
+) -> Callable[[Tensor, Tensor], Tensor]:
+    """``attack`` whose forward and backward passes run under bf16 autocast when ``enabled``
+    (:func:`atop.training.autocast`; a no-op without bf16 units). Its output stays float32:
+    the attack's steps and projection are float32 arithmetic on the input."""
+    if not enabled:
+        return attack
+
+    def run(x: Tensor, y: Tensor) -> Tensor:
+        with autocast(device, True):
+            return attack(x, y)
+
+    return run
+
+
 def finetune_purifier(
     classifier_ckpt: dict[str, Any],
     purifier_ckpt: dict[str, Any],
@@ -203,10 +229,12 @@ def finetune_purifier(
     defense = PurifiedClassifier(classifier, generator, transform).to(device)
     attack_model = defense if params.attack_target == "defense" else classifier
     n_classes = len(class_names)
-    attack = (
-        None if settings.attack is None else build_attack(attack_model, settings.attack, n_classes)
-    )
-    keep = random_subset(len(train_set["labels"]), params.train_images, params.seed)
+    attack = None
+    if settings.attack is not None:
+        attack = amp_attack(
+            build_attack(attack_model, settings.attack, n_classes), device, params.attack_amp
+        )
+    keep = random_subset(len(train_set["labels"]), params.train_images, params.subset_seed)
     train = take(train_set, keep)
     batches = Batches(
         train["images"],
@@ -272,6 +300,8 @@ def finetune_purifier(
         "lambda_cls": settings.lambda_cls,
         "attack": None if settings.attack is None else dict(settings.attack),
         "attack_target": params.attack_target,
+        "attack_amp": params.attack_amp,
+        "seed": params.seed,
         "reconstruction_target": params.reconstruction_target,
         "train_seconds": training_seconds(history),
         "epochs": params.epochs,

@@ -279,7 +279,12 @@ def test_stage_smoke_profile(stage_inputs, splits, tmp_path):
 
 def test_pipelines_give_every_arm_its_node_and_outputs():
     main = create_pipeline()
-    assert MAIN_ARMS == ("ap_continued", "ap_classifier_aware", "atop")
+    assert MAIN_ARMS == (
+        "ap_continued",
+        "ap_classifier_aware",
+        "adversarial_reconstruction",
+        "atop",
+    )
     assert {n.name for n in main.nodes} == {f"finetune_{arm}" for arm in MAIN_ARMS}
     assert {n.name for n in create_pgd_pipeline().nodes} == {"finetune_atop_pgd"}
     for node in (*main.nodes, *create_pgd_pipeline().nodes):
@@ -375,7 +380,7 @@ def test_every_arm_trains_on_the_same_images_with_the_same_settings(
     }
     runs = [record[f"finetune {arm}"] for arm in ALL_ARMS]
     first = runs[0]
-    keep = trainer.random_subset(256, 64, params.seed)
+    keep = trainer.random_subset(256, 64, params.subset_seed)
     assert torch.equal(first["images"], train["images"][keep])  # from the train split
     assert torch.equal(first["labels"], train["labels"][keep])
     for arm, run in zip(ALL_ARMS, runs, strict=True):
@@ -393,14 +398,15 @@ def test_every_arm_trains_on_the_same_images_with_the_same_settings(
     assert [(attack is None, weight) for attack, weight in steps.values()] == [
         (True, 0.0),
         (True, 0.1),
+        (False, 0.0),  # adversarial_reconstruction: the adversary, no CE term
         (False, 0.1),
         (False, 0.1),
     ]
     term = {"arm", "lambda_cls", "attack"}
     shared = [{k: v for k, v in m.items() if k not in term} for m in metrics.values()]
     assert all(m == shared[0] for m in shared)
-    assert [metrics[arm]["lambda_cls"] for arm in ALL_ARMS] == [0.0, 0.1, 0.1, 0.1]
-    assert [bool(metrics[arm]["attack"]) for arm in ALL_ARMS] == [False, False, True, True]
+    assert [metrics[arm]["lambda_cls"] for arm in ALL_ARMS] == [0.0, 0.1, 0.0, 0.1, 0.1]
+    assert [bool(metrics[arm]["attack"]) for arm in ALL_ARMS] == [False, False, True, True, True]
 
 
 def test_arms_train_on_the_train_split_and_validate_on_monitor_images(

@@ -20,11 +20,10 @@ from kedro.runner import SequentialRunner
 
 from atop.datasets import OptionalJSONDataset, TorchDataset
 from atop.evaluation.convergence import ConvergenceParams, summarize
-from atop.evaluation.defenses import NEEDS, PURIFIED
+from atop.evaluation.defenses import NEEDS, PURIFIED, STUDIED
 from atop.pipeline_registry import register_pipelines
 from atop.pipelines.convergence import create_pipeline
-from atop.pipelines.convergence.nodes import convergence_report, study_node
-from atop.pipelines.convergence.pipeline import STUDIED
+from atop.pipelines.convergence.nodes import study_node
 from tests.conftest import PROJECT_ROOT, moved, stage_params
 from tests.evaluation.conftest import classifier_dict, purifier_dict
 
@@ -49,10 +48,19 @@ def params() -> ConvergenceParams:
     return stage_params("convergence", device="cpu")
 
 
+def _evaluation(n: int, draws: int) -> dict:
+    """A main-job evaluation result of ``n`` images: clean and one attack per norm."""
+    right = (torch.arange(n) < n // 2)[:, None].repeat(1, draws)
+    return {
+        "clean": torch.ones(n, draws, dtype=torch.bool),
+        "attacks": {"pgd_linf": {"draws": right}, "pgd_l2": {"draws": right}},
+    }
+
+
 @pytest.fixture(scope="module")
 def studied(params, cifar10_test_batch, tmp_path_factory) -> dict:
-    """One smoke run of the convergence pipeline on AP and AToP (tiny random checkpoints:
-    the numbers mean nothing, the wiring and the files are what is tested)."""
+    """One smoke run of the convergence pipeline on AP and the four arms (tiny random
+    checkpoints: the numbers mean nothing, the wiring and the files are what is tested)."""
     folder = tmp_path_factory.mktemp("convergence")
     config = {}
     for name, entry in _catalog_config().items():
@@ -68,10 +76,12 @@ def studied(params, cifar10_test_batch, tmp_path_factory) -> dict:
         "eval_indices": list(range(10, 30)),
         "class_names": [str(i) for i in range(10)],
         "classifier": classifier_dict(),
-        "purifier": purifier_dict(0, meta={"transform": TRANSFORM}),
-        "purifier_atop": purifier_dict(1, meta={"transform": TRANSFORM}),
         "params:convergence": params,
+        "params:evaluation": stage_params("evaluation"),
     }
+    for i, name in enumerate(STUDIED):
+        inputs[NEEDS[name][1]] = purifier_dict(i, meta={"transform": TRANSFORM})
+        inputs[f"evaluation_{name}"] = _evaluation(params.images, params.draws)
     for name, value in inputs.items():
         catalog[name] = MemoryDataset(value, copy_mode="assign")
     SequentialRunner().run(create_pipeline(), catalog)
@@ -82,15 +92,17 @@ def studied(params, cifar10_test_batch, tmp_path_factory) -> dict:
     }
 
 
-def test_one_study_node_per_stochastic_defense_then_the_report():
+def test_one_study_node_per_studied_defense_then_the_report():
     pipeline = create_pipeline()
     nodes = {node.name: node for node in pipeline.nodes}
-    assert STUDIED == ("ap", "atop") and set(STUDIED) <= set(PURIFIED)
+    assert STUDIED == ("ap", "ap_continued", "ap_classifier_aware", "adversarial_reconstruction", "atop")
+    assert set(STUDIED) <= set(PURIFIED)
     assert set(nodes) == {f"study_{n}" for n in STUDIED} | {"convergence_report"}
     shared = {"test_set", "eval_indices", "class_names", "params:convergence"}
     for name in STUDIED:
         node = nodes[f"study_{name}"]
-        assert set(node.inputs) == shared | set(NEEDS[name])
+        headline = {f"evaluation_{name}", "params:evaluation"}
+        assert set(node.inputs) == shared | headline | set(NEEDS[name])
         assert node.outputs == [f"convergence_{name}"]
     report = nodes["convergence_report"]
     assert set(report.inputs) == {"params:convergence", *(f"convergence_{n}" for n in STUDIED)}
@@ -101,45 +113,40 @@ def test_one_study_node_per_stochastic_defense_then_the_report():
     assert not set(nodes) & {n.name for n in registry["atop"].nodes}  # full comparison only
 
 
-def test_the_studies_are_per_draw_verdicts_of_each_setting(studied, params):
+def test_the_studies_are_per_draw_verdicts_of_each_setting_of_both_norms(studied, params):
     for name, result in studied["studies"].items():
-        assert [k for k, _ in result["steps"]] == sorted(params.steps), name
-        assert [k for k, _ in result["eot"]] == sorted(params.eot), name
-        for _, draws in result["steps"] + result["eot"]:
-            assert draws.dtype == torch.bool and draws.shape == (params.images, params.draws)
-        assert (result["norm"], result["eps"]) == ("Linf", pytest.approx(8 / 255))
+        assert set(result["norms"]) == {"Linf", "L2"}, name
+        for record in result["norms"].values():
+            assert len(record["points"]) == len(params.points)
+            assert len(record["headline"]) == 2  # clean and the norm's one attack
+            for point in record["points"].values():
+                assert point["draws"].dtype == torch.bool
+                assert point["draws"].shape == (params.images, params.draws)
 
 
 def test_the_metrics_json_table_markdown_and_figure(studied, params):
     folder, metrics = studied["folder"], studied["metrics"]
     settings = metrics["settings"]
-    assert settings["attack"] == "PGD Linf eps 8/255"
+    assert settings["attacks"] == {"Linf": "PGD Linf eps 8/255", "L2": "PGD L2 eps 0.5"}
     assert (settings["images"], settings["draws"]) == (params.images, params.draws)
     assert (settings["eot_at"], settings["steps_at"]) == (params.eot_at, params.steps_at)
     assert list(metrics["defenses"]) == list(STUDIED)
     for name, result in studied["studies"].items():
         expected = summarize(result)
         got = metrics["defenses"][name]
-        for sweep in ("steps", "eot"):
-            assert got[sweep]["points"] == expected[sweep]["points"]  # JSON floats round-trip
-            for key in ("strongest", "flat_from"):
-                assert got[sweep][key] == expected[sweep][key]
-            assert got[sweep]["flat_from"] in {int(k) for k in got[sweep]["points"]}
+        for norm in ("Linf", "L2"):
+            assert got[norm]["points"] == expected[norm]["points"]  # JSON floats round-trip
+            assert got[norm]["converged"] == expected[norm]["converged"]
+            assert got[norm]["headline"] == pytest.approx(0.5)  # the headline: half right
     table = pd.read_csv(folder / OUTPUTS["convergence_table"])
-    assert list(table.columns) == ["defense", "sweep", "setting", "acc", "se", "worst_of_n"]
-    assert len(table) == len(STUDIED) * (len(params.steps) + len(params.eot))
-    for row in table.itertuples():
-        point = metrics["defenses"][row.defense][row.sweep]["points"][str(row.setting)]
-        assert (row.acc, row.se, row.worst_of_n) == pytest.approx(
-            (point["acc"], point["se"], point["worst_of_n"])
-        )
+    assert {"defense", "norm", "setting", "acc", "se", "gap", "paired_se", "lowers"} <= set(
+        table.columns
+    )
+    assert len(table) == len(STUDIED) * 2 * len(params.points)
     markdown = (folder / OUTPUTS["convergence_markdown"]).read_text()
     assert markdown.startswith("# Attack convergence")
-    for name, curves in metrics["defenses"].items():
-        for sweep, label in (("steps", "PGD steps"), ("eot", "EOT samples")):
-            flat = curves[sweep]["flat_from"]
-            assert f"**{name}**, {label}:" in markdown
-            assert f"flat from **{flat}**" in markdown
+    for name in STUDIED:
+        assert f"## {name}, ℓ∞:" in markdown and f"## {name}, ℓ2:" in markdown
 
 
 def test_a_defense_left_out_is_skipped(params, cifar10_test_batch):
@@ -148,9 +155,3 @@ def test_a_defense_left_out_is_skipped(params, cifar10_test_batch):
     test_set = {"images": (images * 255).round().to(torch.uint8), "labels": labels}
     skipped = study_node("atop")(test_set, [0, 1], ["x"] * 10, only_ap)  # no checkpoints needed
     assert skipped == {"skipped": "not listed in convergence.defenses"}
-    draws = (torch.arange(4) < 2)[:, None].repeat(1, 2)
-    study = {"steps": [(1, draws)], "eot": [(1, draws)], "norm": "L2", "eps": 0.5}
-    metrics, table, markdown, _ = convergence_report(only_ap, ap=study, atop=skipped)
-    assert list(metrics["defenses"]) == ["ap"] and set(table["defense"]) == {"ap"}
-    assert metrics["settings"]["attack"] == "PGD L2 eps 0.5"
-    assert "**atop**" not in markdown

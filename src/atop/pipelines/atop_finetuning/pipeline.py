@@ -9,18 +9,28 @@ so the evaluation compares them all. ``atop_finetuning`` holds the main job's ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from kedro.pipeline import Node, Pipeline
 
 from atop.pipelines.atop_finetuning.nodes import MAIN_ARMS, finetune_node
 
 
-def arm_nodes(arms: Sequence[str], purifier: str = "purifier", suffix: str = "") -> list[Node]:
-    """One node per arm fine-tuning the checkpoint ``purifier``; outputs end in ``suffix``."""
+def arm_nodes(
+    arms: Sequence[str],
+    purifier: str = "purifier",
+    suffix: str = "",
+    study: tuple[str, Callable[..., dict[str, Any]]] | None = None,
+) -> list[Node]:
+    """One node per arm fine-tuning the checkpoint ``purifier``; outputs end in ``suffix``.
+    ``study``: ``(parameters, change)``, a study's parameters entry (``params:seeds``) and
+    the ``atop_finetuning`` values it changes (:func:`finetune_node`)."""
+    extra = {} if study is None else {"study": study[0]}
+    change = None if study is None else study[1]
     return [
         Node(
-            func=finetune_node(arm, suffix),
+            func=finetune_node(arm, suffix, change),
             inputs={
                 "classifier": "classifier",
                 "purifier": purifier,
@@ -29,6 +39,7 @@ def arm_nodes(arms: Sequence[str], purifier: str = "purifier", suffix: str = "")
                 "monitor_indices": "monitor_indices",
                 "class_names": "class_names",
                 "params": "params:atop_finetuning",
+                **extra,
             },
             outputs=[  # the checkpoint saved last
                 f"finetuning_history_{arm}{suffix}",

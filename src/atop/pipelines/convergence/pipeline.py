@@ -1,10 +1,11 @@
 """Wiring of the convergence study (full comparison only).
 
 ``study_<defense>`` (``test_set``, ``eval_indices``, ``class_names``,
-``params:convergence`` and the defense's checkpoints) -> ``convergence_<defense>`` (the
-sweeps' per-draw verdicts) -> ``convergence_report`` -> ``convergence`` (metrics JSON,
-cited by the main robustness report), ``convergence_table``, ``convergence_markdown``,
-``convergence_plot``.
+``params:convergence``, the defense's checkpoints and its main-job evaluation
+``evaluation_<defense>`` with ``params:evaluation``: the headline it is compared with) ->
+``convergence_<defense>`` (every setting's per-draw verdicts) -> ``convergence_report`` ->
+``convergence`` (metrics JSON, cited by the robustness reports), ``convergence_table``,
+``convergence_markdown``, ``convergence_plot``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     nodes = [
         Node(
             func=study_node(name),
-            inputs={**shared, **{key: key for key in NEEDS[name]}},
+            inputs={
+                **shared,
+                "evaluation": f"evaluation_{name}",
+                "evaluation_params": "params:evaluation",
+                **{key: key for key in NEEDS[name]},
+            },
             outputs=f"convergence_{name}",
             name=f"study_{name}",
         )

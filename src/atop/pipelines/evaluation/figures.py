@@ -12,36 +12,38 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from atop.evaluation.protocol import per_image
-from atop.pipelines.evaluation.metrics import eps_points, reference_attack
+from atop.pipelines.evaluation.metrics import eps_points, references
 from atop.pipelines.evaluation.report import NORM_TEXT
 
 
 def plot_robust_accuracy_vs_eps(results: Mapping[str, Any]) -> Figure:
-    """Robust accuracy vs ε of the reference PGD-EOT attack, one line per defense (the ε
-    sweep of the full comparison; clean and the reference ε alone in the main job)."""
-    reference = reference_attack(results)
-    linf = reference["norm"] == "Linf"
-    figure = Figure(figsize=(6, 4), dpi=120)
-    axes = figure.add_subplot()
-    for name, res in results["defenses"].items():
-        points = eps_points(res, reference)  # clean and the reference ε without a sweep
-        if not points:
-            continue
-        xs = [p["eps"] * 255 if linf else p["eps"] for p in points]
-        ys = [100 * per_image(p["draws"], "single").mean().item() for p in points]
-        axes.plot(xs, ys, marker="o", label=name)
-    axes.axvline(reference["eps"] * 255 if linf else reference["eps"], color="gray", ls=":", lw=1)
-    spec = reference["spec"]
-    axes.set_xlabel("ε (× 1/255)" if linf else "ε (ℓ2)")
-    axes.set_ylabel("robust accuracy (%), single-draw")
-    axes.set_ylim(-2, 102)
-    axes.set_title(
-        f"PGD-{spec['steps']} {NORM_TEXT[reference['norm']]}, EOT {spec['eot_iter']} "
-        f"({results['settings']['n_sanity_images']} images)",
-        fontsize=10,
-    )
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=8)
+    """Robust accuracy vs ε of each reference PGD-EOT attack (one panel per threat model),
+    one line per defense (the ε sweeps of the full comparison; clean and the reference ε
+    alone in the main job)."""
+    refs = references(results)
+    figure = Figure(figsize=(6 * max(len(refs), 1), 4), dpi=120)
+    axes_list = figure.subplots(1, max(len(refs), 1), squeeze=False)[0]
+    for axes, reference in zip(axes_list, refs, strict=False):
+        linf = reference["norm"] == "Linf"
+        for name, res in results["defenses"].items():
+            points = eps_points(res, reference)  # clean and the reference ε without a sweep
+            if not points:
+                continue
+            xs = [p["eps"] * 255 if linf else p["eps"] for p in points]
+            ys = [100 * per_image(p["draws"], "single").mean().item() for p in points]
+            axes.plot(xs, ys, marker="o", label=name)
+        axes.axvline(reference["eps"] * 255 if linf else reference["eps"], color="gray", ls=":")
+        spec = reference["spec"]
+        axes.set_xlabel("ε (× 1/255)" if linf else "ε (ℓ2)")
+        axes.set_ylabel("robust accuracy (%), single-draw")
+        axes.set_ylim(-2, 102)
+        axes.set_title(
+            f"PGD-{spec['steps']} {NORM_TEXT[reference['norm']]}, EOT {spec['eot_iter']} "
+            f"({results['settings']['n_sanity_images']} images)",
+            fontsize=10,
+        )
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
     figure.tight_layout()
     return figure
 

@@ -15,17 +15,21 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from atop.evaluation.protocol import format_eps, per_image, worst_case
-from atop.evaluation.stats import accuracy_ci, mcnemar
+from atop.evaluation.convergence import summarize
+from atop.evaluation.defenses import FACTORIAL
+from atop.evaluation.protocol import format_eps, per_image, plugin_worst, worst_case
+from atop.evaluation.stats import accuracy_ci, holm, paired_test
 
 #: The judging rules reported (atop.evaluation.protocol.RULES), and what they mean.
 RULES = {
-    "single": "each image's fraction of N fresh draws judged right, averaged over images",
-    "worst_of_n": "an image counts only if all N fresh draws are right",
+    "single": "each image's fraction of N fresh draws judged right, averaged over images "
+    "(worst cases: cross-fitted over the draws)",
+    "worst_of_n": "an image counts only if all N fresh draws are right (worst cases: all N "
+    "draws of every attack)",
 }
 #: The threat models of the headline worst cases.
 THREATS = ("Linf", "L2")
-#: The defense the paired tests compare with every other one.
+#: The defense the exploratory paired tests compare with every other one.
 FOCUS = "atop"
 
 
@@ -34,17 +38,21 @@ def eps_key(eps: float, norm: str) -> str:
     return format_eps(eps, norm)
 
 
-def reference_attack(results: Mapping[str, Any]) -> dict[str, Any]:
-    label = results["settings"]["sanity"]["reference"]
-    return next(a for a in results["attacks"] if a["label"] == label)
+def references(results: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The sanity checks' reference attacks (one per threat model), as attack records."""
+    labels = results["settings"]["sanity"]["references"]
+    by_label = {a["label"]: a for a in results["attacks"]}
+    return [by_label[label] for label in labels if label in by_label]
 
 
 def eps_points(res: Mapping[str, Any], reference: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The accuracy-vs-ε points of one defense: its ε sweep (``[{"eps", "draws"}]``), or,
-    where the sweep did not run (the main job; a defense outside ``sanity.defenses``), the
-    two points every evaluation has: clean (ε = 0) and the reference attack's ε."""
-    if res["sweep"]:
-        return list(res["sweep"])
+    """The accuracy-vs-ε points of one defense for the reference's norm: its ε sweep
+    (``[{"eps", "draws"}]``), or, where the sweep did not run (the main job; a defense
+    outside ``sanity.defenses``), the two points every evaluation has: clean (ε = 0) and the
+    reference attack's ε."""
+    sweep = (res.get("sweep") or {}).get(reference["norm"])
+    if sweep:
+        return list(sweep)
     if reference["label"] not in res["attacks"]:
         return []
     return [
@@ -53,31 +61,19 @@ def eps_points(res: Mapping[str, Any], reference: Mapping[str, Any]) -> list[dic
     ]
 
 
-def _summary(draws: Tensor) -> dict[str, Any]:
-    """Single-draw and worst-of-N accuracy of bool ``[N, D]`` verdicts, each with its exact
-    95 % interval (:func:`atop.evaluation.stats.accuracy_ci`)."""
+def _summary(scores: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Accuracy and exact 95 % interval (:func:`atop.evaluation.stats.accuracy_ci`) of
+    per-image scores under each rule (``{rule: float or bool [N]}``)."""
     out: dict[str, Any] = {}
-    for rule in RULES:
-        acc, low, high = accuracy_ci(per_image(draws, rule))
-        out[rule] = acc
-        out[f"{rule}_ci"] = [low, high]
-    return out
-
-
-def _worst_summary(draws: Sequence[Tensor]) -> dict[str, Any]:
-    """:func:`_summary` of the per-image worst case over verdict matrices: under each rule,
-    each image's lowest score over clean and the attacks (single-draw: the attacker keeps,
-    per image, the example with the lowest chance of being right)."""
-    out: dict[str, Any] = {}
-    for rule in RULES:
-        acc, low, high = accuracy_ci(worst_case(draws, rule))
+    for rule, values in scores.items():
+        acc, low, high = accuracy_ci(values)
         out[rule] = acc
         out[f"{rule}_ci"] = [low, high]
     return out
 
 
 def worst_draws(res: Mapping[str, Any], attacks: Sequence[Mapping[str, Any]], norm: str) -> list:
-    """The verdict matrices of the per-image worst case of threat model ``norm``: clean and
+    """The verdict sets of the per-image worst case of threat model ``norm``: clean and
     every ε-bounded attack of that norm the defense ran."""
     bounded = [
         a["label"]
@@ -87,18 +83,105 @@ def worst_draws(res: Mapping[str, Any], attacks: Sequence[Mapping[str, Any]], no
     return [res["clean"], *(res["attacks"][label]["draws"] for label in bounded)]
 
 
+def headline_sets(res: Mapping[str, Any], attacks, norm: str) -> tuple[list[Tensor], bool]:
+    """The verdict sets of ``norm``'s headline and whether the convergence study's were
+    added: a defense whose study found a setting that lowers the evaluation's worst case by
+    more than a paired standard error (:func:`atop.evaluation.convergence.summarize`) gets
+    the worst case over the evaluation's AND the study's attacks."""
+    sets = worst_draws(res, attacks, norm)
+    study = res.get("study")
+    if not study or norm not in study.get("norms", {}):
+        return sets, False
+    if summarize(study)[norm]["converged"] is not False:
+        return sets, False
+    return sets + [p["draws"] for p in study["norms"][norm]["points"].values()], True
+
+
+def worst_scores(res: Mapping[str, Any], attacks, norm: str) -> Tensor:
+    """Per-image cross-fitted single-draw worst case (float ``[N]``) of ``norm``'s headline."""
+    return worst_case(headline_sets(res, attacks, norm)[0], "single")
+
+
+def _worst_entry(res: Mapping[str, Any], attacks, norm: str) -> dict[str, Any]:
+    sets, with_study = headline_sets(res, attacks, norm)
+    entry = _summary({rule: worst_case(sets, rule) for rule in RULES})
+    entry["plugin"] = plugin_worst(sets).mean().item()  # the biased plain minimum
+    entry["with_study"] = with_study
+    return entry
+
+
+def _test(a: Tensor, b: Tensor) -> dict[str, Any]:
+    return paired_test(a.float(), b.float()).to_dict()
+
+
 def _paired(focus: Mapping[str, Any], other: Mapping[str, Any], attacks, norm: str) -> dict:
-    """Exact McNemar tests of the focus defense vs another on the worst case of ``norm``."""
+    """Exploratory paired tests of the focus defense vs another on ``norm``'s worst case:
+    single-draw (cross-fitted) and worst-of-N (0/1: the exact McNemar test)."""
+    return {
+        rule: _test(
+            worst_case(headline_sets(focus, attacks, norm)[0], rule),
+            worst_case(headline_sets(other, attacks, norm)[0], rule),
+        )
+        for rule in RULES
+    }
+
+
+def primary_family(
+    defenses: Mapping[str, Any], attacks, primary: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The confirmatory family declared in ``evaluation.primary``: ``focus`` vs each
+    ``versus`` defense on each of ``norms`` (single-draw worst case, paired sign-flip test,
+    bootstrap CI), with Holm-adjusted p-values. Defenses not evaluated are listed as
+    missing (the family is then incomplete, and says so)."""
+    focus = defenses.get(primary["focus"])
+    tests, missing = {}, []
+    for other in primary["versus"]:
+        for norm in primary["norms"]:
+            key = f"{primary['focus']} vs {other}, {norm}"
+            if focus is None or other not in defenses:
+                missing.append(key)
+                continue
+            tests[key] = {
+                "focus": primary["focus"],
+                "other": other,
+                "norm": norm,
+                **_test(
+                    worst_scores(focus, attacks, norm), worst_scores(defenses[other], attacks, norm)
+                ),
+            }
+    adjusted = holm({k: t["p_value"] for k, t in tests.items()}) if tests else {}
+    for key, test in tests.items():
+        test["p_holm"] = adjusted[key]
+        test["significant"] = adjusted[key] < primary["level"]
+    return {"declared": dict(primary), "tests": tests, "missing": missing}
+
+
+def factorial_effects(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
+    """The 2 x 2 of Eq. 9's terms (:data:`atop.evaluation.defenses.FACTORIAL`), per threat
+    model and for clean accuracy: each main effect (the mean over the other factor's two
+    levels of the difference its term makes) and the interaction, as per-image contrasts
+    with their paired bootstrap CI and sign-flip p-value (exploratory). Empty without all
+    four arms."""
+    arms = {key: defenses.get(name) for key, name in FACTORIAL.items()}
+    if any(res is None for res in arms.values()):
+        return {}
     out: dict[str, Any] = {}
-    for rule in ("first", "worst_of_n"):
-        a = worst_case(worst_draws(focus, attacks, norm), rule)
-        b = worst_case(worst_draws(other, attacks, norm), rule)
-        test = mcnemar(a, b)
-        out[rule] = {"only_focus": test.only_a, "only_other": test.only_b, "p_value": test.p_value}
-    single = [
-        worst_case(worst_draws(r, attacks, norm), "single").mean().item() for r in (focus, other)
-    ]
-    out["single_difference"] = single[0] - single[1]
+    for outcome in ("clean", *THREATS):
+
+        def score(key, outcome=outcome):
+            res = arms[key]
+            if outcome == "clean":
+                return per_image(res["clean"], "single")
+            return worst_scores(res, attacks, outcome)
+
+        (a00, a01, a10, a11) = (score(k) for k in ((False, False), (False, True), (True, False), (True, True)))  # fmt: skip
+        contrasts = {
+            "reconstruction_from_x_adv": ((a10 - a00) + (a11 - a01)) / 2,
+            "ce_term": ((a01 - a00) + (a11 - a10)) / 2,
+            "interaction": (a11 - a01) - (a10 - a00),
+        }
+        zero = torch.zeros_like(a00)
+        out[outcome] = {name: _test(c, zero) for name, c in contrasts.items()}
     return out
 
 
@@ -115,8 +198,7 @@ def _matched_clean(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
         return out
     for name, res in purified.items():
         out[name] = {
-            norm: worst_case(worst_draws(res, attacks, norm), "single")[common].mean().item()
-            for norm in THREATS
+            norm: worst_scores(res, attacks, norm)[common].mean().item() for norm in THREATS
         }
     return out
 
@@ -127,39 +209,54 @@ def _attacked(attack: Mapping[str, Any]) -> dict[str, int]:
     return {} if mask is None else {"attacked": int(mask.sum())}
 
 
+def _fixed(fixed: Mapping[str, Any] | None, entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The fixed-randomness rows, per norm: clean and attacked accuracy with one fixed draw,
+    and the attack's fresh-draw accuracy beside it."""
+    return {
+        norm: {
+            "label": row["attack"],
+            "clean": per_image(row["clean"], "single").mean().item(),
+            "attack": per_image(row["draws"], "single").mean().item(),
+            "fresh": entry["attacks"][row["attack"]]["single"],
+        }
+        for norm, row in (fixed or {}).items()
+    }
+
+
 def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
     """The metrics JSON (``data/08_reporting/<dataset>/<profile>/robustness.json``, tracked by DVC).
 
     Every accuracy comes in both judging rules (:data:`RULES`) with an exact 95 % interval
     where it is a headline. Layout (``dvc metrics show`` flattens it with dots)::
 
-        settings:   n_images, draws, seed, ... and the attack specs
+        settings:   n_images, draws, seed, ..., the attack specs and the primary family
         defenses.<d>.clean.{single, single_ci, worst_of_n, worst_of_n_ci}
         defenses.<d>.attacks.<label>.{single, worst_of_n[, attacked]}
-        defenses.<d>.worst_case.{Linf, L2}.{single, single_ci, worst_of_n, worst_of_n_ci}
-        defenses.<d>.fixed_randomness.{clean, attack}  (purified defenses, single draw)
+        defenses.<d>.worst_case.{Linf, L2}.{single, single_ci, worst_of_n, worst_of_n_ci,
+            plugin (the biased plain minimum), with_study}
+        defenses.<d>.fixed_randomness.{Linf, L2}.{clean, attack, fresh, label}
         defenses.<d>.{train_seconds, attack_seconds}
-        paired.<d>.{Linf, L2}: exact McNemar of atop vs <d> on the worst-case verdicts
-            (first: one draw per image; worst_of_n), and the single-draw difference
-        matched_clean: images every purified defense gets right clean (worst-of-N), and each
-            one's worst-case single-draw accuracy on them
-        robust_acc_vs_eps.<d>.<eps>  (single-draw), sanity.<d>.<check>, unseen, skipped
+        primary: the declared family, its tests (delta, ci, p_value, p_holm, significant)
+        factorial.{clean, Linf, L2}.{reconstruction_from_x_adv, ce_term, interaction}
+        paired.<d>.{Linf, L2}.{single, worst_of_n}: exploratory tests of atop vs <d>
+        matched_clean, robust_acc_vs_eps.<norm>.<d>.<eps>, sanity.<d>.<check>, unseen, skipped
 
     Args:
         results: the output of :func:`atop.pipelines.evaluation.nodes.collect_results`.
     """
     settings = results["settings"]
-    reference = reference_attack(results)
     attacks = results["attacks"]
     specs = {}
     for attack in attacks:
         spec = {k: v for k, v in attack["spec"].items() if k != "name"}
         specs[attack["label"]] = {"name": attack["name"], **spec, "norm": attack["norm"]}
         specs[attack["label"]]["eps"] = attack["eps"]
-    defenses, vs_eps, sanity = {}, {}, {}
+        specs[attack["label"]]["survivors"] = attack.get("survivors", False)
+    defenses, sanity = {}, {}
+    vs_eps: dict[str, dict[str, Any]] = {}
     for name, res in results["defenses"].items():
         entry: dict[str, Any] = {
-            "clean": _summary(res["clean"]),
+            "clean": _summary({rule: per_image(res["clean"], rule) for rule in RULES}),
             "attacks": {
                 label: {
                     **{rule: per_image(a["draws"], rule).float().mean().item() for rule in RULES},
@@ -167,26 +264,23 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
                 }
                 for label, a in res["attacks"].items()
             },
-            "worst_case": {
-                norm: _worst_summary(worst_draws(res, attacks, norm)) for norm in THREATS
-            },
+            "worst_case": {norm: _worst_entry(res, attacks, norm) for norm in THREATS},
             "train_seconds": res["total_train_seconds"],
             "attack_seconds": round(sum(a["seconds"] for a in res["attacks"].values()), 2),
         }
-        fixed = res.get("fixed_randomness")
+        fixed = _fixed(res.get("fixed_randomness"), entry)
         if fixed:
-            entry["fixed_randomness"] = {
-                "clean": per_image(fixed["clean"], "single").mean().item(),
-                "attack": per_image(fixed["draws"], "single").mean().item(),
-                "label": fixed["attack"],
-            }
+            entry["fixed_randomness"] = fixed
         defenses[name] = entry
-        points = eps_points(res, reference)
-        if points:
-            vs_eps[name] = {
-                eps_key(p["eps"], reference["norm"]): per_image(p["draws"], "single").mean().item()
-                for p in points
-            }
+        for reference in references(results):
+            points = eps_points(res, reference)
+            if points:
+                vs_eps.setdefault(reference["norm"], {})[name] = {
+                    eps_key(p["eps"], reference["norm"]): per_image(p["draws"], "single")
+                    .mean()
+                    .item()
+                    for p in points
+                }
         sanity[name] = {check: value["status"] for check, value in res["sanity"].items()}
     focus = results["defenses"].get(FOCUS)
     paired = {}
@@ -209,6 +303,8 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
             "attacks": specs,
         },
         "defenses": defenses,
+        "primary": primary_family(results["defenses"], attacks, settings["primary"]),
+        "factorial": factorial_effects(results["defenses"], attacks),
         "paired": paired,
         "matched_clean": _matched_clean(results["defenses"], attacks),
         "robust_acc_vs_eps": vs_eps,
@@ -257,23 +353,22 @@ def robustness_table(metrics: Mapping[str, Any]) -> pd.DataFrame:
 
 
 def accuracy_vs_eps_table(results: Mapping[str, Any]) -> pd.DataFrame:
-    """The ε sweep of the reference attack (``evaluation.sanity``), one row per defense and
-    ε: the CSV that ``dvc.yaml`` plots (x = ``eps``, y = ``robust_acc``, a line per
+    """The ε sweeps of the reference attacks (``evaluation.sanity``), one row per defense,
+    norm and ε: the CSV that ``dvc.yaml`` plots (x = ``eps``, y = ``robust_acc``, a line per
     defense) so that ``dvc plots diff`` overlays runs.
 
     Columns: ``defense``, ``norm``, ``eps`` (the budget on the [0, 1] pixel scale),
     ``eps_label`` (``"8/255"``), ``robust_acc`` (single-draw accuracy in ``[0, 1]``).
     """
-    reference = reference_attack(results)
-    norm = reference["norm"]
     rows = [
         {
             "defense": name,
-            "norm": norm,
+            "norm": reference["norm"],
             "eps": point["eps"],
-            "eps_label": eps_key(point["eps"], norm),
+            "eps_label": eps_key(point["eps"], reference["norm"]),
             "robust_acc": per_image(point["draws"], "single").mean().item(),
         }
+        for reference in references(results)
         for name, res in results["defenses"].items()
         for point in eps_points(res, reference)
     ]

@@ -19,9 +19,10 @@ from torch import Tensor
 
 from atop.evaluation.defenses import (
     DEFENSES,
-    HISTORIES,
-    NEEDS,
+    base_name,
     build_defense,
+    histories,
+    needs,
     unseen_attacks,
 )
 from atop.evaluation.protocol import select_images
@@ -47,10 +48,10 @@ def _gx_validator(tolerance: float) -> Callable[..., None]:
 def _prepare(name: str, test_set, eval_indices, class_names, params: EvalParams, inputs):
     """The evaluation images and the defense ``name`` rebuilt from its checkpoints, or the
     reason it is skipped (a string)."""
-    checkpoints = {key: inputs.get(key) for key in NEEDS[name]}
-    if name not in params.defenses:
+    checkpoints = {key: inputs.get(key) for key in needs(name)}
+    if base_name(name) == name and name not in params.defenses:
         return "not listed in evaluation.defenses"
-    missing = [key for key in NEEDS[name] if checkpoints.get(key) is None]
+    missing = [key for key in needs(name) if checkpoints.get(key) is None]
     if missing:
         reason = f"checkpoint {', '.join(missing)} not found (stage not run)"
         log.warning("Skipping defense %r: %s", name, reason)
@@ -58,7 +59,7 @@ def _prepare(name: str, test_set, eval_indices, class_names, params: EvalParams,
     device = resolve_device(params.device)
     data = select_images(test_set, eval_indices, params.images, len(class_names), device)
     defense = build_defense(name, checkpoints, device)
-    defense.train_seconds = {h: history_seconds(inputs.get(h)) for h in HISTORIES[name]}
+    defense.train_seconds = {h: history_seconds(inputs.get(h)) for h in histories(name)}
     return data, defense
 
 
@@ -66,8 +67,9 @@ def evaluate_node(name: str, sanity: bool = True) -> Callable[..., dict[str, Any
     """The node function of defense ``name`` (named ``evaluate_<name>``).
 
     Its inputs are ``test_set``, ``eval_indices``, ``class_names``, ``params`` (the
-    ``evaluation`` block), the checkpoints of :data:`atop.evaluation.defenses.NEEDS` and the
-    training histories of :data:`~atop.evaluation.defenses.HISTORIES`; its output is
+    ``evaluation`` block), the checkpoints of :func:`atop.evaluation.defenses.needs` and the
+    training histories of :func:`~atop.evaluation.defenses.histories` (a seed or budget
+    variant of an arm, ``atop_seed3``, runs whatever ``evaluation.defenses`` lists); its output is
     :func:`atop.evaluation.suite.evaluate_defense`'s result (``sanity``: with the sanity
     checks' own attacks), or ``{"skipped": reason}``.
     """
@@ -157,21 +159,23 @@ def collect_results(
     n_images = len(next(iter(defenses.values()))["clean"])
     # torch files hold the per-draw verdicts; the report nodes read them as tensors
     sanity = params.sanity
+    n_sanity = n_images if sanity.images is None else min(sanity.images, n_images)
     return {
         "settings": {
             "dataset_classes": len(class_names),
             "n_images": n_images,
             "n_eval_indices": len(eval_indices),
-            "n_sanity_images": min(sanity.images or n_images, n_images),
+            "n_sanity_images": n_sanity,
             "seed": params.seed,
             "draws": params.draws,
             "batch_size": params.batch_size,
             "tolerance": params.tolerance,
             "device": str(resolve_device(params.device)),
             "profile_note": params.profile_note,
+            "primary": params.primary.to_dict(),
             "sanity": {
-                "reference": sanity.reference,
-                "eps_sweep": sorted(set(sanity.eps_sweep)),
+                "references": list(sanity.references),
+                "eps_sweep": {k: sorted(set(v)) for k, v in sanity.eps_sweep.items()},
                 "stronger": dict(sanity.stronger),
                 "alpha": sanity.alpha,
                 "large_eps_max_acc": sanity.large_eps_max_acc,

@@ -1,5 +1,6 @@
-"""The sigma ablation: the purifier pretrained and fine-tuned with AToP exactly as the main
-job, but with sigma 0.25 added at 32 px instead of the authors' 0.25 at 256 px."""
+"""The noise ablations: the purifier pretrained and fine-tuned with AToP exactly as the main
+job, but with sigma 0.25 added at 32 px (``sigma025``) or the authors' noise by the other
+route (``upsample``: bilinear up to 256 px, noise, clip, area down)."""
 
 from __future__ import annotations
 
@@ -17,9 +18,10 @@ from atop.checkpoint import load_safe
 from atop.datasets import TorchDataset
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import load_purifier
-from atop.pipelines.sigma_ablation import create_pipeline
-from atop.pipelines.sigma_ablation import nodes as ablation_nodes
-from atop.pipelines.sigma_ablation.nodes import SigmaAblationParams, train_ablation_purifier
+from atop.pipelines.noise_ablation import create_pipeline
+from atop.pipelines.noise_ablation import nodes as ablation_nodes
+from atop.pipelines.noise_ablation.nodes import NoiseAblationParams, ablation_node
+from atop.pipelines.noise_ablation.pipeline import ABLATIONS
 from atop.transforms import TransformConfig
 from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, stage_params
 
@@ -51,18 +53,22 @@ def splits(data_root, cifar10_test_batch) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize("env", ["base", "smoke", "paper"])
-def test_ablation_changes_only_where_sigma_is_added(env):
-    """The ablation's transform is the main one with noise_resolution null: sigma 0.25 at
-    the drawn side, 8x the authors' effective noise at 32 px."""
-    ablation = stage_params("sigma_ablation", env=env)
-    assert isinstance(ablation, SigmaAblationParams)
+def test_each_ablation_changes_only_how_the_noise_is_added(env):
+    """sigma025: the main transform with noise_resolution null (sigma 0.25 at the drawn
+    side, 8x the authors' effective noise at 32 px); upsample: the main one by the authors'
+    256-px route. The main one is the box route."""
+    ablation = stage_params("noise_ablation", env=env)
+    assert isinstance(ablation, NoiseAblationParams) and tuple(ablation.ablations) == ABLATIONS
     main = stage_params("purifier_pretraining", env=env).transform
-    assert ablation.transform == TransformConfig(
+    assert main.noise_resolution == 256 and main.noise_route == "box"
+    sigma025, upsample = ablation.ablations["sigma025"], ablation.ablations["upsample"]
+    assert sigma025 == TransformConfig(
         "rt2", sigma=0.25, missing_rate=0.25, mask_block=None, mask_number=4
     )
-    assert main.noise_resolution == 256
-    assert ablation.transform.to_dict() == {**main.to_dict(), "noise_resolution": None}
-    assert ablation.transform.sigma_at(32) == 8 * main.sigma_at(32) == 0.25
+    assert sigma025.to_dict() == {**main.to_dict(), "noise_resolution": None}
+    assert sigma025.sigma_at(32) == 8 * main.sigma_at(32) == 0.25
+    assert upsample.to_dict() == {**main.to_dict(), "noise_route": "upsample"}
+    assert upsample.upsamples(32) and not main.upsamples(32)
 
 
 def test_ablation_pretrains_with_the_main_settings_but_its_transform(splits, monkeypatch):
@@ -74,26 +80,31 @@ def test_ablation_pretrains_with_the_main_settings_but_its_transform(splits, mon
 
     monkeypatch.setattr(ablation_nodes, "train_purifier", recording_train)
     main = stage_params("purifier_pretraining")
-    ablation = stage_params("sigma_ablation")
-    train_ablation_purifier(*splits, MONITOR, main, ablation)
+    ablation = stage_params("noise_ablation")
+    node = ablation_node("upsample")
+    assert node.__name__ == "train_purifier_upsample"
+    node(*splits, MONITOR, main, ablation)
     assert seen["monitor"] == MONITOR
-    assert seen["params"].transform == ablation.transform
+    assert seen["params"].transform == ablation.ablations["upsample"]
     # its own resume file (the main pretraining's is not overwritten); nothing else changed
-    assert seen["params"].resume_path == main.resume_path.replace(".pt", "_sigma025.pt")
+    assert seen["params"].resume_path == main.resume_path.replace(".pt", "_upsample.pt")
     same = seen["params"].replace(transform=main.transform, resume_path=main.resume_path)
     assert same == main
+    with pytest.raises(ValueError, match="noise_ablation.ablations has no 'sigma1'"):
+        ablation_node("sigma1")(*splits, MONITOR, main, ablation)
 
 
 def test_pipeline_wires_pretraining_then_atop():
     nodes = {node.name: node for node in create_pipeline().nodes}
-    assert set(nodes) == {"train_purifier_sigma025", "finetune_atop_sigma025"}
+    assert set(nodes) == {f"{kind}_{name}" for name in ABLATIONS
+                          for kind in ("train_purifier", "finetune_atop")}  # fmt: skip
     pretrain, atop = nodes["train_purifier_sigma025"], nodes["finetune_atop_sigma025"]
     assert pretrain.inputs == [
         "train_set",
         "test_set",
         "monitor_indices",
         "params:purifier_pretraining",
-        "params:sigma_ablation",
+        "params:noise_ablation",
     ]
     assert pretrain.outputs == list(PRETRAINING)
     assert "purifier_sigma025" in atop.inputs and "purifier" not in atop.inputs
@@ -140,7 +151,7 @@ def test_pipeline_runs_on_real_images(splits, tmp_path):
         "classifier": classifier,
         "class_names": [str(i) for i in range(10)],
         "params:purifier_pretraining": pretraining,
-        "params:sigma_ablation": stage_params("sigma_ablation"),
+        "params:noise_ablation": stage_params("noise_ablation"),
         "params:atop_finetuning": finetuning,
     }
     for name, value in inputs.items():
@@ -149,7 +160,8 @@ def test_pipeline_runs_on_real_images(splits, tmp_path):
     for name in OUTPUTS:
         if name != "purifier_sigma025":
             catalog[name] = KeptMemoryDataset()
-    SequentialRunner().run(create_pipeline(), catalog)
+    pipeline = create_pipeline().only_nodes("train_purifier_sigma025", "finetune_atop_sigma025")
+    SequentialRunner().run(pipeline, catalog)
 
     ablated = load_safe(tmp_path / "purifier_sigma025.pt")
     expected = {**pretraining.transform.to_dict(), "noise_resolution": None}
