@@ -453,6 +453,19 @@ def test_every_attack_spec_is_checked_with_its_dotted_key(where, key, value, rul
     assert re.search(r"Fix it in conf/(smoke|base)/parameters_\w+\.yml line \d+\.", message)
 
 
+def test_typed_block_refusals_name_the_file_and_the_hint_does_not_leak(project):
+    """A refusal of Kedro's typed blocks names where the value comes from (here --params);
+    after the refused run, a refusal outside any run says the generic conf/<profile> hint."""
+    from tests.conftest import stage_params
+
+    with pytest.raises(Exception, match=r"epochs=0 is out of range.*Fix it in the --params"):
+        run_kedro(project, "atop", env="smoke", params=nested({"classifier_pretraining.epochs": 0}))
+    with pytest.raises(ParameterError) as info:
+        stage_params("classifier_pretraining").replace(epochs=0)
+    assert "conf/<profile>/parameters_classifier_pretraining.yml" in str(info.value)
+    assert written_files(project) == []
+
+
 @pytest.mark.parametrize("child", ["sanity", "grid"])
 def test_counts_above_their_limit_are_refused_not_lowered(project, child):
     """evaluation.sanity.images / evaluation.grid.images above evaluation.images were silently

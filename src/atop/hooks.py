@@ -278,10 +278,17 @@ class RunGuardHooks:
             getattr(loader, "runtime_params", None) or {},
             getattr(loader, "base_env", None) or "base",
         )
+        names = _requested_pipelines()
         set_locator(sources.locate)
-        params = loader["parameters"]
-        blocks = _requested_blocks()
-        check_parameters(params, blocks, sources)
+        try:
+            check_parameters(loader["parameters"], _blocks_of(names), sources)
+            # Kedro's typed blocks, built now (as the session will, for the same pipelines:
+            # it reuses them) so that their refusals name the file too
+            if "__default__" not in names and hasattr(context, "_pipelines_to_validate"):
+                context._pipelines_to_validate = list(names)
+            context.params  # noqa: B018 (builds and caches the typed blocks)
+        finally:
+            set_locator(None)
 
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
@@ -362,11 +369,8 @@ class RunGuardHooks:
         self._signals = {}
 
     def _release(self) -> None:
-        from atop.params import set_locator
-
         self._restore_signals()
         self._checks = None
-        set_locator(None)
         os.environ.pop(PROVENANCE_ENV, None)
         if self._lock is not None:
             self._lock.release()
@@ -376,12 +380,18 @@ class RunGuardHooks:
             self._cwd = None
 
 
-def _requested_blocks() -> set[str] | None:
-    """The top-level parameter keys the requested pipelines take (``None``: every block,
-    when a node takes ``parameters`` whole or the request is unknown)."""
+def _requested_pipelines() -> list[str]:
+    """The pipelines the session is about to run (``["__default__"]`` when unknown)."""
     from kedro.framework.project import pipelines
 
-    names = getattr(pipelines, "_requested_pipelines", None) or ["__default__"]
+    return list(getattr(pipelines, "_requested_pipelines", None) or ["__default__"])
+
+
+def _blocks_of(names: list[str]) -> set[str] | None:
+    """The top-level parameter keys the pipelines ``names`` take (``None``: every block,
+    when a node takes ``parameters`` whole)."""
+    from kedro.framework.project import pipelines
+
     blocks: set[str] = set()
     for name in names:
         try:
