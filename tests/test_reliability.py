@@ -584,6 +584,39 @@ def test_a_broken_checkpoint_fails_before_the_first_attack_with_no_output_writte
     assert _outputs(finished_project) == before
 
 
+def test_a_checkpoint_the_run_writes_is_checked_before_the_first_node_that_uses_it(tmp_path):
+    """Checkpoints written by the run itself (classifier, purifier): each defense is checked
+    once all its checkpoints exist, before the first node that consumes one of them."""
+    from kedro.io import DataCatalog, MemoryDataset
+    from kedro.pipeline import Node, Pipeline
+
+    from atop.hooks import CheckpointChecks
+
+    classifier = classifier_checkpoint(
+        build_classifier("resnet-fast", 10, width=4), "resnet-fast", {"num_classes": 10, "width": 4}
+    )
+    g, d = build_purifier({"cnum": 8})
+    purifier = purifier_checkpoint(g, d, meta={"transform": {**RT2, "missing_rate": 2.0}})
+    make = lambda: None  # noqa: E731 (the nodes never run here)
+    pipeline = Pipeline(
+        [
+            Node(make, None, "classifier", name="train_classifier"),
+            Node(lambda c: c, "classifier", "purifier", name="train_purifier"),
+            Node(lambda c, p: None, ["classifier", "purifier"], "result", name="evaluate_ap"),
+        ]
+    )
+    catalog = DataCatalog({"classifier": MemoryDataset(), "purifier": MemoryDataset()})
+    checks = CheckpointChecks(pipeline, catalog, tmp_path, {})
+    checks.check_ready({})  # nothing is a run input: nothing checked yet
+    assert set(checks.pending) == {"standard", "ap"}
+    checks.done.add("classifier")
+    checks.before_node(pipeline.nodes[1], {"classifier": classifier})  # standard: fine
+    assert set(checks.pending) == {"ap"}
+    checks.done.add("purifier")
+    with pytest.raises(CheckpointError, match=r"purifier: meta\.transform\.missing_rate=2\.0"):
+        checks.before_node(pipeline.nodes[2], {"classifier": classifier, "purifier": purifier})
+
+
 def test_a_truncated_checkpoint_is_named_before_any_work(finished_project):
     path = finished_project / "data" / "06_models" / "cifar10" / "smoke" / "purifier.pt"
     original = path.read_bytes()
