@@ -7,7 +7,12 @@ The library entry points, importable without Kedro::
 are loaded on first use (``import atop`` alone stays light, as Kedro's settings import it).
 """
 
-__version__ = "0.1.0"
+from importlib import metadata as _metadata
+
+try:  # one home for the version: the package metadata (pyproject.toml)
+    __version__ = _metadata.version("atop")
+except _metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 _LAZY = {
     "load_defense": "atop.evaluation.defenses",

@@ -472,16 +472,19 @@ class RejudgedMultiAttack(torchattacks.MultiAttack):
     Args:
         attacks: two or more attacks on the same model.
         draws: forward passes per judgement (1 for a deterministic model).
+        judge: the model that judges (float32); default: the attacked one (give the
+            original when the attacks run on :func:`atop.training.autocast_copy`).
 
     Raises:
         ValueError: fewer than two attacks, attacks on different models, or ``draws < 1``.
     """
 
-    def __init__(self, attacks: list[Attack], draws: int):
+    def __init__(self, attacks: list[Attack], draws: int, judge: nn.Module | None = None):
         super().__init__(attacks)
         self.attack = "RejudgedMultiAttack"
         _check_positive_int("draws", draws)
         self.draws = draws
+        self.judge = judge
 
     def forward(self, images: Tensor, labels: Tensor) -> Tensor:
         """Return float32 ``[N, C, H, W]`` adversarial images in ``[0, 1]``."""
@@ -493,7 +496,7 @@ class RejudgedMultiAttack(torchattacks.MultiAttack):
         for attack in self.attacks:
             adv_images = attack(images[remaining], labels[remaining])
             verdicts = draw_correct(
-                self.model, adv_images, labels[remaining], self.draws, len(adv_images)
+                self.judge or self.model, adv_images, labels[remaining], self.draws, len(adv_images)
             )
             true_votes = verdicts.sum(dim=1).to(images.device)
             better = true_votes < best_votes[remaining]
@@ -566,6 +569,7 @@ def build_attack(
     n_classes: int,
     eot_batch: int | None = None,
     snapshots: tuple[int, ...] = (),
+    judge: nn.Module | None = None,
 ) -> Attack:
     """Build a torchattacks attack on the WHOLE ``model`` from one parameter entry.
 
@@ -604,6 +608,7 @@ def build_attack(
             evaluation's batch size); ``None``: one draw per pass.
         snapshots: step counts ``1 .. steps - 1`` after which a ``pgd`` keeps its iterate
             (:attr:`PackedEOT.iterates`); other attacks take none.
+        judge: the float32 model AutoAttack's success checks use (default ``model``).
 
     Returns:
         An attack; call it (or :func:`run_attack`) with ``(images, labels)``.
@@ -628,11 +633,15 @@ def build_attack(
         return BPDA(attack) if name == "bpda" else attack
     if name == "cw":
         return torchattacks.CW(model, c=p["c"], kappa=p["kappa"], steps=p["steps"], lr=p["lr"])
-    return _build_autoattack(model, p, n_classes, eot_batch)
+    return _build_autoattack(model, p, n_classes, eot_batch, judge)
 
 
 def _build_autoattack(
-    model: nn.Module, p: dict[str, Any], n_classes: int, eot_batch: int | None
+    model: nn.Module,
+    p: dict[str, Any],
+    n_classes: int,
+    eot_batch: int | None,
+    judge: nn.Module | None,
 ) -> Attack:
     if p["version"] not in AUTOATTACK_VERSIONS:
         raise ValueError(
@@ -643,7 +652,7 @@ def _build_autoattack(
     if p["version"] == "rand":  # APGD-CE, APGD-DLR with EOT, fair to random defenses
         args = (model, p["norm"], p["eps"], p["steps"], p["eot_iter"])
         attacks = [EOTAPGD(*args, loss, eot_batch) for loss in ("ce", "dlr")]
-        return RejudgedMultiAttack(attacks, draws=p["draws"])
+        return RejudgedMultiAttack(attacks, draws=p["draws"], judge=judge)
     model = FloatLogits(model)
     attack = torchattacks.AutoAttack(
         model,
@@ -659,7 +668,7 @@ def _build_autoattack(
             sub.n_queries = p["n_queries"]
         else:  # APGD, APGDT, FAB
             sub.steps = p["steps"]
-    attack._autoattack = RejudgedMultiAttack(sub_attacks, draws=p["draws"])
+    attack._autoattack = RejudgedMultiAttack(sub_attacks, draws=p["draws"], judge=judge)
     return attack
 
 

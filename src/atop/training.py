@@ -135,6 +135,32 @@ def autocast(device: torch.device | str, enabled: bool = True) -> contextlib.Abs
     return contextlib.nullcontext()
 
 
+#: The layers whose weights bf16 autocast casts at every call (and :func:`autocast_copy`
+#: pre-casts once).
+_CAST_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.Linear)
+
+
+def autocast_copy(model: nn.Module) -> nn.Module:
+    """A copy of a FROZEN model for its bf16-autocast passes, with the weights and biases of
+    its convolutions and linear layers pre-cast to bf16.
+
+    Autocast casts those float32 parameters to bf16 at every call (frozen weights do not
+    require grad, so its cast cache skips them): the copy computes exactly the same numbers
+    (the same round-to-nearest-even cast, done once) without a cast per layer and pass. Use
+    it only under :func:`autocast`; without autocast its layers would see float32 inputs
+    with bf16 weights. Any other parameter and buffer (norms, the purifier's other state)
+    stays float32, as autocast leaves it.
+    """
+    copy_ = copy.deepcopy(model)
+    for module in copy_.modules():
+        if isinstance(module, _CAST_LAYERS) and not nn.utils.parametrize.is_parametrized(module):
+            for name in ("weight", "bias"):
+                tensor = getattr(module, name, None)
+                if isinstance(tensor, nn.Parameter) and tensor.dtype == torch.float32:
+                    setattr(module, name, nn.Parameter(tensor.detach().to(torch.bfloat16), False))
+    return copy_
+
+
 class NonFiniteLossError(RuntimeError):
     """A ``train_step`` returned a NaN or infinite term.
 

@@ -758,3 +758,26 @@ def test_no_two_verdict_sets_of_a_run_share_a_draw(data):
     model.judging_draws.clear()
     attack_defense(Defense("toy", model, True), entries, data, settings)
     assert all(torch.equal(a, b) for a, b in zip(first, model.judging_draws, strict=True))
+
+
+@pytest.mark.skipif(
+    not __import__("atop.training").training.bf16_available("cpu"), reason="no bf16 units"
+)
+def test_the_autocast_copy_computes_the_same_gradients_without_per_call_casts(purified, data):
+    """The attacks' model under bf16 autocast: conv / linear weights cast once instead of at
+    every call (frozen weights skip autocast's cache) -- bit-identical logits and gradients."""
+    from atop.training import autocast, autocast_copy
+
+    copy = autocast_copy(purified)
+    convs = [m for m in copy.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(p.dtype == torch.float32 for p in purified.parameters())  # original untouched
+
+    def gradient(model):
+        torch.manual_seed(0)
+        x = data.images.clone().requires_grad_(True)
+        with autocast("cpu", True):
+            loss = torch.nn.functional.cross_entropy(model(x).float(), data.labels)
+        return torch.autograd.grad(loss, x)[0]
+
+    assert torch.equal(gradient(copy), gradient(purified))

@@ -159,7 +159,9 @@ def test_masked_gradients_fail_the_checks():
         "8/255->64/255: 0.000 -> 1.000 single-draw (20 images changed, one-sided p = 1e-05)"
         in checks["eps_monotonic_linf"]["detail"]
     )
-    assert "single-draw accuracy 1.000 at eps 64/255" in checks["large_eps_near_zero_linf"]["detail"]
+    assert (
+        "single-draw accuracy 1.000 at eps 64/255" in checks["large_eps_near_zero_linf"]["detail"]
+    )
     p_14 = f"{_binomtest(14, 14):.4g}"
     detail = checks["stronger_attack_linf"]["detail"]
     assert "pgd_linf -> more steps: 0.300 -> 0.200" in detail  # both attacks are reported

@@ -116,7 +116,10 @@ def test_paired_test_on_single_draw_fractions_matches_a_brute_force_sign_flip():
     nonzero = diff[diff != 0]
     observed = abs(float(nonzero.sum()))
     signs = torch.tensor(
-        [[1 if (k >> i) & 1 else -1 for i in range(len(nonzero))] for k in range(2 ** len(nonzero))],
+        [
+            [1 if (k >> i) & 1 else -1 for i in range(len(nonzero))]
+            for k in range(2 ** len(nonzero))
+        ],
         dtype=torch.float64,
     )
     expected = float(((signs @ nonzero).abs() >= observed - 1e-12).double().mean())

@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 #: Keys whose mapping value is a block of settings (left out with all it contains).
-SETTING_BLOCKS = frozenset({"settings", "transform", "purifier", "attack", "val_attack"})
+SETTING_BLOCKS = frozenset(
+    {"settings", "transform", "purifier", "attack", "val_attack", "provenance", "declared"}
+)
 #: Keys whose number is a setting or a size chosen by the parameters, not a measurement.
 SETTING_NUMBERS = frozenset(
     {

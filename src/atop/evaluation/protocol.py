@@ -59,7 +59,7 @@ from atop.data import to_unit
 from atop.evaluation.defenses import Defense, describe
 from atop.params import fraction
 from atop.progress import progress
-from atop.training import autocast, seed_everything
+from atop.training import autocast, autocast_copy, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -507,7 +507,11 @@ def attack_images(
     attack seconds, the spec that ran)``, checked by ``validate`` but not judged."""
     spec = dict(attack) if isinstance(attack, Mapping) else {"name": type(attack).__name__}
     if isinstance(attack, Mapping):
-        attack = build_attack(defense.model, spec, data.n_classes, settings.batch_size, snapshots)
+        # under bf16 autocast, a copy with the conv / linear weights cast once (same numbers)
+        model = autocast_copy(defense.model) if uses_amp(spec, settings) else defense.model
+        attack = build_attack(
+            model, spec, data.n_classes, settings.batch_size, snapshots, judge=defense.model
+        )
     name = f"{defense.name}_{label}"
 
     def check(rows: Sequence[int], adversarial: Tensor) -> None:

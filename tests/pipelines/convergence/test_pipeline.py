@@ -95,7 +95,13 @@ def studied(params, cifar10_test_batch, tmp_path_factory) -> dict:
 def test_one_study_node_per_studied_defense_then_the_report():
     pipeline = create_pipeline()
     nodes = {node.name: node for node in pipeline.nodes}
-    assert STUDIED == ("ap", "ap_continued", "ap_classifier_aware", "adversarial_reconstruction", "atop")
+    assert STUDIED == (
+        "ap",
+        "ap_continued",
+        "ap_classifier_aware",
+        "adversarial_reconstruction",
+        "atop",
+    )
     assert set(STUDIED) <= set(PURIFIED)
     assert set(nodes) == {f"study_{n}" for n in STUDIED} | {"convergence_report"}
     shared = {"test_set", "eval_indices", "class_names", "params:convergence"}

@@ -645,7 +645,9 @@ def test_the_metrics_json_is_recomputed_from_the_verdicts_csv(evaluated, prefix)
             difference = worst["atop", norm][0].mean() - worst[other, norm][0].mean()
             assert test["single"]["delta"] == pytest.approx(difference)
             low, high = test["single"]["ci"]
-            assert low <= test["single"]["delta"] + 1e-12 and test["single"]["delta"] <= high + 1e-12
+            assert (
+                low <= test["single"]["delta"] + 1e-12 and test["single"]["delta"] <= high + 1e-12
+            )
     # the primary family: declared in the parameters, Holm-adjusted
     primary = metrics["primary"]
     assert primary["declared"]["focus"] == "atop"
@@ -778,7 +780,7 @@ def test_the_markdown_report_agrees_with_the_json(evaluated):
     assert len(primary) == len(metrics["primary"]["tests"])
     for row, test in zip(primary.itertuples(), metrics["primary"]["tests"].values(), strict=True):
         assert row.vs == test["other"]
-        assert getattr(row, "_3").startswith(f"{100 * test['delta']:+.2f} [")
+        assert row._3.startswith(f"{100 * test['delta']:+.2f} [")
     assert "Not evaluated (family incomplete)" in report
     # the fixed-randomness diagnostic: purified defenses only, in the full comparison
     assert "## Diagnostic: the same randomness for attack and judging" not in report

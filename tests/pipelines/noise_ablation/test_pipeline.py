@@ -97,7 +97,11 @@ def test_ablation_pretrains_with_the_main_settings_but_its_transform(splits, mon
 def test_pipeline_wires_pretraining_then_atop():
     nodes = {node.name: node for node in create_pipeline().nodes}
     assert set(nodes) == {f"{kind}_{name}" for name in ABLATIONS
-                          for kind in ("train_purifier", "finetune_atop")}  # fmt: skip
+                          for kind in ("train_purifier", "evaluate_purifier", "finetune_atop")}  # fmt: skip
+    # each ablation's purifier gets the main purifier's metrics (AP clean accuracy, PSNR)
+    evaluate = nodes["evaluate_purifier_upsample"]
+    assert evaluate.inputs[:2] == ["purifier_upsample", "classifier"]
+    assert evaluate.outputs == ["purifier_metrics_upsample", "purifier_samples_upsample"]
     pretrain, atop = nodes["train_purifier_sigma025"], nodes["finetune_atop_sigma025"]
     assert pretrain.inputs == [
         "train_set",

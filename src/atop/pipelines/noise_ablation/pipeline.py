@@ -1,9 +1,11 @@
 """Wiring of the noise ablations (full comparison only).
 
 For each ablation of :data:`ABLATIONS`: ``train_set``, ``test_set``, ``monitor_indices`` ->
-``train_purifier_<name>`` -> ``purifier_<name>``, ``purifier_history_<name>``; then AToP
-(the ``atop`` arm of ``atop_finetuning``) on it -> ``purifier_atop_<name>``. The comparison
-evaluates both (``ap_<name>``, ``atop_<name>``).
+``train_purifier_<name>`` -> ``purifier_<name>``, ``purifier_history_<name>``; its metrics
+as the main purifier's (``evaluate_purifier_<name>``: PSNR and the AP clean accuracy on the
+held-out images -> ``purifier_metrics_<name>``); then AToP (the ``atop`` arm of
+``atop_finetuning``) on it -> ``purifier_atop_<name>``. The comparison evaluates both
+(``ap_<name>``, ``atop_<name>``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from kedro.pipeline import Node, Pipeline
 
 from atop.pipelines.atop_finetuning.pipeline import arm_nodes
 from atop.pipelines.noise_ablation.nodes import ablation_node
+from atop.pipelines.purifier_pretraining.nodes import evaluate_purifier
 
 #: The ablations (their transforms: noise_ablation.ablations): sigma 0.25 at 32 px, and the
 #: other route of the authors' noise. A name is part of the node and file names.
@@ -34,6 +37,21 @@ def create_pipeline(**kwargs) -> Pipeline:
                 ],
                 outputs=[f"purifier_history_{name}", f"purifier_{name}"],
                 name=f"train_purifier_{name}",
+            )
+        )
+        nodes.append(
+            Node(
+                evaluate_purifier,
+                inputs=[
+                    f"purifier_{name}",
+                    "classifier",
+                    "test_set",
+                    "eval_indices",
+                    f"purifier_history_{name}",
+                    "params:purifier_pretraining",
+                ],
+                outputs=[f"purifier_metrics_{name}", f"purifier_samples_{name}"],
+                name=f"evaluate_purifier_{name}",
             )
         )
         nodes += arm_nodes(("atop",), purifier=f"purifier_{name}", suffix=f"_{name}")

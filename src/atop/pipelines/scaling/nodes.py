@@ -105,8 +105,11 @@ def scaling_report(
     }
     rows = []
     for arm in arms:
-        runs = {base: evaluated(results, arm)}
-        runs.update({b: evaluated(results, f"{arm}_steps{b}") for b in budgets})
+        runs = {base: evaluated(results, arm)}  # keyed by the steps each run trained
+        for b in budgets:
+            runs[steps_of(finetuning, **budget_settings(params, b))] = evaluated(
+                results, f"{arm}_steps{b}"
+            )
         entry: dict[str, Any] = {"points": {}, "change": {}}
         scores = {s: {o: outcome_scores(r, attacks, o) for o in OUTCOMES} for s, r in runs.items()}
         for s, by_outcome in scores.items():
