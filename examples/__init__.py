@@ -1,0 +1,1 @@
+"""Runnable examples (docs/evaluate-your-defense.md)."""
