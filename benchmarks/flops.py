@@ -282,5 +282,9 @@ def flops(argv: list[str]) -> None:
             shares, top = time_shares(steps[stage][0])
             text = ", ".join(f"{k} {percent(v, 0)}" for k, v in shares.items())
             ops = ", ".join(f"{k} {percent(v, 0)}" for k, v in top.items())
+            # the convolutions' own rate: the step's FLOPs over their share of its time
+            own = rate / max(shares["conv/matmul"], 1e-9)
             print(f"  {stage} at {percent(rate / peaks['bf16'], 0)} of the bf16 peak; op time "
-                  f"(torch.profiler, one step): {text}; largest other ops: {ops}")  # fmt: skip
+                  f"(torch.profiler, one step): {text}; largest other ops: {ops}; the "
+                  f"convolutions / matmuls alone at about {own / 1e9:,.0f} GFLOP/s "
+                  f"({percent(own / peaks['bf16'], 0)} of the bf16 peak)")  # fmt: skip
