@@ -132,7 +132,7 @@ def stage_steps(
                 model = PurifiedClassifier(frozen, step.generator, step.transform)
                 attack = build_attack(model, settings.attack, N_CLASSES)
                 if hasattr(atop_trainer, "amp_attack"):  # bf16 training attack (attack_amp)
-                    attack = atop_trainer.amp_attack(attack, device, p.attack_amp)
+                    attack = atop_trainer.amp_attack(attack, device, settings.attack_amp)
             run = atop_trainer.atop_train_step(
                 frozen, step, attack, lambda_cls=settings.lambda_cls,
                 reconstruction_target=p.reconstruction_target,

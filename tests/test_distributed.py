@@ -238,14 +238,11 @@ def test_two_ranks_train_the_classifier_as_one_process(two_ranks, splits, one_th
 
 
 def test_sharded_evaluation_gives_the_verdicts_of_one_process(two_ranks, models, eval_inputs):
-    from dataclasses import replace
-
     images, labels, settings = eval_inputs
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        single = evaluate_defenses(models, images, labels, replace(settings, batch_seeds=True))
-        default = evaluate_defenses(models, images, labels, settings)
+    try:  # every batch has its own random stream: one process gives the sharded verdicts
+        single = evaluate_defenses(models, images, labels, settings)
     finally:
         torch.set_num_threads(threads)
     sharded = two_ranks["evaluation"]
@@ -256,9 +253,6 @@ def test_sharded_evaluation_gives_the_verdicts_of_one_process(two_ranks, models,
             assert got.shape == (EVAL_IMAGES, 3 if defense == "ap" else 1)
             assert torch.equal(got, verdicts), (defense, label)  # per image, per draw
             torch.testing.assert_close(got_adversarial, adversarial, rtol=0, atol=1e-6)
-    # a deterministic defense under a deterministic attack needs no per-batch seeds at all
-    for label in ("clean", "fgsm"):
-        assert torch.equal(sharded["standard"][label][0], default["standard"][label][0])
     assert sharded["ap"]["clean"][0].float().mean() not in (0.0, 1.0)  # verdicts do vary
 
 
@@ -341,4 +335,9 @@ def test_torchrun_runs_a_pipeline_on_every_rank(project):
     assert (
         project / "data" / "08_reporting" / "cifar10" / "smoke" / "classifier_metrics.json"
     ).is_file()
-    assert not (project / "data" / ".atop-run.lock").exists()
+    lock = project / "data" / ".atop-run.lock"  # an flock: released when the run ends
+    if lock.exists():
+        import fcntl
+
+        with open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises if a rank still held it

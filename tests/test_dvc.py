@@ -28,12 +28,16 @@ import pytest
 import yaml
 
 from atop.dvc_params import resolve_parameters, write_parameters
-from atop.dvc_stages import MODULES, STAGES, dvc_yaml, import_closure
+from atop.dvc_stages import MODULES, SOFT_INPUTS, STAGES, dvc_yaml, import_closure
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
 BIN = Path(sys.executable).parent  # the venv's bin: dvc, kedro, python
 ALL_STAGES = ("resolve_params", *STAGES)
+#: The studies run alone (`dvc repro seeds`); the chain below reproduces the full comparison
+#: (`dvc repro comparison`, `make repro`): every other stage.
+STUDIES = ("seeds", "scaling")
+CHAIN = tuple(s for s in ALL_STAGES if s not in STUDIES)
 PARAMS_FILE = "params/${profile}.yaml"
 
 
@@ -106,11 +110,11 @@ def test_committed_base_parameters_are_the_resolved_ones(tmp_path):
 
 
 def test_every_kedro_stage_has_a_dvc_stage():
-    from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES
+    from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES, STUDIES
 
     stages = _dvc_yaml()["stages"]
     assert list(stages) == list(ALL_STAGES)
-    assert set(STAGES) == set(ATOP_STAGES) | set(COMPARISON_STAGES)
+    assert set(STAGES) == set(ATOP_STAGES) | set(COMPARISON_STAGES) | set(STUDIES)
     assert set(_pipelines()) == {*STAGES, "atop", "__default__"}
     for name in STAGES:
         assert stages[name]["cmd"] == f"kedro run --pipelines {name} --env ${{profile}}"
@@ -127,12 +131,18 @@ def test_a_stage_tracks_the_parameter_blocks_its_nodes_take(stage):
 
 def test_parameter_blocks_of_the_stages_that_share_them():
     blocks = {name: _blocks(spec) for name, spec in _dvc_yaml()["stages"].items()}
-    # the sigma ablation pretrains and fine-tunes like the main job, with its own transform
-    assert blocks["sigma_ablation"] == ["atop_finetuning", "purifier_pretraining", "sigma_ablation"]
+    # the noise ablations pretrain and fine-tune like the main job, with their own transforms
+    assert blocks["noise_ablation"] == ["atop_finetuning", "noise_ablation", "purifier_pretraining"]
     assert blocks["atop_pgd"] == ["atop_finetuning"]
     assert blocks["comparison"] == ["evaluation"]
+    # the convergence study compares with the main job's headline (its attack list)
+    assert blocks["convergence"] == ["convergence", "evaluation"]
+    # the studies fine-tune like the main job and evaluate with its protocol
+    assert blocks["seeds"] == ["atop_finetuning", "evaluation", "seeds"]
+    assert blocks["scaling"] == ["atop_finetuning", "evaluation", "scaling"]
     assert "params" not in _dvc_yaml()["stages"]["resolve_params"]
-    for name in set(STAGES) - {"sigma_ablation", "atop_pgd", "comparison"}:
+    shared = {"noise_ablation", "atop_pgd", "comparison", "convergence", "seeds", "scaling"}
+    for name in set(STAGES) - shared:
         assert blocks[name] == [name]
 
 
@@ -230,7 +240,8 @@ def test_data_deps_and_outputs_match_the_kedro_pipeline(stage):
     numbers = [_filepath(n, "metrics_filepath") for n in produced]
     assert sorted(_paths(spec.get("metrics"))) == sorted(p for p in numbers if p)
     data_deps = [d for d in _paths(spec["deps"]) if d.startswith("data/")]
-    assert sorted(data_deps) == sorted(_filepath(n) for n in consumed)
+    soft = SOFT_INPUTS.get(stage, set())  # read when present, not tracked (a cycle otherwise)
+    assert sorted(data_deps) == sorted(_filepath(n) for n in consumed if n not in soft)
     # The catalog files declaring the outputs are deps (they set formats and save_args).
     assert {_catalog_file(n) for n in produced} <= set(_paths(spec["deps"]))
     # JSON under data/08_reporting is tracked by git: records and metrics with cache: false.
@@ -333,7 +344,7 @@ def _edit_yaml(path: Path, keys: str, value) -> None:
 FAST_EVALUATION = {
     "images": 4,
     "batch_size": 4,
-    "draws": 1,
+    "draws": 2,
     "attack_amp": False,
     "fixed_randomness": False,
     "attacks": [
@@ -349,7 +360,12 @@ FAST_EVALUATION = {
             "applies_to": "all",
         },
     ],
-    "sanity": {"images": 4, "eps_sweep": [0, "8/255"], "stronger": {"steps": 2, "eot_iter": 1}},
+    "sanity": {
+        "references": ["pgd_linf"],
+        "images": 4,
+        "eps_sweep": {"Linf": [0, "8/255"]},
+        "stronger": {"steps": 2, "eot_iter": 1},
+    },
     "grid": {"images": 2},
 }
 #: Overrides of the copy's smoke convergence study (already small): fewer images and draws.
@@ -357,9 +373,12 @@ FAST_CONVERGENCE = {"images": 2, "draws": 1, "batch_size": 2}
 
 
 def _override(path: Path, block: str, values: dict) -> None:
-    """Top-level keys of ``block`` in a profile's parameters file set to ``values``."""
+    """Top-level keys of ``block`` in a profile's parameters file set to ``values`` (nested
+    blocks updated key by key)."""
     conf = yaml.safe_load(path.read_text())
-    conf[block].update(values)
+    for key, value in values.items():
+        old = conf[block].get(key)
+        conf[block][key] = {**old, **value} if isinstance(old, dict) else value
     path.write_text(yaml.safe_dump(conf, sort_keys=False))
 
 
@@ -409,14 +428,16 @@ class DvcCopy:
         assert proc.returncode == 0, f"dvc {' '.join(args)} failed:\n{proc.stdout[-6000:]}"
         return proc.stdout
 
-    def repro(self) -> tuple[list[str], str]:
-        """``dvc repro``: the names of the stages that ran, and the output."""
-        out = self.dvc("repro")
+    def repro(self, target: str = "comparison") -> tuple[list[str], str]:
+        """``dvc repro <target>`` (the full comparison by default, as ``make repro``): the
+        names of the stages that ran, and the output."""
+        out = self.dvc("repro", target)
         return re.findall(r"^Running stage '([^']+)'", out, flags=re.MULTILINE), out
 
     def changed_stages(self) -> set[str]:
-        """Stages ``dvc status`` reports as changed."""
-        return set(json.loads(self.dvc("status", "--json").strip().splitlines()[-1]))
+        """Stages of the full comparison ``dvc status`` reports as changed."""
+        out = self.dvc("status", "--with-deps", "comparison", "--json")
+        return set(json.loads(out.strip().splitlines()[-1]))
 
 
 def _cached_outputs(root: Path) -> list[Path]:
@@ -450,10 +471,11 @@ def expected_reruns(stages: dict, blocks: set[str]) -> set[str]:
     changed: every stage tracking one of them, then every stage downstream of a rerun one
     (each rerun stage writes new outputs: its files record training and attack times)."""
     upstream = _upstream(stages)
-    rerun = {name for name in STAGES if set(_blocks(stages[name])) & blocks}
+    chain = [name for name in STAGES if name in CHAIN]  # what `dvc repro comparison` runs
+    rerun = {name for name in chain if set(_blocks(stages[name])) & blocks}
     grown = True
     while grown:
-        more = {name for name in STAGES if upstream[name] & rerun} - rerun
+        more = {name for name in chain if upstream[name] & rerun} - rerun
         rerun |= more
         grown = bool(more)
     return rerun
@@ -480,6 +502,8 @@ def chain(tmp_path_factory, data_root) -> dict:
     _git(root, "add", "-A")
     _git(root, "commit", "-qm", "smoke run")
     steps["second"] = repo.repro()
+    # the studies, each its own stage on the cached main job
+    steps["studies"] = {study: repo.repro(study) for study in STUDIES}
 
     # Byte-code caches and a docstring edit in an unrelated pipeline (rvs).
     for folder in (
@@ -512,7 +536,7 @@ def chain(tmp_path_factory, data_root) -> dict:
     # Kedro merges last): one rerun checks the experiment commands and the purifier's
     # downstream (the fine-tuning arms are below the purifier).
     out = repo.dvc(
-        "exp", "run",
+        "exp", "run", "comparison",
         "-S", "params/overrides.yaml:++purifier_pretraining.max_batches_per_epoch=2",
         "-S", "params/overrides.yaml:++atop_finetuning.arms.atop.lambda_cls=0.2",
     )  # fmt: skip
@@ -547,29 +571,42 @@ RVS_NODES = "src/atop/pipelines/rvs/nodes.py"
 def test_expected_reruns_follow_the_parameters_and_the_data():
     """What the chain expects, read from the committed dvc.yaml (fast)."""
     stages = _dvc_yaml()["stages"]
-    assert expected_reruns(stages, {"evaluation"}) == {"evaluation", "comparison"}
+    # the convergence study compares with the evaluation's headline (its attack list)
+    assert expected_reruns(stages, {"evaluation"}) == {"evaluation", "convergence", "comparison"}
     purifier = expected_reruns(stages, {"purifier_pretraining"})
-    # the sigma ablation takes purifier_pretraining's parameters (not its checkpoint)
-    assert {"purifier_pretraining", "atop_finetuning", "atop_pgd", "sigma_ablation"} <= purifier
+    # the noise ablations take purifier_pretraining's parameters (not its checkpoint)
+    assert {"purifier_pretraining", "atop_finetuning", "atop_pgd", "noise_ablation"} <= purifier
     assert {"evaluation", "convergence", "comparison"} <= purifier
     assert not {"data_ingestion", "classifier_pretraining", "adversarial_training", "rvs"} & (
         purifier
     )
-    assert expected_reruns(stages, {"data_ingestion"}) == set(STAGES)
+    assert expected_reruns(stages, {"data_ingestion"}) == set(CHAIN) - {"resolve_params"}
     # the comparison reads every defense: it is downstream of every training stage
-    assert _upstream(stages)["comparison"] >= {"evaluation", "atop_pgd", "sigma_ablation"}
+    assert _upstream(stages)["comparison"] >= {"evaluation", "atop_pgd", "noise_ablation"}
+    # the studies read the main job's checkpoints and evaluations, nothing of the comparison
+    for study in STUDIES:
+        assert _upstream(stages)[study] >= {"purifier_pretraining", "evaluation"}
+        assert not _upstream(stages)[study] & {"comparison", "convergence", "noise_ablation"}
     assert {n for n, s in stages.items() if RVS_NODES in _code_files(_paths(s["deps"]))} == {"rvs"}
 
 
 @pytest.mark.slow
 def test_first_repro_runs_every_stage_and_second_runs_none(chain):
     ran, _ = chain["first"]
-    assert sorted(ran) == sorted(ALL_STAGES)  # 12 stages
+    assert sorted(ran) == sorted(CHAIN)  # the full comparison: every stage but the studies
     assert ran[1] == "data_ingestion" and ran[-1] == "comparison"
     assert_in_dag_order(ran, chain["stages"])
     ran, out = chain["second"]
     assert ran == []
     assert "Data and pipelines are up to date." in out
+
+
+@pytest.mark.slow
+def test_each_study_is_its_own_stage_on_the_cached_main_job(chain):
+    """`dvc repro seeds` / `dvc repro scaling` run the study alone: the main job's stages
+    come from the cache."""
+    for study, (ran, _) in chain["studies"].items():
+        assert ran == [study], study
 
 
 @pytest.mark.slow
@@ -599,7 +636,7 @@ def test_purifier_parameter_reruns_purifier_and_downstream_only(chain):
     ran, _ = chain["purifier"]
     expected = expected_reruns(chain["stages"], {"purifier_pretraining"})
     assert set(ran) == {"resolve_params"} | expected
-    assert "sigma_ablation" in ran and "classifier_pretraining" not in ran
+    assert "noise_ablation" in ran and "classifier_pretraining" not in ran
     assert_in_dag_order(ran, chain["stages"])
 
 

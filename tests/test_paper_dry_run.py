@@ -34,7 +34,7 @@ TINY = {
     "train_images": 4,
     "val_images": 2,
     "images": 2,
-    "draws": 1,
+    "draws": 2,  # N-evaluation needs two draws at least
     "val_draws": 1,
     "sample_images": 2,
     "max_batches_per_epoch": 1,
@@ -43,9 +43,10 @@ TINY = {
     "n_queries": 2,
     "eot_at": 1,
     "steps_at": 1,
+    "all_images_cost": 1,
 }
-#: Sweeps of the convergence study: one point each.
-TINY_LISTS = {"steps": [1], "eot": [1]}
+#: Sweeps of the convergence study: one point each, and one costlier extra setting.
+TINY_LISTS = {"steps": [1], "eot": [1], "extra": [[2, 1]]}
 #: Images kept of each split, and how the first test images are used.
 N_TRAIN, N_TEST = 16, 8
 EVAL, MONITOR = [0, 1, 2, 3], [4, 5, 6, 7]

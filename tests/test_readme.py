@@ -94,4 +94,6 @@ def test_snippet_loads_and_attacks_the_atop_defense(atop_project):
     assert set(accuracy) == {"clean", "pgd_eot", "worst_case_all", "worst_case_Linf"}
     assert all(0.0 <= v <= 1.0 for v in accuracy.values())
     assert accuracy["worst_case_all"] == accuracy["worst_case_Linf"]
-    assert accuracy["worst_case_all"] <= min(accuracy["clean"], accuracy["pgd_eot"])
+    # cross-fitted over the draws: unbiased when the attacks are equally strong, and at most
+    # a few points above the strongest one when they are not (docs/protocol.md)
+    assert accuracy["worst_case_all"] <= min(accuracy["clean"], accuracy["pgd_eot"]) + 0.1

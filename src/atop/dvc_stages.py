@@ -53,6 +53,11 @@ SWEEP_PLOT = {
     "template": "accuracy_vs_eps",
     "title": "robust accuracy vs eps (single-draw)",
 }
+#: Inputs a stage reads when they exist but that DVC does not track as dependencies: the
+#: main job's report cites the latest convergence study, which itself is computed from the
+#: main job's evaluation (a dependency both ways would be a cycle; the full comparison's
+#: report tracks the study).
+SOFT_INPUTS = {"evaluation": {"convergence"}}
 #: The y column of each history CSV's plot.
 PLOT_Y = {
     "classifier_history": "test_acc",
@@ -132,7 +137,8 @@ def stage_spec(root: Path, stage: str, pipeline: Any, catalog: Any) -> dict[str,
     code = import_closure(root, MODULES.get(stage, f"atop.pipelines.{stage}"), "atop.datasets")
     deps: list[Any] = _folders(root, code)
     produced = sorted(n for n in pipeline.all_outputs() if catalog.filepath(n))
-    consumed = sorted(n for n in pipeline.inputs() if catalog.filepath(n))
+    soft = SOFT_INPUTS.get(stage, set())
+    consumed = sorted(n for n in pipeline.inputs() if catalog.filepath(n) and n not in soft)
     deps += sorted({catalog.declared_in(n) for n in produced})
     deps += [catalog.filepath(n) for n in consumed]
     blocks = sorted({n.split(":", 1)[1] for n in pipeline.inputs() if n.startswith("params:")})
@@ -175,11 +181,22 @@ class _Catalog:
         self.dataset = dataset
 
     def _key(self, name: str) -> str | None:
+        """The catalog key of ``name``: itself, else the dataset factory Kedro would pick
+        (the most specific matching pattern: most characters outside the braces, then fewest
+        placeholders, then alphabetical), so overlapping patterns resolve as at run time."""
         import parse
 
         if name in self.config:
             return name
-        return next((k for k in self.config if "{" in k and parse.parse(k, name)), None)
+        matches = [k for k in self.config if "{" in k and parse.parse(k, name)]
+        if not matches:
+            return None
+
+        def specificity(pattern: str) -> tuple[int, int, str]:
+            literal = len(re.sub(r"\{.*?\}", "", pattern))
+            return (-literal, pattern.count("{"), pattern)
+
+        return min(matches, key=specificity)
 
     def filepath(self, name: str, field: str = "filepath") -> str | None:
         import parse

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from atop.evaluation.defenses import MAIN
-from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES, register_pipelines
+from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES, STUDIES, register_pipelines
 
 #: The main job's fine-tuning arms (atop_finetuning), each written beside the purifier.
-ARMS = ("ap_continued", "ap_classifier_aware", "atop")
+ARMS = ("ap_continued", "ap_classifier_aware", "adversarial_reconstruction", "atop")
 
 
 def test_registry_has_every_stage_and_the_atop_dag():
     pipelines = register_pipelines()
-    assert set(pipelines) == {*ATOP_STAGES, *COMPARISON_STAGES, "atop", "__default__"}
+    assert set(pipelines) == {*ATOP_STAGES, *COMPARISON_STAGES, *STUDIES, "atop", "__default__"}
+    assert STUDIES == ("seeds", "scaling")  # run alone: in neither atop nor __default__
     assert ATOP_STAGES == (
         "data_ingestion",
         "classifier_pretraining",
@@ -35,7 +36,8 @@ def test_registry_has_every_stage_and_the_atop_dag():
     assert names(pipelines["__default__"]) == set().union(*(names(pipelines[s]) for s in every))
     assert names(pipelines["atop_finetuning"]) == {f"finetune_{arm}" for arm in ARMS}
     assert {f"evaluate_{d}" for d in MAIN} <= names(pipelines["evaluation"])
-    assert MAIN == ("standard", "ap", "ap_continued", "ap_classifier_aware", "atop")
+    assert MAIN == ("standard", "ap", "ap_continued", "ap_classifier_aware",
+                    "adversarial_reconstruction", "atop")  # fmt: skip
     # the main job trains no baseline and needs nothing from the full comparison but the
     # convergence study's report, which is optional (cited when it exists)
     outputs = pipelines["atop"].all_outputs()

@@ -22,8 +22,8 @@ attack: just more pretraining), ``ap_classifier_aware`` (lambda > 0 on clean ima
 denoised-smoothing term without an adversary), ``adversarial_reconstruction`` (lambda 0,
 FGSM ``x'``: ``g`` learns to restore ``x`` from ``t(x')``, adversarial denoiser training) and
 ``atop`` (both: Eq. 9 with FGSM against ``f(g(t(.)))``); ``atop_pgd`` (PGD-k) is in the full
-comparison. The training attack runs under bf16 autocast with ``attack_amp`` (a paired
-strength check in docs/benchmarks.md). ``seed`` draws the data order, the attack's and the
+comparison. An arm's training attack runs under bf16 autocast with its ``attack_amp`` (set
+where a paired strength check against float32 passed: docs/benchmarks.md). ``seed`` draws the data order, the attack's and the
 transform's randomness; the training subset is drawn with ``subset_seed``, so the seeds
 study changes only the former. Validation runs on held-out test images outside the
 evaluation subset (``monitor_indices``), judged single-draw.
@@ -69,10 +69,13 @@ RECONSTRUCTION_TARGETS = ("clean", "adversarial")
 
 @dataclass(init=False, frozen=True)
 class ArmParams(Params):
-    """One arm: the weight of the classification term and the adversary (null: none)."""
+    """One arm: the weight of the classification term, the adversary (null: none) and
+    whether that adversary runs under bf16 autocast (``attack_amp``: only where a paired
+    strength check against float32 passed, docs/benchmarks.md)."""
 
     lambda_cls: float = spec(ge=0, unit="(weight of CE(y, f(g(t(x')))))")
     attack: dict[str, Any] | None
+    attack_amp: bool
 
     def check(self) -> None:
         if self.attack is not None:
@@ -95,7 +98,6 @@ class AToPParams(GANParams):
     attack_target: str = spec(choices=ATTACK_TARGETS)
     val_attack: dict[str, Any] = spec(weights=False)
     val_draws: int = spec(ge=1, weights=False)
-    attack_amp: bool
     subset_seed: int = spec(ge=0)
     arms: dict[str, ArmParams]
 
@@ -232,7 +234,7 @@ def finetune_purifier(
     attack = None
     if settings.attack is not None:
         attack = amp_attack(
-            build_attack(attack_model, settings.attack, n_classes), device, params.attack_amp
+            build_attack(attack_model, settings.attack, n_classes), device, settings.attack_amp
         )
     keep = random_subset(len(train_set["labels"]), params.train_images, params.subset_seed)
     train = take(train_set, keep)
@@ -300,7 +302,7 @@ def finetune_purifier(
         "lambda_cls": settings.lambda_cls,
         "attack": None if settings.attack is None else dict(settings.attack),
         "attack_target": params.attack_target,
-        "attack_amp": params.attack_amp,
+        "attack_amp": settings.attack_amp,
         "seed": params.seed,
         "reconstruction_target": params.reconstruction_target,
         "train_seconds": training_seconds(history),

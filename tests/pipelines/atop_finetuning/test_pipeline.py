@@ -319,9 +319,10 @@ def test_catalog_declares_every_arms_outputs():
 
 @pytest.mark.parametrize("env", ["base", "smoke", "paper"])
 def test_arms_differ_only_in_their_term(env):
-    """Every arm shares every setting of the block but lambda_cls and attack."""
+    """Every arm shares every setting of the block but lambda_cls and its attack (and that
+    attack's precision)."""
     params = stage_params("atop_finetuning", env=env)
-    assert {f.name for f in dataclasses.fields(ArmParams)} == {"lambda_cls", "attack"}
+    assert {f.name for f in dataclasses.fields(ArmParams)} == {"lambda_cls", "attack", "attack_amp"}
     assert set(params.arms) == set(ALL_ARMS)
     arms = params.arms
     assert (arms["ap_continued"].lambda_cls, arms["ap_continued"].attack) == (0.0, None)
@@ -330,6 +331,12 @@ def test_arms_differ_only_in_their_term(env):
     assert arms["atop_pgd"].lambda_cls == arms["atop"].lambda_cls
     assert arms["atop"].attack["name"] == "fgsm" and arms["atop_pgd"].attack["name"] == "pgd"
     assert arms["atop"].attack["eps"] == arms["atop_pgd"].attack["eps"] == pytest.approx(EPS)
+    # the 2 x 2: adversarial_reconstruction has AToP's attack and no CE term
+    assert arms["adversarial_reconstruction"].attack == arms["atop"].attack
+    assert arms["adversarial_reconstruction"].lambda_cls == 0.0
+    # bf16 where its paired check passed: FGSM yes, PGD-5 no (docs/benchmarks.md)
+    assert arms["atop"].attack_amp and arms["adversarial_reconstruction"].attack_amp
+    assert not arms["atop_pgd"].attack_amp
 
 
 def fake_fit(record: dict):
@@ -402,7 +409,7 @@ def test_every_arm_trains_on_the_same_images_with_the_same_settings(
         (False, 0.1),
         (False, 0.1),
     ]
-    term = {"arm", "lambda_cls", "attack"}
+    term = {"arm", "lambda_cls", "attack", "attack_amp"}
     shared = [{k: v for k, v in m.items() if k not in term} for m in metrics.values()]
     assert all(m == shared[0] for m in shared)
     assert [metrics[arm]["lambda_cls"] for arm in ALL_ARMS] == [0.0, 0.1, 0.0, 0.1, 0.1]

@@ -28,7 +28,9 @@ from atop.trainers.purifier import PurifierParams, psnr
 from tests.conftest import PROJECT_ROOT, KeptMemoryDataset, run_kedro, stage_params
 
 OUTPUTS = ("purifier", "purifier_history", "purifier_metrics")
-TRANSFORM_KEYS = {"kind", "sigma", "missing_rate", "mask_block", "mask_number", "noise_resolution"}
+TRANSFORM_KEYS = {
+    "kind", "sigma", "missing_rate", "mask_block", "mask_number", "noise_resolution", "noise_route"
+}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +108,7 @@ def test_pipeline_trains_saves_and_evaluates(splits, classifier, smoke_params, t
         "mask_block": None,
         "mask_number": 4,
         "noise_resolution": 256,
+        "noise_route": "box",
     }
     assert set(meta["transform"]) == TRANSFORM_KEYS
     assert (meta["epochs"], meta["n_train"], meta["n_val"]) == (1, 64, 32)

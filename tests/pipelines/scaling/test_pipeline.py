@@ -60,4 +60,4 @@ def test_the_scaling_study_runs_end_to_end_after_the_main_job(atop_project):
     assert (reports / "scaling_report.md").read_text().startswith("# Robustness vs fine-tuning")
     assert (reports / "scaling.png").stat().st_size > 0
     metrics = json.loads((reports / "finetuning_atop_steps3200_metrics.json").read_text())
-    assert metrics["epochs"] == 2  # the smoke budget's settings reached the fine-tuning
+    assert metrics["epochs"] == 3  # the smoke budget's settings reached the fine-tuning
