@@ -447,6 +447,7 @@ def _cached_outputs(root: Path) -> list[Path]:
     uncached = [e for e in entries if isinstance(e, dict) and not _cached(e)]
     uncached = set(_paths(uncached, profile="smoke"))  # the chain's profile
     lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    lock = {name: entry for name, entry in lock.items() if name in stages}  # not stale ones
     paths = {o["path"] for s in lock.values() for o in s.get("outs", [])}
     paths = {p for p in paths if p not in uncached and not p.startswith("params/")}
     return [root / p for p in sorted(paths)]
@@ -543,8 +544,10 @@ def chain(tmp_path_factory, data_root) -> dict:
     steps["purifier"] = re.findall(r"^Running stage '([^']+)'", out, flags=re.MULTILINE), out
     steps["exp_show"] = json.loads(repo.dvc("exp", "show", "--json"))
 
-    steps["metrics_show"] = json.loads(repo.dvc("metrics", "show", "--json"))
-    steps["metrics_diff"] = json.loads(repo.dvc("metrics", "diff", "--all", "--json"))
+    # (the JSON is the last line: DVC warns first about files HEAD lacks, the studies')
+    steps["metrics_show"] = json.loads(repo.dvc("metrics", "show", "--json").splitlines()[-1])
+    diff = repo.dvc("metrics", "diff", "--all", "--json")
+    steps["metrics_diff"] = json.loads(diff.strip().splitlines()[-1])
     repo.dvc("plots", "show", "-o", str(tmp / "plots"))
     steps["plots_html"] = (tmp / "plots" / "index.html").read_text()
 

@@ -36,7 +36,7 @@ from typing import Any
 
 from atop.checkpoint import CheckpointError
 from atop.errors import MissingOutputs
-from atop.params import ParameterError
+from atop.params import ParameterError, fraction
 
 #: Upper limits of an attack's counts (far above any sensible protocol: the paper's
 #: PGD-200, EOT-20, AutoAttack's 5000 queries): a larger value is a typo that would run for
@@ -221,7 +221,13 @@ class Rule:
         return f"{kind}{' and '.join(parts)}{unit}"
 
     def check(self, key: str, value: Any) -> Problem | None:
-        """A :class:`Problem` when ``value`` breaks the rule (type, NaN, range)."""
+        """A :class:`Problem` when ``value`` breaks the rule (type, NaN, range). A real
+        number may be written as a fraction (``"8/255"``), as the attack entries accept."""
+        if isinstance(value, str) and not self.integer:
+            try:
+                value = fraction(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             kind = "an integer" if self.integer else "a number"
             return Problem(key, f"{key}={value!r}: expected {kind} ({self.describe()}).")
@@ -371,6 +377,12 @@ def _spec_problems(found: FoundSpec, side: int | None) -> list[Problem]:
     for key in sorted(required - set(spec)):
         if key in injected or (key in SWEPT_KEYS and not entry):
             spec[key] = PLACEHOLDERS.get(key, 1)
+    for key in ("eps", "alpha"):  # fractions ("8/255"), as the evaluation parses them
+        if isinstance(spec.get(key), str):
+            try:
+                spec[key] = fraction(spec[key])
+            except ValueError:
+                pass
     try:
         check_spec(spec)
     except ValueError as exc:
