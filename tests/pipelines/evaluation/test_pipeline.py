@@ -820,6 +820,13 @@ def test_the_report_says_when_no_convergence_study_ran_and_cites_one_when_given(
     assert "convergence_report.md" in cited and "No convergence study" not in cited
     assert robustness_report(results, metrics) == robustness_report(results, metrics, None)
     assert "No convergence study has run yet" in robustness_report(results, metrics)
+    # a record of the older schema (ℓ∞ only, one attack; a fresh clone's committed record
+    # until the full comparison reruns) is named stale, not read
+    older = {
+        "settings": {"images": 128, "draws": 10, "attack": "pgd"},
+        "defenses": {"ap": {"points": {}}},
+    }
+    assert "older schema" in robustness_report(results, metrics, older)
 
 
 def test_optional_json_dataset_loads_none_for_a_missing_file(tmp_path):

@@ -303,7 +303,14 @@ def _convergence_section(
             "full comparison `dvc repro`): the protocol's strength is not shown.",
             "",
         ]
-    s = convergence["settings"]
+    s = convergence.get("settings", {})
+    if "attacks" not in s or "defenses" not in convergence:
+        return out + [
+            "The convergence record is of an older schema (before the per-norm study of every "
+            "purified defense): its verdicts do not apply to this evaluation. Rerun it: "
+            "`kedro run --pipelines convergence` (part of the full comparison, `dvc repro`).",
+            "",
+        ]
     out += [
         f"`convergence_report.md` beside this report ({', '.join(s['attacks'].values())}, "
         f"{s['images']} images, {s['draws']} draws; steps up to "
