@@ -176,10 +176,17 @@ def test_headline_takes_seed_means_where_the_seeds_study_ran():
     ],
 )
 def test_seeds_verdict_follows_the_interval(ci, said):
-    sentences = results.seeds_sentences(seeds({"ap_continued": ci}), None)
+    interim, *sentences = results.seeds_sentences(seeds({"ap_continued": ci}), None)
+    assert interim.startswith("**Training seeds (interim):** 3 of the study's 5 seeds")
     assert len(sentences) == 2  # one per threat model; no main effects in this record
     assert all(said in s for s in sentences)
     assert "over 3 training seeds" in sentences[0]
+
+
+def test_the_study_seeds_constant_is_the_pipelines():
+    from atop.pipelines.seeds.pipeline import SEEDS
+
+    assert results.STUDY_SEEDS == 1 + len(SEEDS)
 
 
 def test_primary_sentence_reads_holm():

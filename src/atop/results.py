@@ -28,6 +28,9 @@ RECORDS = Path("data/08_reporting/cifar10/base")
 RESULTS_MD = Path("docs/results.md")
 README = Path("README.md")
 FIGURE = Path("docs/figures/scaling.png")
+#: The seeds study's design: the main job's seed and the four of
+#: ``atop.pipelines.seeds.pipeline.SEEDS``; a record over fewer is said to be interim.
+STUDY_SEEDS = 5
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 NORMS = ("Linf", "L2")
@@ -773,6 +776,12 @@ def seeds_sentences(seeds: Mapping[str, Any] | None, status: str | None) -> list
     level = f"{100 * seeds['settings']['level']:.0f} %"
     versus = {k: t for k, t in seeds["contrasts"].items() if k.startswith(f"{FOCUS} - ")}
     out = []
+    if n < STUDY_SEEDS:
+        out.append(
+            f"**Training seeds (interim):** {n} of the study's {STUDY_SEEDS} seeds have run "
+            f"(seeds {', '.join(map(str, seeds['settings']['seeds']))}); `make seeds` runs the "
+            "rest and regenerates these sentences."
+        )
     for norm in NORMS:
         groups: dict[str, list[str]] = {}
         for key, tests in versus.items():
