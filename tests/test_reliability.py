@@ -751,6 +751,23 @@ def test_compare_tells_identical_consistent_and_different_runs_apart(
     assert saved["defenses"]["atop"] == "different" and saved["defenses"]["standard"] == "identical"
 
 
+def test_the_committed_reference_run_is_the_records_and_compares_as_a_run(capsys):
+    """reference/cifar10/base holds the run the README quotes (its record and per-image
+    verdicts), so a clone on other hardware can `atop compare` its own run with it."""
+    from atop.compare import main as compare
+    from tests.conftest import PROJECT_ROOT
+
+    reference = PROJECT_ROOT / "reference" / "cifar10" / "base"
+    committed = PROJECT_ROOT / "data" / "08_reporting" / "cifar10" / "base" / "robustness.json"
+    assert json.loads((reference / "robustness.json").read_text()) == json.loads(
+        committed.read_text()
+    ), "refresh reference/cifar10/base with the committed records and their verdicts CSV"
+    assert compare(reference, reference) == 0
+    report = capsys.readouterr().out
+    for defense in json.loads(committed.read_text())["defenses"]:
+        assert f"{defense}: identical verdicts" in report
+
+
 def test_compare_refuses_what_cannot_be_paired(atop_project, tmp_path):
     from atop.compare import CompareError
     from atop.compare import main as compare
