@@ -10,8 +10,6 @@ import sys
 from atop.results import END, START
 from tests.conftest import PROJECT_ROOT
 
-#: Linked documents another change adds; drop a name once its file is committed.
-
 
 def readme_text() -> str:
     return (PROJECT_ROOT / "README.md").read_text()
