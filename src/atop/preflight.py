@@ -198,6 +198,17 @@ class Problem:
         return f"{self.text} Fix it in {fix}."
 
 
+def _parsed(value: Any) -> Any:
+    """``value`` as a number when it is a fraction string (``"8/255"``), else unchanged (the
+    checks then name it)."""
+    if isinstance(value, str):
+        try:
+            return fraction(value)
+        except ValueError:
+            pass
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class Rule:
     """A numeric range: ``low``/``high`` bounds (``*_open``: strict), ``integer``, ``unit``."""
@@ -223,11 +234,8 @@ class Rule:
     def check(self, key: str, value: Any) -> Problem | None:
         """A :class:`Problem` when ``value`` breaks the rule (type, NaN, range). A real
         number may be written as a fraction (``"8/255"``), as the attack entries accept."""
-        if isinstance(value, str) and not self.integer:
-            try:
-                value = fraction(value)
-            except ValueError:
-                pass
+        if not self.integer:
+            value = _parsed(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             kind = "an integer" if self.integer else "a number"
             return Problem(key, f"{key}={value!r}: expected {kind} ({self.describe()}).")
@@ -378,11 +386,8 @@ def _spec_problems(found: FoundSpec, side: int | None) -> list[Problem]:
         if key in injected or (key in SWEPT_KEYS and not entry):
             spec[key] = PLACEHOLDERS.get(key, 1)
     for key in ("eps", "alpha"):  # fractions ("8/255"), as the evaluation parses them
-        if isinstance(spec.get(key), str):
-            try:
-                spec[key] = fraction(spec[key])
-            except ValueError:
-                pass
+        if key in spec:
+            spec[key] = _parsed(spec[key])
     try:
         check_spec(spec)
     except ValueError as exc:
