@@ -77,8 +77,8 @@ HEADER = """\
 # nodes take. deps: the import closure of the stage's pipeline, the catalog files declaring
 # its outputs, the files it reads. Outputs: data/<layer>/<dataset>/<profile>/. metrics:
 # numbers only (data/08_reporting/<dataset>/<profile>/metrics/), the full records beside
-# them. `dvc repro` is the full comparison; `kedro run --pipelines atop`
-# (make run) is the main job.
+# them. `dvc repro comparison` is the full comparison (plain `dvc repro` adds the seeds and
+# scaling studies); `kedro run --pipelines atop` (make run) is the main job.
 """
 
 
