@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from atop.evaluation.defenses import STUDIED
+
 #: DVC stages in order: the main job, then the full comparison.
 STAGES = (
     "data_ingestion",
@@ -54,10 +56,11 @@ SWEEP_PLOT = {
     "title": "robust accuracy vs eps (single-draw)",
 }
 #: Inputs a stage reads when they exist but that DVC does not track as dependencies: the
-#: main job's report cites the latest convergence study, which itself is computed from the
+#: main job's report cites the latest convergence study (and adds its attacks to a headline
+#: it did not find converged), which itself is computed from the
 #: main job's evaluation (a dependency both ways would be a cycle; the full comparison's
 #: report tracks the study).
-SOFT_INPUTS = {"evaluation": {"convergence"}}
+SOFT_INPUTS = {"evaluation": {"convergence", *(f"convergence_{n}" for n in STUDIED)}}
 #: The y column of each history CSV's plot.
 PLOT_Y = {
     "classifier_history": "test_acc",

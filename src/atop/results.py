@@ -254,7 +254,7 @@ def _headline(record: Mapping[str, Any]) -> list[str]:
     if marked:
         out += [
             "† not converged by the convergence study's rule: the worst case over the "
-            "evaluation's and the study's attacks together.",
+            "evaluation's attacks and the study's settings that lower it.",
             "",
         ]
     return out
@@ -902,7 +902,7 @@ def convergence_sentence(convergence: Mapping[str, Any] | None, status: str | No
         f"{len(verdicts)} headlines (defense × threat model) converged"
     )
     if not_converged:
-        return f"{head}; not converged (their headline adds the study's attacks): {_listing(not_converged)}."
+        return f"{head}; not converged (their headline adds the study's settings that lower it): {_listing(not_converged)}."
     return head + "."
 
 

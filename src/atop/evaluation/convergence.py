@@ -21,8 +21,8 @@ per-image worst case over clean and the evaluation's attacks of the same norm,
 :func:`atop.evaluation.protocol.crossfit_worst`): a setting *lowers the headline* when the
 mean per-image difference exceeds its **paired** standard error, floored at one image's
 share (``1 / n``: with every score at 0 the standard error is 0, and no attack can do
-better than 0). Where one does, the headline is not converged; the full comparison then
-takes the worst case over the headline's and the study's attacks together.
+better than 0). Where one does, the headline is not converged; the reports then take the
+worst case over the headline's attacks and the settings that lower it.
 
 Core module: torch, torchattacks and the project's core modules only.
 """

@@ -351,6 +351,9 @@ def test_main_and_comparison_pipelines_have_their_own_nodes_and_outputs():
     assert main_histories <= main.inputs() and not extra_histories & main.inputs()
     assert extra_histories <= comparison.inputs()
     assert "convergence" in main.inputs() and "convergence" in comparison.inputs()
+    # the main report adds a studied defense's study to a headline it did not find converged
+    gather = next(n for n in main.nodes if n.name == "collect_robustness")
+    assert {f"convergence_{d}" for d in MAIN if d in STUDIED} <= set(gather.inputs)
     # the comparison reports every defense: the main job's results are read from their files
     assert {f"evaluation_{d}" for d in MAIN} <= comparison.inputs()
     collect = next(n for n in comparison.nodes if n.name == "collect_comparison")

@@ -83,18 +83,43 @@ def worst_draws(res: Mapping[str, Any], attacks: Sequence[Mapping[str, Any]], no
     return [res["clean"], *(res["attacks"][label]["draws"] for label in bounded)]
 
 
+def study_fits(res: Mapping[str, Any], study: Mapping[str, Any] | None, attacks) -> bool:
+    """Whether ``study`` (a defense's convergence study, :func:`atop.evaluation.convergence.study`)
+    was run against this very evaluation ``res``: for every norm it studied, the headline
+    verdict sets it stored equal ``res``'s (same images, weights and attacks). A study of
+    other weights or images, or an absent or skipped one, does not fit."""
+    if not study or "skipped" in study or not study.get("norms"):
+        return False
+    for norm, record in study["norms"].items():
+        stored, current = record.get("headline"), worst_draws(res, attacks, norm)
+        if stored is None or len(stored) != len(current):
+            return False
+        if any(
+            a.shape != b.shape or not torch.equal(a, b)
+            for a, b in zip(stored, current, strict=True)
+        ):
+            return False
+    return True
+
+
 def headline_sets(res: Mapping[str, Any], attacks, norm: str) -> tuple[list[Tensor], bool]:
     """The verdict sets of ``norm``'s headline and whether the convergence study's were
     added: a defense whose study found a setting that lowers the evaluation's worst case by
     more than a paired standard error (:func:`atop.evaluation.convergence.summarize`) gets
-    the worst case over the evaluation's AND the study's attacks."""
+    the worst case over the evaluation's attacks AND those settings. Only the settings that
+    lower it are added: the cross-fitted worst case is not monotone in the number of
+    verdict sets (each added set is one more chance to pick, on one half of the draws, an
+    attack that scores higher on the other half; docs/protocol.md)."""
     sets = worst_draws(res, attacks, norm)
     study = res.get("study")
     if not study or norm not in study.get("norms", {}):
         return sets, False
-    if summarize(study)[norm]["converged"] is not False:
+    verdict = summarize(study)[norm]
+    if verdict["converged"] is not False:
         return sets, False
-    return sets + [p["draws"] for p in study["norms"][norm]["points"].values()], True
+    points = study["norms"][norm]["points"]
+    lowering = [points[k]["draws"] for k, p in verdict["points"].items() if p.get("lowers")]
+    return sets + lowering, True
 
 
 def worst_scores(res: Mapping[str, Any], attacks, norm: str) -> Tensor:

@@ -28,9 +28,12 @@ from atop.evaluation.defenses import (
 from atop.evaluation.protocol import select_images
 from atop.evaluation.suite import EvalParams, complete_sanity, evaluate_defense
 from atop.pipelines import history_seconds
+from atop.pipelines.evaluation.metrics import study_fits
 from atop.training import resolve_device
 
 log = logging.getLogger(__name__)
+#: Keyword prefix of a defense's convergence study among :func:`collect_results`' inputs.
+STUDY = "study_"
 
 
 def _gx_validator(tolerance: float) -> Callable[..., None]:
@@ -131,6 +134,11 @@ def collect_results(
 ) -> dict[str, Any]:
     """Gather the per-defense results (keyword ``<defense>``, report order) for the reports.
 
+    A keyword ``study_<defense>`` is that defense's convergence study (or ``None``): when it
+    was run against this very evaluation (:func:`~atop.pipelines.evaluation.metrics.study_fits`)
+    it is attached as the result's ``study``, so a headline the study did not find converged
+    becomes the worst case over the evaluation's and the study's attacks (method.md §5.2).
+
     Returns:
         ``settings``, ``attacks`` (entries), ``defenses`` (evaluated ones, report order),
         ``skipped`` (``{name: reason}``), ``unseen`` (which attacks AToP saw in training),
@@ -140,8 +148,18 @@ def collect_results(
         ValueError: no defense was evaluated.
     """
     entries = params.entries
+    studies = {
+        k[len(STUDY) :]: per_defense.pop(k) for k in list(per_defense) if k.startswith(STUDY)
+    }
     names = [n for n in DEFENSES if n in per_defense]
     defenses = {n: per_defense[n] for n in names if "skipped" not in per_defense[n]}
+    headline_attacks = [{"label": e.label, "norm": e.norm, "eps": e.eps} for e in entries]
+    for n, found in studies.items():
+        if n in defenses and "study" not in defenses[n]:
+            if study_fits(defenses[n], found, headline_attacks):
+                defenses[n] = {**defenses[n], "study": found}
+            elif found and "skipped" not in found:
+                log.warning("Convergence study of %r is of another evaluation: not used.", n)
     skipped = {
         n: per_defense[n]["skipped"]
         for n in names

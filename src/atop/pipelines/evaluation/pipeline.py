@@ -8,7 +8,8 @@ the report nodes (metrics JSON, CSV table, Markdown report, figures).
 
 * ``evaluation`` (the main job): the defenses of :data:`atop.evaluation.defenses.MAIN`,
   reported as ``robustness*``, without the sanity checks' own attacks (the ε sweep, the
-  stronger attack, the fixed-randomness row: a third of its time).
+  stronger attack, the fixed-randomness row: a third of its time). The report reads each
+  defense's convergence study when one exists for this evaluation (full comparison).
 * ``comparison`` (the full comparison): evaluates the :data:`~atop.evaluation.defenses.EXTRA`
   defenses with their sanity checks, completes the main defenses' sanity checks
   (``sanity_<defense>``) and reports every defense together as ``comparison*``.
@@ -31,7 +32,7 @@ from atop.pipelines.evaluation.metrics import (
     robustness_table,
     verdicts_table,
 )
-from atop.pipelines.evaluation.nodes import collect_results, evaluate_node, sanity_node
+from atop.pipelines.evaluation.nodes import STUDY, collect_results, evaluate_node, sanity_node
 from atop.pipelines.evaluation.report import robustness_report
 
 SHARED = {
@@ -76,11 +77,14 @@ def sanity_nodes(names: Sequence[str]) -> list[Node]:
     ]
 
 
-def report_nodes(names: Sequence[str], prefix: str, sources: dict[str, str]) -> list[Node]:
+def report_nodes(
+    names: Sequence[str], prefix: str, sources: dict[str, str], studies: Sequence[str] = ()
+) -> list[Node]:
     """Gather the results of ``names`` (dataset ``sources[name]``) and write ``<prefix>`` (JSON), ``<prefix>_table``,
     ``<prefix>_verdicts`` (every per-image, per-draw verdict), ``<prefix>_report``,
     ``<prefix>_accuracy_vs_eps`` (figure) and ``<prefix>_accuracy_vs_eps_table`` (its CSV,
-    a DVC plot)."""
+    a DVC plot). ``studies``: defenses whose convergence study (``convergence_<name>``, read
+    when it exists) the gathering node may add to their headline."""
     results = f"{prefix}_results"
     return [
         Node(
@@ -91,6 +95,7 @@ def report_nodes(names: Sequence[str], prefix: str, sources: dict[str, str]) -> 
                 "class_names": "class_names",
                 "purifier_atop": "purifier_atop",
                 **{name: sources[name] for name in names},
+                **{f"{STUDY}{name}": f"convergence_{name}" for name in studies},
             },
             outputs=results,
             name=f"collect_{prefix}",
@@ -129,7 +134,12 @@ def create_pipeline(**kwargs) -> Pipeline:
     return Pipeline(
         [
             *defense_nodes(MAIN, sanity=False),
-            *report_nodes(MAIN, "robustness", {n: f"evaluation_{n}" for n in MAIN}),
+            *report_nodes(
+                MAIN,
+                "robustness",
+                {n: f"evaluation_{n}" for n in MAIN},
+                studies=[n for n in MAIN if n in STUDIED],
+            ),
             Node(
                 plot_adversarial_grid,
                 "robustness_results",

@@ -205,7 +205,7 @@ def robustness_report(
         out += [
             "† the convergence study found a setting that lowers the evaluation's worst case "
             "by more than a paired standard error: this headline is the worst case over the "
-            "evaluation's and the study's attacks together.",
+            "evaluation's attacks and the study's settings that lower it.",
             "",
         ]
     out += _primary_section(metrics)
