@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from atop.evaluation.defenses import MAIN
+from atop.evaluation.defenses import MAIN, STUDIED
 from atop.pipeline_registry import ATOP_STAGES, COMPARISON_STAGES, STUDIES, register_pipelines
 
 #: The main job's fine-tuning arms (atop_finetuning), each written beside the purifier.
@@ -39,11 +39,12 @@ def test_registry_has_every_stage_and_the_atop_dag():
     assert MAIN == ("standard", "ap", "ap_continued", "ap_classifier_aware",
                     "adversarial_reconstruction", "atop")  # fmt: skip
     # the main job trains no baseline and needs nothing from the full comparison but the
-    # convergence study's report, which is optional (cited when it exists)
+    # convergence study's report and per-defense studies, which are optional (cited, and
+    # added to a headline they find not converged, when they exist)
     outputs = pipelines["atop"].all_outputs()
     assert not {"pgd_at_classifier", "rvs_classifier", "purifier_atop_pgd"} & outputs
     free = {n for n in pipelines["atop"].inputs() if not n.startswith("params:")}
-    assert free == {"convergence"}
+    assert free == {"convergence", *(f"convergence_{d}" for d in MAIN if d in STUDIED)}
     # the training stages monitor on held-out images, never on the evaluation subset
     for stage in ("classifier_pretraining", "adversarial_training", "rvs"):
         assert "monitor_indices" in pipelines[stage].inputs(), stage
