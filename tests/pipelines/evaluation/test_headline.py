@@ -41,7 +41,7 @@ def _study(evaluation: dict, **points: torch.Tensor) -> dict:
                         "seconds": 0.0,
                     }
                     for key, d in points.items()
-                },  # fmt: skip
+                },
                 "headline": headline,
             }
         },

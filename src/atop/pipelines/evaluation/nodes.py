@@ -153,10 +153,20 @@ def collect_results(
     }
     names = [n for n in DEFENSES if n in per_defense]
     defenses = {n: per_defense[n] for n in names if "skipped" not in per_defense[n]}
-    headline_attacks = [{"label": e.label, "norm": e.norm, "eps": e.eps} for e in entries]
+    attacks = [
+        {
+            "label": e.label,
+            "name": e.name,
+            "norm": e.norm,
+            "eps": e.eps,
+            "spec": dict(e.spec),
+            "survivors": e.survivors,
+        }
+        for e in entries
+    ]
     for n, found in studies.items():
         if n in defenses and "study" not in defenses[n]:
-            if study_fits(defenses[n], found, headline_attacks):
+            if study_fits(defenses[n], found, attacks):
                 defenses[n] = {**defenses[n], "study": found}
             elif found and "skipped" not in found:
                 log.warning("Convergence study of %r is of another evaluation: not used.", n)
@@ -199,17 +209,7 @@ def collect_results(
                 "large_eps_max_acc": sanity.large_eps_max_acc,
             },
         },
-        "attacks": [
-            {
-                "label": e.label,
-                "name": e.name,
-                "norm": e.norm,
-                "eps": e.eps,
-                "spec": dict(e.spec),
-                "survivors": e.survivors,
-            }
-            for e in entries
-        ],
+        "attacks": attacks,
         "defenses": {n: {k: v for k, v in r.items() if k != "grid"} for n, r in defenses.items()},
         "skipped": skipped,
         "unseen": unseen_attacks(purifier_atop, [(e.label, e.name, e.norm) for e in entries]),
