@@ -258,10 +258,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     for key in single:
         print(f"{key:22s} {100 * single[key]:11.2f}% {100 * worst[key]:11.2f}%")
     if args.out:
-        from atop.pipelines.evaluation.metrics import verdicts_table
+        from atop.pipelines.evaluation.metrics import attack_records, verdicts_table
 
         results = {
-            "attacks": [{"label": e.label, "norm": e.norm, "eps": e.eps} for e in result.entries],
+            "attacks": attack_records(result.entries),
             "defenses": {
                 name: {
                     "clean": result.clean,

@@ -13,7 +13,6 @@ from atop.evaluation.convergence import (
     ConvergenceParams,
     point_key,
     study,
-    study_sets,
     summarize,
 )
 from atop.evaluation.defenses import STUDIED, build_defense
@@ -184,11 +183,3 @@ def test_a_headline_of_zero_has_no_slack_but_nothing_can_lower_it():
     summary = summarize(_record(zero, p10x4=zero, p200x20=zero))["Linf"]
     assert summary["converged"] is True and summary["max_gap"] == 0
     assert all(p["paired_se"] == pytest.approx(1 / n) for p in summary["points"].values())
-
-
-def test_study_sets_are_read_only_for_the_same_weights_and_norm():
-    draws = torch.zeros(4, 2, dtype=torch.bool)
-    record = {"model": "w", **_record(None, p1x1=draws, p2x1=draws)}
-    assert len(study_sets(record, "Linf", "w")) == 2
-    assert study_sets(record, "L2", "w") == [] and study_sets(record, "Linf", "other") == []
-    assert study_sets(None, "Linf", "w") == [] and study_sets({"skipped": "x"}, "Linf", "w") == []

@@ -248,15 +248,6 @@ def summarize(result: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def study_sets(result: Mapping[str, Any] | None, norm: str, model: str) -> list[Tensor]:
-    """The verdict sets of a study of the defense whose weights hash to ``model`` at
-    ``norm`` (``[]`` when absent, skipped, stale or of another norm): what the full
-    comparison adds to a headline the study did not find converged."""
-    if not result or result.get("model") != model or norm not in result.get("norms", {}):
-        return []
-    return [p["draws"] for p in result["norms"][norm]["points"].values()]
-
-
 def describe(norm: str, eps: float) -> str:
     """``"PGD Linf eps 8/255"``."""
     return f"PGD {norm} eps {format_eps(eps, norm)}"

@@ -44,11 +44,6 @@ def variant_nodes(
     return [*finetune, evaluate]
 
 
-def attack_records(entries: Sequence[Any]) -> list[dict[str, Any]]:
-    """The evaluation's attack entries as the records the metrics read."""
-    return [{"label": e.label, "norm": e.norm, "eps": e.eps} for e in entries]
-
-
 def outcome_scores(result: Mapping[str, Any], attacks: Sequence[Mapping], outcome: str) -> Tensor:
     """Per-image single-draw scores (float ``[N]``) of one evaluated defense: clean
     accuracy, or the cross-fitted worst case of a threat model (:data:`OUTCOMES`)."""

@@ -20,7 +20,7 @@ from atop.evaluation.convergence import ConvergenceParams, describe, study, summ
 from atop.evaluation.defenses import build_defense
 from atop.evaluation.protocol import select_images
 from atop.evaluation.suite import EvalParams
-from atop.pipelines.evaluation.metrics import worst_draws
+from atop.pipelines.evaluation.metrics import attack_records, worst_draws
 from atop.training import resolve_device
 
 NORM_TEXT = {"Linf": "ℓ∞", "L2": "ℓ2"}
@@ -32,7 +32,7 @@ def _headline(
     """``{norm: [verdict sets]}`` of a defense's evaluation (its first ``n`` images)."""
     if not evaluation or "skipped" in evaluation or entries is None:
         return None
-    attacks = [{"label": e.label, "norm": e.norm, "eps": e.eps} for e in entries.entries]
+    attacks = attack_records(entries.entries)
     return {
         norm: [d[:n] for d in worst_draws(evaluation, attacks, norm)] for norm in ("Linf", "L2")
     }

@@ -72,6 +72,12 @@ def _summary(scores: Mapping[str, Tensor]) -> dict[str, Any]:
     return out
 
 
+def attack_records(entries: Sequence[Any]) -> list[dict[str, Any]]:
+    """The records the metrics read of the evaluation's attack entries
+    (:class:`atop.evaluation.protocol.AttackEntry`): ``[{"label", "norm", "eps"}]``."""
+    return [{"label": e.label, "norm": e.norm, "eps": e.eps} for e in entries]
+
+
 def worst_draws(res: Mapping[str, Any], attacks: Sequence[Mapping[str, Any]], norm: str) -> list:
     """The verdict sets of the per-image worst case of threat model ``norm``: clean and
     every ε-bounded attack of that norm the defense ran."""
