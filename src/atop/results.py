@@ -317,6 +317,28 @@ def _factorial(record: Mapping[str, Any]) -> list[str]:
     ]
 
 
+def _routes(record: Mapping[str, Any]) -> list[str]:
+    routes = record.get("noise_routes") or {}
+    if not routes:
+        return []
+    outcomes = ("clean", *NORMS)
+    rows = [
+        [
+            f"`{name}` vs `{test['default']}`",
+            *(f"{_delta(test[o])}, p = {pvalue(test[o]['p_value'])}" for o in outcomes),
+        ]
+        for name, test in routes.items()
+    ]
+    return [
+        "Each noise ablation against the same defense with the default `box` route "
+        "(docs/protocol.md): Δ = ablation − default per image, single-draw, points with "
+        "paired-bootstrap 95 % intervals and sign-flip p-values (exploratory; one training "
+        "run each).",
+        "",
+        *table(["ablation", *(OUTCOME_TEXT[o] for o in outcomes)], rows),
+    ]
+
+
 def _paired(record: Mapping[str, Any]) -> list[str]:
     rows = [
         [
@@ -478,6 +500,7 @@ def evaluation_sections(record: Mapping[str, Any], level: str) -> list[str]:
         ("Worst-case accuracy (%), the headline", _headline),
         ("The primary family (confirmatory)", _primary),
         ("The 2 × 2 of Eq. 9's terms", _factorial),
+        ("The noise routes", _routes),
         ("Exploratory paired tests", _paired),
         ("At matched clean accuracy", _matched),
         ("Accuracy per attack", _per_attack),
@@ -488,7 +511,9 @@ def evaluation_sections(record: Mapping[str, Any], level: str) -> list[str]:
         ("Time", _times),
     ]
     for title, section in sections:
-        out += [f"{level} {title}", "", *section(record)]
+        body = section(record)
+        if body:  # a section with nothing to show (no noise ablation evaluated) is left out
+            out += [f"{level} {title}", "", *body]
     if record.get("skipped"):
         skipped = "; ".join(f"`{k}`: {v}" for k, v in record["skipped"].items())
         out += [f"Not evaluated: {skipped}.", ""]

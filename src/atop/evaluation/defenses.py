@@ -50,8 +50,12 @@ FACTORIAL = {
     (True, False): "adversarial_reconstruction",
     (True, True): "atop",
 }
+#: The noise ablations (``noise_ablation``): AP and AToP pretrained and fine-tuned with
+#: another reading of the authors' noise than the default ``box`` route: sigma 0.25 at 32 px
+#: and the authors' 256-px ``upsample`` route (``ap_<name>``, ``atop_<name>``).
+NOISE_ABLATIONS = ("sigma025", "upsample")
 #: Added by the full comparison: AToP with PGD, the robust-training baselines, and the
-#: sigma = 0.25-at-32-px ablation (AP and AToP with the harsher noise).
+#: noise ablations.
 EXTRA = (
     "atop_pgd",
     "pgd_at",
@@ -109,8 +113,7 @@ HISTORIES = {
     "pgd_at": ("adversarial_training_history",),
     "rvs": ("rvs_history",),
     **{
-        f"ap_{name}": ("classifier_history", f"purifier_history_{name}")
-        for name in ("sigma025", "upsample")
+        f"ap_{name}": ("classifier_history", f"purifier_history_{name}") for name in NOISE_ABLATIONS
     },
     **{
         f"atop_{name}": (
@@ -118,7 +121,7 @@ HISTORIES = {
             f"purifier_history_{name}",
             f"finetuning_history_atop_{name}",
         )
-        for name in ("sigma025", "upsample")
+        for name in NOISE_ABLATIONS
     },
 }
 #: Defenses made of ``f(g(t(.)))`` (stochastic, with a ``bpda`` switch).

@@ -1,6 +1,7 @@
 """What the ``seeds`` and ``scaling`` studies share: an arm fine-tuned again with changed
 settings (a seed, a budget) and evaluated with the main job's protocol on the same images,
-and the per-image scores their reports compare.
+and the check that a study's every cell was evaluated (the per-image scores they compare:
+:func:`atop.pipelines.evaluation.metrics.outcome_scores`).
 
 A variant ``<arm>_<kind><value>`` (``atop_seed3``, ``atop_steps800``;
 :func:`atop.evaluation.defenses.variant`) is fine-tuned from the main job's pretrained
@@ -10,22 +11,15 @@ attack list, its draws and images; no sanity attacks). Plain functions and wirin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kedro.pipeline import Node
-from torch import Tensor
 
 from atop.evaluation.defenses import histories, needs, variant
-from atop.evaluation.protocol import per_image
 from atop.pipelines.atop_finetuning.pipeline import arm_nodes
-from atop.pipelines.evaluation.metrics import worst_scores
 from atop.pipelines.evaluation.nodes import evaluate_node
 from atop.pipelines.evaluation.pipeline import SHARED
-
-#: What the studies report per arm: clean accuracy and the two headline worst cases
-#: (single-draw; cross-fitted).
-OUTCOMES = ("clean", "Linf", "L2")
 
 
 def variant_nodes(
@@ -42,14 +36,6 @@ def variant_nodes(
         name=f"evaluate_{name}",
     )
     return [*finetune, evaluate]
-
-
-def outcome_scores(result: Mapping[str, Any], attacks: Sequence[Mapping], outcome: str) -> Tensor:
-    """Per-image single-draw scores (float ``[N]``) of one evaluated defense: clean
-    accuracy, or the cross-fitted worst case of a threat model (:data:`OUTCOMES`)."""
-    if outcome == "clean":
-        return per_image(result["clean"], "single")
-    return worst_scores(result, attacks, outcome)
 
 
 def evaluated(results: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from atop.evaluation.convergence import summarize
-from atop.evaluation.defenses import FACTORIAL
+from atop.evaluation.defenses import FACTORIAL, NOISE_ABLATIONS
 from atop.evaluation.protocol import format_eps, per_image, plugin_worst, worst_case
 from atop.evaluation.stats import accuracy_ci, holm, paired_test
 
@@ -29,6 +29,9 @@ RULES = {
 }
 #: The threat models of the headline worst cases.
 THREATS = ("Linf", "L2")
+#: What the studies and the effect tables report per defense: clean accuracy and the two
+#: headline worst cases (single-draw; cross-fitted).
+OUTCOMES = ("clean", *THREATS)
 #: The defense the exploratory paired tests compare with every other one.
 FOCUS = "atop"
 
@@ -130,6 +133,14 @@ def worst_scores(res: Mapping[str, Any], attacks, norm: str) -> Tensor:
     return worst_case(headline_sets(res, attacks, norm)[0], "single")
 
 
+def outcome_scores(res: Mapping[str, Any], attacks, outcome: str) -> Tensor:
+    """Per-image single-draw scores (float ``[N]``) of one evaluated defense for an
+    :data:`OUTCOMES` entry: clean accuracy, or ``outcome``'s cross-fitted worst case."""
+    if outcome == "clean":
+        return per_image(res["clean"], "single")
+    return worst_scores(res, attacks, outcome)
+
+
 def _worst_entry(res: Mapping[str, Any], attacks, norm: str) -> dict[str, Any]:
     sets, with_study = headline_sets(res, attacks, norm)
     entry = _summary({rule: worst_case(sets, rule) for rule in RULES})
@@ -194,15 +205,8 @@ def factorial_effects(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
     if any(res is None for res in arms.values()):
         return {}
     out: dict[str, Any] = {}
-    for outcome in ("clean", *THREATS):
-
-        def score(key, outcome=outcome):
-            res = arms[key]
-            if outcome == "clean":
-                return per_image(res["clean"], "single")
-            return worst_scores(res, attacks, outcome)
-
-        (a00, a01, a10, a11) = (score(k) for k in ((False, False), (False, True), (True, False), (True, True)))  # fmt: skip
+    for outcome in OUTCOMES:
+        (a00, a01, a10, a11) = (outcome_scores(arms[k], attacks, outcome) for k in ((False, False), (False, True), (True, False), (True, True)))  # fmt: skip
         contrasts = {
             "reconstruction_from_x_adv": ((a10 - a00) + (a11 - a01)) / 2,
             "ce_term": ((a01 - a00) + (a11 - a10)) / 2,
@@ -210,6 +214,28 @@ def factorial_effects(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
         }
         zero = torch.zeros_like(a00)
         out[outcome] = {name: _test(c, zero) for name, c in contrasts.items()}
+    return out
+
+
+def noise_routes(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
+    """The noise ablations against the default route (method.md §6.1, docs/protocol.md):
+    for AP and AToP and each of :data:`~atop.evaluation.defenses.NOISE_ABLATIONS`
+    evaluated beside its default (``ap_upsample`` vs ``ap``, ...), per :data:`OUTCOMES`
+    entry, Δ = ablation − default per image (single-draw, cross-fitted worst cases) with its
+    paired-bootstrap CI and sign-flip p-value (exploratory). ``{"<ablation defense>":
+    {"default": name, "clean" | "Linf" | "L2": test}}``; empty when none was evaluated."""
+    out: dict[str, Any] = {}
+    for default in ("ap", FOCUS):
+        for route in NOISE_ABLATIONS:
+            name = f"{default}_{route}"
+            if default not in defenses or name not in defenses:
+                continue
+            out[name] = {"default": default}
+            for outcome in OUTCOMES:
+                out[name][outcome] = _test(
+                    outcome_scores(defenses[name], attacks, outcome),
+                    outcome_scores(defenses[default], attacks, outcome),
+                )
     return out
 
 
@@ -266,6 +292,7 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
         defenses.<d>.{train_seconds, attack_seconds}
         primary: the declared family, its tests (delta, ci, p_value, p_holm, significant)
         factorial.{clean, Linf, L2}.{reconstruction_from_x_adv, ce_term, interaction}
+        noise_routes.<ablation>.{default, clean, Linf, L2}: exploratory tests vs the default
         paired.<d>.{Linf, L2}.{single, worst_of_n}: exploratory tests of atop vs <d>
         matched_clean, robust_acc_vs_eps.<norm>.<d>.<eps>, sanity.<d>.<check>, unseen, skipped
 
@@ -333,6 +360,7 @@ def robustness_metrics(results: Mapping[str, Any]) -> dict[str, Any]:
         "defenses": defenses,
         "primary": primary_family(results["defenses"], attacks, settings["primary"]),
         "factorial": factorial_effects(results["defenses"], attacks),
+        "noise_routes": noise_routes(results["defenses"], attacks),
         "paired": paired,
         "matched_clean": _matched_clean(results["defenses"], attacks),
         "robust_acc_vs_eps": vs_eps,

@@ -210,6 +210,7 @@ def robustness_report(
         ]
     out += _primary_section(metrics)
     out += _factorial_section(metrics)
+    out += _routes_section(metrics)
     out += _paired_section(metrics)
     for rule in RULES:
         out += [f"## Accuracy (%) per attack, {rule.replace('_', '-')}", ""]
@@ -423,6 +424,30 @@ def _factorial_section(metrics: Mapping[str, Any]) -> list[str]:
             row.append(f"{_delta(test)}, p = {_p(test['p_value'])}")
         rows.append(row)
     out += [_table(["effect", "clean", "worst ℓ∞", "worst ℓ2"], rows, numeric_from=1), ""]
+    return out
+
+
+def _routes_section(metrics: Mapping[str, Any]) -> list[str]:
+    routes = metrics.get("noise_routes") or {}
+    if not routes:
+        return []
+    out = [
+        "## The noise routes (exploratory)",
+        "",
+        "Each noise ablation against the same defense with the default route (`box`: σ·32/256 "
+        "at 32 px; docs/protocol.md), its purifier pretrained (and, for AToP, fine-tuned) "
+        "exactly as the default's: Δ = ablation − default per image, single-draw, points "
+        "[95 % paired-bootstrap CI], sign-flip p-value. One training run each.",
+        "",
+    ]
+    rows = [
+        [
+            f"`{name}` vs `{test['default']}`",
+            *(f"{_delta(test[o])}, p = {_p(test[o]['p_value'])}" for o in ("clean", "Linf", "L2")),
+        ]
+        for name, test in routes.items()
+    ]
+    out += [_table(["ablation", "clean", "worst ℓ∞", "worst ℓ2"], rows), ""]
     return out
 
 

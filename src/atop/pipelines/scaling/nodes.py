@@ -21,8 +21,8 @@ from matplotlib.figure import Figure
 from atop.evaluation.stats import accuracy_ci, paired_test
 from atop.evaluation.suite import EvalParams
 from atop.params import Params, spec
-from atop.pipelines.evaluation.metrics import attack_records
-from atop.pipelines.studies import OUTCOMES, evaluated, outcome_scores
+from atop.pipelines.evaluation.metrics import OUTCOMES, attack_records, outcome_scores
+from atop.pipelines.studies import evaluated
 from atop.trainers.atop import AToPParams
 
 OUTCOME_TEXT = {"clean": "clean", "Linf": "worst ℓ∞", "L2": "worst ℓ2"}

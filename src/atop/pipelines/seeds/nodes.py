@@ -25,8 +25,8 @@ from atop.evaluation.defenses import FACTORIAL
 from atop.evaluation.stats import hierarchical_bootstrap, seed_summary
 from atop.evaluation.suite import EvalParams
 from atop.params import Params, spec
-from atop.pipelines.evaluation.metrics import attack_records
-from atop.pipelines.studies import OUTCOMES, evaluated, outcome_scores
+from atop.pipelines.evaluation.metrics import OUTCOMES, attack_records, outcome_scores
+from atop.pipelines.studies import evaluated
 from atop.trainers.atop import AToPParams
 
 OUTCOME_TEXT = {"clean": "clean", "Linf": "worst ℓ∞", "L2": "worst ℓ2"}
