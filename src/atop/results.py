@@ -891,6 +891,26 @@ def baseline_sentence(comparison: Mapping[str, Any] | None, status: str | None) 
     )
 
 
+def route_sentence(comparison: Mapping[str, Any] | None, status: str | None) -> str:
+    """Each noise ablation against its default-route defense (full comparison,
+    ``noise_routes``): clean and both worst cases, paired."""
+    if comparison is None:
+        return f"**Noise route (full comparison):** {status}."
+    routes = comparison.get("noise_routes") or {}
+    if not routes:
+        return "**Noise route (full comparison):** no noise ablation was evaluated."
+    parts = [
+        f"`{name}` − `{t['default']}` "
+        + ", ".join(f"{OUTCOME_TEXT[o]} {_delta(t[o])}" for o in ("clean", *NORMS))
+        for name, t in routes.items()
+    ]
+    return (
+        "**Noise route** (full comparison, one run each, exploratory paired tests, points; the "
+        "ablations are outside the convergence study and the sanity checks): "
+        f"{'; '.join(parts)}."
+    )
+
+
 def budget_sentence(scaling: Mapping[str, Any] | None, status: str | None) -> str:
     """How each arm's worst cases change from the smallest to the largest budget."""
     if scaling is None:
@@ -956,6 +976,7 @@ def readme_block(records: Records) -> str:
         *seeds_sentences(records.get("seeds"), records.status("seeds")),
         primary_sentence(records.get("robustness"), records.status("robustness")),
         baseline_sentence(records.get("comparison"), records.status("comparison")),
+        route_sentence(records.get("comparison"), records.status("comparison")),
         convergence_sentence(records.get("convergence"), records.status("convergence")),
         budget_sentence(records.get("scaling"), records.status("scaling")),
     ]

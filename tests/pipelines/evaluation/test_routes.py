@@ -56,3 +56,6 @@ def test_the_reports_show_one_row_per_ablation_and_nothing_without_one():
     page = "\n".join(results._routes({"noise_routes": routes}))
     assert "| `ap_upsample` vs `ap` | -15.00 [" in page
     assert _routes_section({"noise_routes": {}}) == [] and results._routes({}) == []
+    sentence = results.route_sentence({"noise_routes": routes}, None)
+    assert "`ap_upsample` − `ap` clean -15.00 [" in sentence
+    assert "no noise ablation" in results.route_sentence({"noise_routes": {}}, None)
