@@ -896,7 +896,12 @@ def route_sentence(comparison: Mapping[str, Any] | None, status: str | None) -> 
     ``noise_routes``): clean and both worst cases, paired."""
     if comparison is None:
         return f"**Noise route (full comparison):** {status}."
-    routes = comparison.get("noise_routes") or {}
+    if "noise_routes" not in comparison:
+        return (
+            "**Noise route (full comparison):** not in this record (written before the route "
+            "table: rerun the comparison's report nodes)."
+        )
+    routes = comparison["noise_routes"]
     if not routes:
         return "**Noise route (full comparison):** no noise ablation was evaluated."
     parts = [

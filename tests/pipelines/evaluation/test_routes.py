@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from atop import results
-from atop.pipelines.evaluation.metrics import noise_routes
+from atop.pipelines.evaluation.metrics import noise_routes, outcome_scores
 from atop.pipelines.evaluation.report import _routes_section
 
 N, DRAWS = 60, 4
@@ -59,3 +59,20 @@ def test_the_reports_show_one_row_per_ablation_and_nothing_without_one():
     sentence = results.route_sentence({"noise_routes": routes}, None)
     assert "`ap_upsample` − `ap` clean -15.00 [" in sentence
     assert "no noise ablation" in results.route_sentence({"noise_routes": {}}, None)
+
+
+def test_both_sides_face_the_same_attacks_and_an_ablation_needs_its_default():
+    """A default whose convergence study added a lowering setting to its headline is still
+    compared on the evaluation's attacks only (the ablations are not in the study)."""
+    from tests.pipelines.evaluation.test_headline import _study
+
+    atop = _defense(50, 12)
+    lower = (torch.arange(N) < 2)[:, None].repeat(1, DRAWS)  # 10 images fewer
+    study = _study({"clean": atop["clean"], "attacks": {"pgd": atop["attacks"]["pgd"]}},
+                   **{"200x20": lower})  # fmt: skip
+    studied = {**atop, "study": study}
+    assert outcome_scores(studied, ATTACKS, "Linf").mean() < 12 / N  # its headline is lower
+    routes = noise_routes({"atop": studied, "atop_upsample": _defense(50, 12)}, ATTACKS)
+    assert routes["atop_upsample"]["Linf"]["delta"] == 0.0  # not +10 / N
+    assert noise_routes({"atop_upsample": _defense(50, 12)}, ATTACKS) == {}
+    assert "not in this record" in results.route_sentence({}, None)

@@ -221,9 +221,24 @@ def noise_routes(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
     """The noise ablations against the default route (method.md §6.1, docs/protocol.md):
     for AP and AToP and each of :data:`~atop.evaluation.defenses.NOISE_ABLATIONS`
     evaluated beside its default (``ap_upsample`` vs ``ap``, ...), per :data:`OUTCOMES`
-    entry, Δ = ablation − default per image (single-draw, cross-fitted worst cases) with its
-    paired-bootstrap CI and sign-flip p-value (exploratory). ``{"<ablation defense>":
-    {"default": name, "clean" | "Linf" | "L2": test}}``; empty when none was evaluated."""
+    entry, Δ = ablation − default per image (fractions in [-1, 1]; single-draw, worst cases
+    cross-fitted over the evaluation's attacks only, on both sides: a convergence study's
+    settings, which only the defaults have, are left out so that both face the same
+    attacks) with its paired-bootstrap CI and sign-flip p-value (exploratory).
+
+    Args:
+        attacks: the evaluation's attack records (:func:`attack_records`).
+
+    Returns:
+        ``{"<ablation defense>": {"default": name, "clean" | "Linf" | "L2": test}}``; empty
+        when no ablation was evaluated beside its default.
+    """
+
+    def score(res: Mapping[str, Any], outcome: str) -> Tensor:
+        if outcome == "clean":
+            return per_image(res["clean"], "single")
+        return worst_case(worst_draws(res, attacks, outcome), "single")
+
     out: dict[str, Any] = {}
     for default in ("ap", FOCUS):
         for route in NOISE_ABLATIONS:
@@ -233,8 +248,7 @@ def noise_routes(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
             out[name] = {"default": default}
             for outcome in OUTCOMES:
                 out[name][outcome] = _test(
-                    outcome_scores(defenses[name], attacks, outcome),
-                    outcome_scores(defenses[default], attacks, outcome),
+                    score(defenses[name], outcome), score(defenses[default], outcome)
                 )
     return out
 
