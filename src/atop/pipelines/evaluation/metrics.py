@@ -32,6 +32,8 @@ THREATS = ("Linf", "L2")
 #: What the studies and the effect tables report per defense: clean accuracy and the two
 #: headline worst cases (single-draw; cross-fitted).
 OUTCOMES = ("clean", *THREATS)
+#: How the reports name them.
+OUTCOME_TEXT = {"clean": "clean", "Linf": "worst ℓ∞", "L2": "worst ℓ2"}
 #: The defense the exploratory paired tests compare with every other one.
 FOCUS = "atop"
 

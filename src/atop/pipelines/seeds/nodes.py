@@ -25,11 +25,14 @@ from atop.evaluation.defenses import FACTORIAL
 from atop.evaluation.stats import hierarchical_bootstrap, seed_summary
 from atop.evaluation.suite import EvalParams
 from atop.params import Params, spec
-from atop.pipelines.evaluation.metrics import OUTCOMES, attack_records, outcome_scores
+from atop.pipelines.evaluation.metrics import (
+    OUTCOME_TEXT,
+    OUTCOMES,
+    attack_records,
+    outcome_scores,
+)
 from atop.pipelines.studies import evaluated
 from atop.trainers.atop import AToPParams
-
-OUTCOME_TEXT = {"clean": "clean", "Linf": "worst ℓ∞", "L2": "worst ℓ2"}
 
 
 @dataclass(init=False, frozen=True)
