@@ -16,6 +16,7 @@ from kedro.runner import SequentialRunner
 
 from atop.checkpoint import load_safe
 from atop.datasets import TorchDataset
+from atop.evaluation.defenses import NOISE_ABLATIONS
 from atop.models import build_classifier, classifier_checkpoint
 from atop.models.purifier import load_purifier
 from atop.pipelines.noise_ablation import create_pipeline
@@ -59,6 +60,7 @@ def test_each_ablation_changes_only_how_the_noise_is_added(env):
     256-px route. The main one is the box route."""
     ablation = stage_params("noise_ablation", env=env)
     assert isinstance(ablation, NoiseAblationParams) and tuple(ablation.ablations) == ABLATIONS
+    assert ABLATIONS == NOISE_ABLATIONS  # the evaluation's names for them
     main = stage_params("purifier_pretraining", env=env).transform
     assert main.noise_resolution == 256 and main.noise_route == "box"
     sigma025, upsample = ablation.ablations["sigma025"], ablation.ablations["upsample"]
