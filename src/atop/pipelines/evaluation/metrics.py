@@ -135,11 +135,15 @@ def worst_scores(res: Mapping[str, Any], attacks, norm: str) -> Tensor:
     return worst_case(headline_sets(res, attacks, norm)[0], "single")
 
 
-def outcome_scores(res: Mapping[str, Any], attacks, outcome: str) -> Tensor:
+def outcome_scores(res: Mapping[str, Any], attacks, outcome: str, *, study: bool = True) -> Tensor:
     """Per-image single-draw scores (float ``[N]``) of one evaluated defense for an
-    :data:`OUTCOMES` entry: clean accuracy, or ``outcome``'s cross-fitted worst case."""
+    :data:`OUTCOMES` entry: clean accuracy, or ``outcome``'s cross-fitted worst case (the
+    headline's, :func:`headline_sets`; with ``study=False`` over the evaluation's attacks
+    only, without a convergence study's settings)."""
     if outcome == "clean":
         return per_image(res["clean"], "single")
+    if not study:
+        return worst_case(worst_draws(res, attacks, outcome), "single")
     return worst_scores(res, attacks, outcome)
 
 
@@ -236,11 +240,6 @@ def noise_routes(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
         when no ablation was evaluated beside its default.
     """
 
-    def score(res: Mapping[str, Any], outcome: str) -> Tensor:
-        if outcome == "clean":
-            return per_image(res["clean"], "single")
-        return worst_case(worst_draws(res, attacks, outcome), "single")
-
     out: dict[str, Any] = {}
     for default in ("ap", FOCUS):
         for route in NOISE_ABLATIONS:
@@ -250,7 +249,8 @@ def noise_routes(defenses: Mapping[str, Any], attacks) -> dict[str, Any]:
             out[name] = {"default": default}
             for outcome in OUTCOMES:
                 out[name][outcome] = _test(
-                    score(defenses[name], outcome), score(defenses[default], outcome)
+                    outcome_scores(defenses[name], attacks, outcome, study=False),
+                    outcome_scores(defenses[default], attacks, outcome, study=False),
                 )
     return out
 

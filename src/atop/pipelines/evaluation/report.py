@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from atop.evaluation.protocol import format_eps
-from atop.pipelines.evaluation.metrics import RULES
+from atop.pipelines.evaluation.metrics import OUTCOME_TEXT, OUTCOMES, RULES
 
 ALGORITHMS = {
     "fgsm": "FGSM",
@@ -419,11 +419,12 @@ def _factorial_section(metrics: Mapping[str, Any]) -> list[str]:
     rows = []
     for effect, text in FACTORS.items():
         row = [text]
-        for outcome in ("clean", "Linf", "L2"):
+        for outcome in OUTCOMES:
             test = factorial[outcome][effect]
             row.append(f"{_delta(test)}, p = {_p(test['p_value'])}")
         rows.append(row)
-    out += [_table(["effect", "clean", "worst ℓ∞", "worst ℓ2"], rows, numeric_from=1), ""]
+    header = ["effect", *(OUTCOME_TEXT[o] for o in OUTCOMES)]
+    out += [_table(header, rows, numeric_from=1), ""]
     return out
 
 
@@ -443,11 +444,11 @@ def _routes_section(metrics: Mapping[str, Any]) -> list[str]:
     rows = [
         [
             f"`{name}` vs `{test['default']}`",
-            *(f"{_delta(test[o])}, p = {_p(test[o]['p_value'])}" for o in ("clean", "Linf", "L2")),
+            *(f"{_delta(test[o])}, p = {_p(test[o]['p_value'])}" for o in OUTCOMES),
         ]
         for name, test in routes.items()
     ]
-    out += [_table(["ablation", "clean", "worst ℓ∞", "worst ℓ2"], rows), ""]
+    out += [_table(["ablation", *(OUTCOME_TEXT[o] for o in OUTCOMES)], rows), ""]
     return out
 
 
