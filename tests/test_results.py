@@ -235,6 +235,17 @@ def test_smoke_records_render_every_section():
         assert number in printed, number
 
 
+def test_budget_changes_stand_beside_the_seed_spread():
+    records = results.load(FIXTURES)
+    scaling, seeds = records.get("scaling"), records.get("seeds")
+    sentence = results.budget_sentence(scaling, None, seeds)
+    sd = results.pct(seeds["arms"]["atop"]["L2"]["sd"])
+    assert f"(no difference shown; seed sd {sd})." in sentence  # AToP's ℓ2 comes last
+    assert "sd over the seeds study's training runs" in sentence
+    alone = results.budget_sentence(scaling, None)  # the seeds study has not run
+    assert "seed sd" not in alone and alone.startswith("**Fine-tuning budget** (one training")
+
+
 def _numbers(record) -> list[float]:
     if isinstance(record, dict):
         return [v for item in record.values() for v in _numbers(item)]

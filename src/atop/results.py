@@ -916,24 +916,36 @@ def route_sentence(comparison: Mapping[str, Any] | None, status: str | None) -> 
     )
 
 
-def budget_sentence(scaling: Mapping[str, Any] | None, status: str | None) -> str:
-    """How each arm's worst cases change from the smallest to the largest budget."""
+def budget_sentence(
+    scaling: Mapping[str, Any] | None,
+    status: str | None,
+    seeds: Mapping[str, Any] | None = None,
+) -> str:
+    """How each arm's worst cases change from the smallest to the largest budget, beside
+    the arm's sd over training seeds at the main job's budget (the seeds study), when it ran:
+    a one-run change is only worth reading against that spread."""
     if scaling is None:
         return f"**Fine-tuning budget:** {status}."
+    spread = (seeds or {}).get("arms", {})
     parts = []
     for arm, entry in scaling["arms"].items():
         change = entry["change"]
-        moves = [
-            f"{NORM_TEXT[n]} {_delta(change[n])} ({direction(change[n])})"
-            for n in NORMS
-            if n in change
-        ]
+        moves = []
+        for n in (n for n in NORMS if n in change):
+            sd = spread.get(arm, {}).get(n, {}).get("sd")
+            seed = f"; seed sd {pct(sd)}" if sd is not None else ""
+            moves.append(f"{NORM_TEXT[n]} {_delta(change[n])} ({direction(change[n])}{seed})")
         parts.append(f"`{arm}` {', '.join(moves)}")
     first = next(iter(scaling["arms"].values()))["change"]["clean"]
+    against = (
+        f"; seed sd: the arm's sd over the seeds study's training runs at {first['from']} steps"
+        if spread
+        else ""
+    )
     return (
-        f"**Fine-tuning budget** (one run per budget; paired over images, points, 95 % "
-        f"intervals): from {first['from']} to {first['to']} steps, the worst cases change by "
-        f"{'; '.join(parts)}."
+        f"**Fine-tuning budget** (one training run per budget; paired over images, points, "
+        f"95 % intervals{against}): from {first['from']} to {first['to']} steps, the worst "
+        f"cases change by {'; '.join(parts)}."
     )
 
 
@@ -983,7 +995,7 @@ def readme_block(records: Records) -> str:
         baseline_sentence(records.get("comparison"), records.status("comparison")),
         route_sentence(records.get("comparison"), records.status("comparison")),
         convergence_sentence(records.get("convergence"), records.status("convergence")),
-        budget_sentence(records.get("scaling"), records.status("scaling")),
+        budget_sentence(records.get("scaling"), records.status("scaling"), records.get("seeds")),
     ]
     out += [f"- {s}" for s in sentences]
     if records.get("scaling"):
