@@ -635,6 +635,18 @@ def scaling_sections(record: Mapping[str, Any]) -> list[str]:
             "",
             *table(["steps", *(OUTCOME_TEXT[o] for o in outcomes)], rows),
         ]
+    contrasts = record.get("at_largest", {})
+    if contrasts:
+        outcomes = list(next(iter(contrasts.values())))
+        rows = [
+            [name, *(f"{_delta(t[o])}, p = {pvalue(t[o]['p_value'])}" for o in outcomes)]
+            for name, t in contrasts.items()
+        ]
+        out += [
+            "At the largest budget (exploratory; paired over images, one training run each):",
+            "",
+            *table(["contrast", *(OUTCOME_TEXT[o] for o in outcomes)], rows),
+        ]
     return out
 
 

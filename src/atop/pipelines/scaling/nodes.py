@@ -7,8 +7,8 @@ images. Per arm and budget: single-draw accuracy (worst cases cross-fitted over 
 evaluation's attacks only: the convergence study covers the main job's budget alone, so
 adding its settings would bias the comparison) with exact 95 % intervals over images; per
 arm, the change from the smallest to the largest budget with a paired bootstrap interval and
-sign-flip p-value (images and draws only: one training run per budget). Plain functions, no
-Kedro imports.
+sign-flip p-value (images and draws only: one training run per budget); at the largest budget,
+AToP against each other arm, the same way (exploratory). Plain functions, no Kedro imports.
 """
 
 from __future__ import annotations
@@ -113,6 +113,7 @@ def scaling_report(
         "arms": {},
     }
     rows = []
+    largest: dict[str, dict[str, Any]] = {}  # per arm: its per-image scores at the largest budget
     for arm in arms:
         runs = {base: evaluated(results, arm)}  # keyed by the steps each run trained
         for b in budgets:
@@ -141,6 +142,15 @@ def scaling_report(
             }
         record["settings"]["n_images"] = len(scores[first]["clean"])
         record["arms"][arm] = entry
+        largest[arm] = scores[last]
+    focus = "atop" if "atop" in largest else arms[-1]  # against each other arm
+    record["at_largest"] = {
+        f"{focus} - {other}": {
+            o: paired_test(largest[focus][o], largest[other][o]).to_dict() for o in OUTCOMES
+        }
+        for other in arms
+        if other != focus
+    }
     return record, pd.DataFrame(rows), _markdown(record), _figure(record)
 
 
@@ -190,6 +200,16 @@ def _markdown(record: Mapping[str, Any]) -> str:
             f"(paired over images, one training run per budget): {'; '.join(changes)}.",
             "",
         ]
+    for name, tests in record.get("at_largest", {}).items():
+        cells = [
+            f"{OUTCOME_TEXT[o]} {100 * t['delta']:+.2f} [{100 * t['ci'][0]:+.2f}, "
+            f"{100 * t['ci'][1]:+.2f}] (p = {t['p_value']:.3g})"
+            for o, t in tests.items()
+        ]
+        out.append(
+            f"At the largest budget, {name} (exploratory, paired over images, one run each): "
+            f"{'; '.join(cells)}.\n"
+        )
     return "\n".join(out) + "\n"
 
 
