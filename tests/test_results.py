@@ -246,6 +246,17 @@ def test_budget_changes_stand_beside_the_seed_spread():
     assert "seed sd" not in alone and alone.startswith("**Fine-tuning budget** (one training")
 
 
+def test_budget_sections_show_the_contrasts_at_the_largest_budget():
+    scaling = copy.deepcopy(results.load(FIXTURES).get("scaling"))
+    assert "At the largest budget" not in "\n".join(results.scaling_sections(scaling))
+    change = scaling["arms"]["atop"]["change"]
+    scaling["at_largest"] = {"atop - ap_classifier_aware": {o: change[o] for o in change}}
+    lines = results.scaling_sections(scaling)
+    row = next(line for line in lines if line.startswith("| atop - ap_classifier_aware |"))
+    assert results.pvalue(change["L2"]["p_value"]) in row
+    assert "At the largest budget (exploratory" in "\n".join(lines)
+
+
 def _numbers(record) -> list[float]:
     if isinstance(record, dict):
         return [v for item in record.values() for v in _numbers(item)]

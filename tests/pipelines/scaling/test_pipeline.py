@@ -55,6 +55,15 @@ def test_the_scaling_study_runs_end_to_end_after_the_main_job(atop_project):
                 low, high = point[outcome]["ci"]
                 assert low <= point[outcome]["acc"] <= high
         assert set(entry["change"]) == {"clean", "Linf", "L2"}
+    # AToP against each single-term arm at the largest budget: a paired mean difference
+    contrasts = record["at_largest"]
+    assert set(contrasts) == {f"atop - {arm}" for arm in ARMS if arm != "atop"}
+    last = str(max(int(k) for k in record["arms"]["atop"]["points"]))
+    for name, tests in contrasts.items():
+        other = record["arms"][name.removeprefix("atop - ")]["points"][last]
+        for outcome, test in tests.items():
+            mine = record["arms"]["atop"]["points"][last][outcome]["acc"]
+            assert test["delta"] == pytest.approx(mine - other[outcome]["acc"], abs=1e-6)
     table = pd.read_csv(reports / "scaling.csv")
     assert len(table) == len(ARMS) * 3 * 3
     assert (reports / "scaling_report.md").read_text().startswith("# Robustness vs fine-tuning")
